@@ -1,0 +1,65 @@
+"""What the planner needs to know about this machine, found without importing torch.
+
+nvidia-smi answers in a fraction of a second; importing torch to ask CUDA takes seconds, and the
+dry run must stay fast. CUDA_VISIBLE_DEVICES is honoured the way CUDA honours it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Machine:
+    gpu_count: int = 0
+    gpu_name: str | None = None
+    gpu_mem_gib: float | None = None
+    bf16: bool = False  # every visible GPU has compute capability >= 8.0
+    hostname: str = "localhost"
+    free_port: int = 29500
+
+
+def _query_nvidia_smi() -> list[tuple[str, str, float, float]]:
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return []
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=index,name,memory.total,compute_cap", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    rows = []
+    for line in out.strip().splitlines():
+        idx, name, mem_mib, cc = (part.strip() for part in line.split(","))
+        rows.append((idx, name, float(mem_mib) / 1024, float(cc)))
+    return rows
+
+
+def _visible(rows, cuda_visible: str | None):
+    if cuda_visible is None:
+        return rows
+    wanted = [v.strip() for v in cuda_visible.split(",") if v.strip() and v.strip() != "-1"]
+    return [r for r in rows if r[0] in wanted][: len(wanted)]
+
+
+def find_free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def detect_machine() -> Machine:
+    rows = _visible(_query_nvidia_smi(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return Machine(
+        gpu_count=len(rows),
+        gpu_name=rows[0][1] if rows else None,
+        gpu_mem_gib=min(r[2] for r in rows) if rows else None,
+        bf16=bool(rows) and all(r[3] >= 8.0 for r in rows),
+        hostname=socket.gethostname(),
+        free_port=find_free_port(),
+    )

@@ -1,0 +1,143 @@
+"""The planner: composed config + machine -> LaunchPlan, a plain data object.
+
+Nothing here starts a process, writes a file or imports a training library; `launcher.execute`
+does the doing. A dry run prints the plan.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import yaml
+
+from launcher import validate
+from launcher.machine import Machine
+from launcher.render import render_accelerate_config, render_command, render_command_script, render_deepspeed_config
+from launcher.strategies import decide, resolve_backend, resolve_strategy
+
+ACCELERATE_FILE = "accelerate.yaml"
+DEEPSPEED_FILE = "ds_config.json"
+CONFIG_FILE = "config.yaml"
+COMMAND_FILE = "command.sh"
+PLAN_FILE = "plan.json"
+DEFAULT_MULTINODE_PORT = 29500
+BUILTIN_VERSION = "v1"  # bump when launcher/tiny.py builds something different
+# Passed through to every rank; the launcher never writes a secret into a file, only inherits it.
+BASE_ENV = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    backend: str
+    strategy: str
+    run_dir: str
+    argv: list[str]
+    env: dict[str, str]
+    files: dict[str, str] = field(repr=False)  # file name in run_dir -> content
+    decisions: list[str]
+    procs_per_node: int
+    nodes: int
+    node_rank: int
+    world_size: int
+    device: str
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        d["files"] = sorted(self.files)
+        return d
+
+    def describe(self) -> str:
+        lines = [
+            f"run_dir:   {self.run_dir}",
+            f"strategy:  {self.strategy} on {self.device}, backend {self.backend}",
+            f"world:     {self.nodes} node(s) x {self.procs_per_node} process(es) = {self.world_size}"
+            + (f", this is node {self.node_rank}" if self.nodes > 1 else ""),
+            "decisions:",
+            *[f"  - {d}" for d in self.decisions or ["(none beyond the defaults)"]],
+            "env:",
+            *[f"  {k}={v}" for k, v in sorted(self.env.items())],
+            "command:",
+            "  " + " ".join(self.argv),
+            f"files:     {', '.join(sorted(self.files))} (written into run_dir; config.yaml: --cfg job shows it)",
+        ]
+        for name in sorted(self.files):
+            if name in (COMMAND_FILE, PLAN_FILE, CONFIG_FILE):
+                continue
+            lines += [f"--- {name}", self.files[name].rstrip()]
+        return "\n".join(lines)
+
+
+def model_paths(model: dict) -> dict:
+    """Where launcher.train loads from; `builtin:NAME` models are built into the cache on first use."""
+    path = model["path"]
+    if path.startswith(validate.BUILTIN_PREFIX):
+        name = path[len(validate.BUILTIN_PREFIX):]
+        base = os.path.join(os.path.expanduser(model["cache_dir"]), f"{name}-{BUILTIN_VERSION}")
+        return {"model_path": f"{base}/model", "tokenizer_path": model["tokenizer"] or f"{base}/tokenizer",
+                "builtin_model": name, "builtin_dir": base}
+    return {"model_path": path, "tokenizer_path": model["tokenizer"] or path, "builtin_model": None,
+            "builtin_dir": None}
+
+
+def build_plan(cfg: dict, machine: Machine, cwd: str | None = None) -> LaunchPlan:
+    """cfg: the resolved config as plain containers, run_dir absolute."""
+    validate.check_values(cfg, machine)
+    procs, on_gpu = validate.procs_per_node(cfg, machine)
+    decisions: list[str] = []
+    if on_gpu and not machine.gpu_count:
+        decisions.append("no GPU visible here: planned for bf16-capable GPUs (dry run)")
+    strategy = resolve_strategy(cfg["strategy"]["name"], decisions)
+    if not on_gpu and strategy.name != "ddp":
+        raise validate.ConfigError(
+            "strategy",
+            f"strategy={strategy.name} needs CUDA GPUs (FSDP and DeepSpeed do not run on the CPU); this machine "
+            "has none. Use strategy=ddp here, or gpus=N dry_run=true to look at the plan for a GPU machine.",
+        )
+    backend = resolve_backend(cfg, strategy, on_gpu)
+    nodes, node_rank = cfg["nodes"], cfg["node_rank"]
+    world_size = procs * nodes
+    settings, rule_decisions = decide(cfg, strategy, world_size, on_gpu, machine.bf16 or not machine.gpu_count)
+    decisions += rule_decisions
+    if not on_gpu:
+        decisions.append(f"no GPU: {procs} CPU processes, torchrun with the gloo backend, float32")
+
+    master_port = cfg["master_port"] or (DEFAULT_MULTINODE_PORT if nodes > 1 else machine.free_port)
+    run_dir = cfg["run_dir"]
+    path = lambda name: os.path.join(run_dir, name)  # noqa: E731
+
+    ds_cfg = render_deepspeed_config(strategy)
+    acc_cfg = render_accelerate_config(
+        strategy, settings, procs_per_node=procs, nodes=nodes, master_addr=cfg["master_addr"],
+        master_port=master_port, deepspeed_config_path=path(DEEPSPEED_FILE) if ds_cfg else None,
+    )
+    if ds_cfg:
+        settings["deepspeed_config"] = path(DEEPSPEED_FILE)
+    if "fsdp_config" in acc_cfg:
+        settings["fsdp_config"] = copy.deepcopy(acc_cfg["fsdp_config"])  # the same settings, whoever launches
+    settings.update(backend=backend, world_size=world_size, decisions=decisions, **model_paths(cfg["model"]))
+
+    train_cfg = copy.deepcopy(cfg)
+    train_cfg["plan"] = settings
+    files = {
+        CONFIG_FILE: yaml.safe_dump(train_cfg, sort_keys=False, allow_unicode=True),
+        ACCELERATE_FILE: yaml.safe_dump(acc_cfg, sort_keys=False),
+    }
+    if ds_cfg:
+        files[DEEPSPEED_FILE] = json.dumps(ds_cfg, indent=2) + "\n"
+
+    argv = render_command(
+        backend, procs_per_node=procs, nodes=nodes, node_rank=node_rank, master_addr=cfg["master_addr"],
+        master_port=master_port, rdzv_id=cfg["run_name"], accelerate_config_path=path(ACCELERATE_FILE),
+        train_config_path=path(CONFIG_FILE),
+    )
+    env = dict(BASE_ENV, LAUNCHER_RUN_DIR=run_dir)
+    files[COMMAND_FILE] = render_command_script(argv, env, cwd or os.getcwd())
+    plan = LaunchPlan(
+        backend=backend, strategy=strategy.name, run_dir=run_dir, argv=argv, env=env, files=files,
+        decisions=decisions, procs_per_node=procs, nodes=nodes, node_rank=node_rank, world_size=world_size,
+        device=settings["device"],
+    )
+    files[PLAN_FILE] = json.dumps(plan.summary(), indent=2) + "\n"
+    return plan

@@ -1,0 +1,115 @@
+"""Rendering: the shipped files in accelerate_configs/ and ds_configs/ are the templates; a run's
+copies differ only where the plan says (process counts, nodes, precision, paths, offload).
+Every function here is pure: data in, data out.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+from functools import cache
+
+import yaml
+
+from launcher import ROOT
+from launcher.strategies import Strategy
+
+TRAIN_MODULE = "launcher.train"
+
+
+@cache
+def accelerate_template(strategy: str) -> dict:
+    return yaml.safe_load((ROOT / "accelerate_configs" / f"{strategy}.yaml").read_text())
+
+
+@cache
+def deepspeed_template(name: str) -> dict:
+    return json.loads((ROOT / "ds_configs" / name).read_text())
+
+
+def mixed_precision(dtype: str) -> str:
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "no")
+
+
+def render_accelerate_config(
+    strategy: Strategy,
+    settings: dict,
+    *,
+    procs_per_node: int,
+    nodes: int,
+    master_addr: str | None,
+    master_port: int,
+    deepspeed_config_path: str | None,
+) -> dict:
+    cfg = json.loads(json.dumps(accelerate_template(strategy.name)))  # a deep copy
+    cfg["num_processes"] = procs_per_node * nodes
+    cfg["num_machines"] = nodes
+    cfg["mixed_precision"] = mixed_precision(settings["dtype"])
+    if settings["device"] == "cpu":
+        cfg.update(distributed_type="MULTI_CPU", use_cpu=True)
+    if nodes > 1:
+        cfg["main_process_ip"] = master_addr
+        cfg["main_process_port"] = master_port
+    if "deepspeed_config" in cfg:
+        cfg["deepspeed_config"]["deepspeed_config_file"] = deepspeed_config_path
+        cfg["deepspeed_config"]["zero3_init_flag"] = settings["zero3_init"]
+    if "fsdp_config" in cfg and settings.get("fsdp_cpu_offload"):
+        cfg["fsdp_config"]["fsdp_offload_params"] = True
+    return cfg
+
+
+def render_deepspeed_config(strategy: Strategy) -> dict | None:
+    if not strategy.deepspeed_template:
+        return None
+    cfg = json.loads(json.dumps(deepspeed_template(strategy.deepspeed_template)))
+    if strategy.name.startswith("zero3"):
+        cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    return cfg
+
+
+def render_command(
+    backend: str,
+    *,
+    procs_per_node: int,
+    nodes: int,
+    node_rank: int,
+    master_addr: str | None,
+    master_port: int,
+    rdzv_id: str,
+    accelerate_config_path: str,
+    train_config_path: str,
+) -> list[str]:
+    """The argv that starts every rank on this node."""
+    script = ["-m", TRAIN_MODULE, train_config_path]
+    if backend == "accelerate":
+        argv = ["accelerate", "launch", "--config_file", accelerate_config_path]
+        if nodes > 1:
+            argv += ["--machine_rank", str(node_rank)]
+        else:
+            argv += ["--main_process_port", str(master_port)]
+        return argv + script
+    if backend == "torchrun":
+        argv = ["torchrun", "--nnodes", str(nodes), "--nproc-per-node", str(procs_per_node)]
+        if nodes > 1:
+            argv += ["--node-rank", str(node_rank), "--rdzv-backend", "c10d",
+                     "--rdzv-endpoint", f"{master_addr}:{master_port}", "--rdzv-id", rdzv_id]
+        else:
+            argv += ["--standalone"]  # torchrun finds a free port itself
+        return argv + script
+    if backend == "deepspeed":
+        argv = ["deepspeed"]
+        if nodes > 1:
+            argv += ["--num_nodes", str(nodes), "--num_gpus", str(procs_per_node), "--node_rank", str(node_rank),
+                     "--master_addr", str(master_addr), "--master_port", str(master_port), "--no_ssh"]
+        else:
+            argv += ["--num_gpus", str(procs_per_node), "--master_port", str(master_port)]
+        return argv + ["--no_local_rank", "--module", TRAIN_MODULE, train_config_path]
+    raise ValueError(f"unknown backend {backend}")
+
+
+def render_command_script(argv: list[str], env: dict[str, str], cwd: str) -> str:
+    """A shell script that repeats the launch by hand, every value quoted."""
+    lines = ["#!/usr/bin/env bash", "# Repeats this run's launch by hand. Run it on every node (node_rank as planned).",
+             "set -euo pipefail", f"cd {shlex.quote(cwd)}"]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
+    lines.append("exec " + shlex.join(argv))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,174 @@
+"""Every strategy's rules, in one place: which backends drive it, which files it renders from,
+and the decisions that make each combination of strategy, quantization and LoRA actually work.
+
+`decide` is pure: config + machine in, a dict of settings for launcher.train and the list of
+decisions (each with its reason) out. The dry run prints those decisions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from launcher.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    backends: tuple[str, ...]  # the first is the default on GPUs
+    wrapper: str  # the class launcher.train expects around the model (checked at start-up)
+    deepspeed_template: str | None  # file in ds_configs/
+    shards_params: bool  # FSDP / ZeRO-3 split the weights themselves across ranks
+
+
+STRATEGIES = {
+    "ddp": Strategy("ddp", ("accelerate", "torchrun"), "DistributedDataParallel", None, False),
+    "fsdp_qlora": Strategy("fsdp_qlora", ("accelerate", "torchrun"), "FullyShardedDataParallel", None, True),
+    "zero2": Strategy("zero2", ("deepspeed", "accelerate", "torchrun"), "DeepSpeedEngine", "zero2.json", False),
+    "zero3": Strategy("zero3", ("deepspeed", "accelerate", "torchrun"), "DeepSpeedEngine", "zero3.json", True),
+    "zero3_offload": Strategy(
+        "zero3_offload", ("deepspeed", "accelerate", "torchrun"), "DeepSpeedEngine", "zero3_offload.json", True
+    ),
+}
+BACKENDS = ("accelerate", "torchrun", "deepspeed")
+
+
+def resolve_strategy(name: str, decisions: list[str]) -> Strategy:
+    if name == "auto":
+        decisions.append("strategy=auto -> ddp: the memory planner that chooses among strategies is not built yet")
+        name = "ddp"
+    return STRATEGIES[name]
+
+
+def resolve_backend(cfg, strategy: Strategy, on_gpu: bool) -> str:
+    backend = cfg["backend"]
+    if backend is None:
+        return strategy.backends[0] if on_gpu else "torchrun"
+    if backend not in BACKENDS:
+        raise ConfigError("backend", f"backend={backend} is not one of {', '.join(BACKENDS)}.")
+    if backend not in strategy.backends:
+        raise ConfigError(
+            "backend",
+            f"strategy={strategy.name} cannot run under backend={backend}: the deepspeed launcher only drives "
+            f"DeepSpeed strategies. Use backend={' or backend='.join(strategy.backends)}, "
+            f"or a strategy among zero2, zero3, zero3_offload.",
+        )
+    if backend != "torchrun" and not on_gpu:
+        raise ConfigError(
+            "backend",
+            f"backend={backend} needs GPUs; on a CPU-only machine the launcher runs torchrun with gloo. "
+            "Use backend=torchrun (or leave backend unset), or dry_run=true to only look at the plan.",
+        )
+    return backend
+
+
+def compute_dtype(cfg, machine_bf16: bool, on_gpu: bool) -> str:
+    if not on_gpu:
+        return "float32"
+    wanted = (cfg["quant"].get("compute_dtype") or "auto") if cfg["quant"]["bits"] else "auto"
+    if wanted == "auto":
+        return "bfloat16" if machine_bf16 else "float16"
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(wanted, wanted)
+
+
+def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16: bool) -> tuple[dict, list[str]]:
+    """The settings launcher.train needs for this strategy, and why each non-obvious one was chosen."""
+    decisions: list[str] = []
+    quant, lora = cfg["quant"], cfg["lora"]
+    bits = quant["bits"]
+    dtype = compute_dtype(cfg, machine_bf16, on_gpu)
+    settings = {
+        "strategy": strategy.name,
+        "device": "cuda" if on_gpu else "cpu",
+        "dtype": dtype,
+        "expected_wrapper": strategy.wrapper,
+        "device_map": None,
+        "quant_storage_dtype": None,
+        "optim": cfg["train"]["optim"],
+        "gradient_checkpointing": bool(cfg["train"]["gradient_checkpointing"]),
+        "fsdp_config": None,
+        "deepspeed_config": None,
+        "zero3_init": False,
+        "fsdp_cpu_offload": strategy.name == "fsdp_qlora" and bool(cfg["strategy"].get("cpu_offload")),
+    }
+    if on_gpu and dtype != "bfloat16":
+        decisions.append(f"dtype={dtype}: these GPUs lack bf16 (compute capability < 8.0)")
+
+    if bits and lora["r"] is None:
+        raise ConfigError(
+            "lora",
+            f"quant={quant['name']} with lora=none: quantized weights cannot be trained directly. "
+            "Use lora=default (QLoRA), or quant=none for a full fine-tune.",
+        )
+    if bits and not on_gpu:
+        raise ConfigError(
+            "quant",
+            f"quant={quant['name']} needs a CUDA GPU (bitsandbytes); this machine has none. "
+            "Use quant=none here, or dry_run=true to only look at the plan.",
+        )
+    if bits == 8 and strategy.shards_params:
+        raise ConfigError(
+            "quant",
+            f"quant=8bit cannot be sharded by strategy={strategy.name}. Use quant=4bit (stored in the compute "
+            "dtype, which FSDP and ZeRO-3 can shard) or strategy=ddp / zero2.",
+        )
+
+    # Where the weights are loaded.
+    if strategy.name == "ddp" or (strategy.name == "fsdp_qlora" and bits):
+        if on_gpu:
+            settings["device_map"] = "local_rank"
+            if strategy.name == "fsdp_qlora":
+                decisions.append(
+                    "device_map={'': local_rank}: 4-bit weights under FSDP must be loaded on each rank's own GPU "
+                    "(else every rank loads to cuda:0 and FSDP fails with 'Inconsistent compute device')"
+                )
+    if strategy.name.startswith("zero3"):
+        decisions.append("no device_map under ZeRO-3: DeepSpeed places (and partitions) the weights itself")
+
+    # 4-bit storage.
+    if bits == 4:
+        storage = quant.get("storage_dtype") or "auto"
+        if strategy.shards_params:
+            if storage not in ("auto", dtype):
+                raise ConfigError(
+                    "quant.storage_dtype",
+                    f"quant.storage_dtype={storage} under strategy={strategy.name}: FSDP and ZeRO-3 can only shard "
+                    f"4-bit weights stored in the compute dtype. Use quant.storage_dtype=auto (= {dtype}).",
+                )
+            storage = dtype
+            decisions.append(
+                f"bnb_4bit_quant_storage={dtype}: {strategy.name} shards the 4-bit weights, which needs them stored "
+                "in the compute dtype"
+            )
+        elif storage == "auto":
+            storage = "uint8"
+        settings["quant_storage_dtype"] = storage
+
+    # Optimizer.
+    optim = settings["optim"]
+    if "paged" in optim and strategy.name != "ddp":
+        settings["optim"] = "adamw_torch"
+        decisions.append(
+            f"optim={optim} -> adamw_torch: paged 8-bit optimizers manage their own memory and do not work "
+            f"with {strategy.name}'s sharded optimizer states"
+        )
+
+    if strategy.name == "fsdp_qlora":
+        decisions.append("FSDP1 FULL_SHARD, SHARDED_STATE_DICT checkpoints, use_orig_params=false (PEFT under FSDP)")
+        if settings["fsdp_cpu_offload"]:
+            decisions.append("fsdp_offload_params=true: parameters live in CPU memory between uses")
+
+    if strategy.deepspeed_template:
+        if strategy.name.startswith("zero3"):
+            decisions.append(
+                "stage3_gather_16bit_weights_on_model_save=true: without it a ZeRO-3 save holds only this rank's shard"
+            )
+            settings["zero3_init"] = not bits
+            if bits:
+                decisions.append("zero3_init_flag=false: bitsandbytes cannot quantize weights created under zero.Init")
+        if strategy.name == "zero3_offload":
+            decisions.append("offload_param and offload_optimizer to CPU (pinned): fits larger models, runs slower")
+
+    if world_size == 1 and strategy.name == "ddp":
+        settings["expected_wrapper"] = None
+        decisions.append("one process: no DistributedDataParallel wrapper")
+    return settings, decisions

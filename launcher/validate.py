@@ -1,0 +1,153 @@
+"""Checks of the composed config, made before anything starts. Each failure names the key to change.
+
+`check_values` looks at the config and the machine only; `check_paths` and `check_run_dir` read
+(never write) the file system.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from launcher.errors import ConfigError
+from launcher.machine import Machine
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def _whole(cfg, key: str, minimum: int, allow=()) -> int | str:
+    value = cfg[key]
+    if value in allow:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        hint = f" or {' / '.join(map(str, allow))}" if allow else ""
+        raise ConfigError(key, f"{key}={value!r} is not a whole number; give an integer >= {minimum}{hint}.")
+    if value < minimum:
+        raise ConfigError(key, f"{key}={value} must be >= {minimum}.")
+    return value
+
+
+def procs_per_node(cfg, machine: Machine) -> tuple[int, bool]:
+    """(processes per node, on GPU). gpus=auto on a machine without GPUs means CPU processes."""
+    gpus = _whole(cfg, "gpus", 1, allow=("auto",))
+    dry_run = bool(cfg["dry_run"])
+    if gpus == "auto":
+        if machine.gpu_count:
+            return machine.gpu_count, True
+        return _whole(cfg, "cpu_procs", 1), False
+    if gpus > machine.gpu_count and not dry_run:
+        have = f"{machine.gpu_count} visible GPU(s)" if machine.gpu_count else "no GPU"
+        raise ConfigError(
+            "gpus",
+            f"gpus={gpus} but this machine has {have}. Use gpus=auto or a smaller number "
+            "(or dry_run=true to only look at the plan for a bigger machine).",
+        )
+    return gpus, True
+
+
+def check_values(cfg, machine: Machine) -> None:
+    nodes = _whole(cfg, "nodes", 1)
+    node_rank = _whole(cfg, "node_rank", 0)
+    if node_rank >= nodes:
+        raise ConfigError("node_rank", f"node_rank={node_rank} must be below nodes={nodes} (ranks count from 0).")
+    if nodes > 1 and not cfg["master_addr"]:
+        raise ConfigError(
+            "master_addr",
+            f"nodes={nodes} needs master_addr=<host of node 0> (and the same master_port on every node); "
+            "under Slurm the sbatch scripts set it from the allocation.",
+        )
+    if cfg["master_port"] is not None:
+        port = _whole(cfg, "master_port", 1)
+        if port > 65535:
+            raise ConfigError("master_port", f"master_port={port} is not a TCP port (1-65535).")
+    for key in ("micro_batch", "save_steps"):
+        _whole(cfg, key, 1)
+    for key, minimum in (("grad_accum", 1), ("epochs", 1), ("logging_steps", 1), ("save_total_limit", 1)):
+        value = cfg["train"][key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"train.{key}", f"train.{key}={value!r} must be a whole number >= {minimum}.")
+    max_steps = cfg["train"]["max_steps"]
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps == 0 or max_steps < -1:
+        raise ConfigError("train.max_steps", f"train.max_steps={max_steps!r}: give a number of steps >= 1, or -1.")
+    lr = cfg["train"]["lr"]
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
+        raise ConfigError("train.lr", f"train.lr={lr!r} must be a positive number.")
+    max_length = cfg["data"]["max_length"]
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 8:
+        raise ConfigError("data.max_length", f"data.max_length={max_length!r} must be a whole number >= 8.")
+    if cfg["resume"] not in (None, "auto") and not isinstance(cfg["resume"], str):
+        raise ConfigError("resume", f"resume={cfg['resume']!r}: use resume=auto or resume=<checkpoint dir>.")
+    if cfg["cluster"]["name"] != "local":
+        raise ConfigError(
+            "cluster",
+            f"cluster={cfg['cluster']['name']}: rendering and submitting sbatch scripts is not built yet. "
+            "Use cluster=local, or submit slurm/*.sbatch yourself.",
+        )
+
+
+def is_local_path(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or Path(path).exists()
+
+
+def check_paths(cfg) -> None:
+    model = cfg["model"]
+    for key in ("path", "tokenizer"):
+        value = model[key]
+        if not value or value.startswith(BUILTIN_PREFIX) or not is_local_path(value):
+            continue  # a hub id: checked when it is downloaded
+        path = Path(value).expanduser()
+        if not path.exists():
+            raise ConfigError(f"model.{key}", f"model.{key}={value} does not exist. Give a model directory or a hub id.")
+        if not path.is_dir():
+            raise ConfigError(
+                f"model.{key}", f"model.{key}={value} is a file; give the directory that holds config.json."
+            )
+    data_path = cfg["data"]["path"]
+    if is_local_path(data_path) and not Path(data_path).expanduser().exists():
+        raise ConfigError("data.path", f"data.path={data_path} does not exist. Give a file, a folder or a hub id.")
+
+
+# What makes two runs "the same run": resuming with a different model or adapter shape cannot work.
+IDENTITY_KEYS = (("model", "path"), ("method", "name"), ("lora", "r"), ("lora", "target_modules"), ("quant", "bits"))
+
+
+def check_run_dir(cfg) -> str:
+    """'new', 'resume' or 'overwrite'. Refuses to touch a directory that holds another run."""
+    run_dir = Path(cfg["run_dir"])
+    if not run_dir.exists():
+        return "new"
+    if not run_dir.is_dir():
+        raise ConfigError("run_dir", f"run_dir={run_dir} is a file. Choose another run_dir.")
+    if not any(run_dir.iterdir()):
+        return "new"
+    if cfg["overwrite"]:
+        return "overwrite"
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(
+            "run_dir",
+            f"run_dir={run_dir} is not empty and holds no launcher run (no config.yaml). "
+            "Choose another run_dir, or overwrite=true to replace its contents.",
+        )
+    if cfg["resume"] is None:
+        raise ConfigError(
+            "run_dir",
+            f"run_dir={run_dir} already holds a run. Use resume=auto to continue it, overwrite=true to replace it, "
+            "or another run_dir (or run_name) for a new run.",
+        )
+    try:
+        old = yaml.safe_load(saved.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError("run_dir", f"{saved} cannot be read ({exc}); overwrite=true replaces the run.") from None
+    differ = [
+        f"{group}.{key}: {old.get(group, {}).get(key)!r} there, {cfg[group][key]!r} now"
+        for group, key in IDENTITY_KEYS
+        if old.get(group, {}).get(key) != cfg[group][key]
+    ]
+    if differ:
+        raise ConfigError(
+            "run_dir",
+            f"run_dir={run_dir} holds a different run ({'; '.join(differ)}); its checkpoints cannot be resumed "
+            "with this config. Use another run_dir, or overwrite=true to replace it.",
+        )
+    return "resume"

@@ -1,0 +1,38 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from launcher import ROOT
+from launcher.config import register_resolvers, to_plain
+from launcher.machine import Machine
+
+register_resolvers()
+
+# A fixed machine, so that plans (and golden files) do not depend on where the tests run.
+GPU_NODE = Machine(gpu_count=8, gpu_name="NVIDIA H200", gpu_mem_gib=139.8, bf16=True, hostname="node0",
+                   free_port=29555)
+CPU_NODE = Machine(gpu_count=0, hostname="cpu0", free_port=29556)
+FIXED = ["run_name=golden", "run_dir=/runs/golden", "model.cache_dir=/cache"]
+
+
+def compose_cfg(*overrides: str) -> dict:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return to_plain(compose("config", overrides=[*FIXED, *overrides]))
+
+
+def run_launcher(*args: str, cwd=None, timeout=120, env=None) -> subprocess.CompletedProcess:
+    """`python -m launcher ARGS` as a user types it."""
+    return subprocess.run([sys.executable, "-m", "launcher", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd or ROOT, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def cache_dir() -> Path:
+    """The shared cache of built-in models (built once per machine, reused by every test)."""
+    path = Path(os.environ.get("LAUNCHER_CACHE", Path.home() / ".cache" / "launcher"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path

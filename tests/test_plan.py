@@ -1,0 +1,122 @@
+"""Golden files of every strategy x backend x {1 node, 2 nodes}: the command, environment, decisions
+and every rendered file. After an intended change: `make golden` (UPDATE_GOLDEN=1), then review
+`git diff tests/golden`.
+"""
+import json
+import os
+
+import pytest
+import yaml
+
+from conftest import CPU_NODE, GPU_NODE, compose_cfg
+from launcher import ROOT
+from launcher.plan import build_plan
+from launcher.strategies import STRATEGIES
+
+GOLDEN = ROOT / "tests" / "golden"
+CASES = [(s, b, n) for s, spec in STRATEGIES.items() for b in spec.backends for n in (1, 2)]
+
+
+def plan_for(strategy, backend, nodes, *extra, machine=GPU_NODE):
+    overrides = [f"strategy={strategy}", f"backend={backend}", "gpus=4", f"nodes={nodes}", *extra]
+    if nodes > 1:
+        overrides += ["master_addr=10.0.0.1", "node_rank=1"]
+    return build_plan(compose_cfg(*overrides), machine, cwd="/work/project")
+
+
+def golden_text(plan) -> str:
+    train_plan = yaml.safe_load(plan.files["config.yaml"])["plan"]
+    parts = [f"# argv\n{json.dumps(plan.argv)}", f"# env\n{json.dumps(plan.env, sort_keys=True)}",
+             "# decisions\n" + "\n".join(plan.decisions),
+             "# config.yaml: plan\n" + yaml.safe_dump(train_plan, sort_keys=True)]
+    parts += [f"# {name}\n{plan.files[name]}" for name in sorted(plan.files) if name != "config.yaml"]
+    return "\n".join(parts)
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert path.exists(), f"{path} missing: run `make golden` and review the new file"
+    assert text == path.read_text(), f"{name} differs from the golden file (make golden, then review git diff)"
+
+
+@pytest.mark.parametrize("strategy,backend,nodes", CASES, ids=[f"{s}-{b}-{n}node" for s, b, n in CASES])
+def test_golden(strategy, backend, nodes):
+    check_golden(f"{strategy}-{backend}-{nodes}node.txt", golden_text(plan_for(strategy, backend, nodes)))
+
+
+@pytest.mark.parametrize("quant", ["4bit", "8bit"])
+def test_golden_qlora(quant):
+    strategy = "fsdp_qlora" if quant == "4bit" else "ddp"
+    plan = plan_for(strategy, "accelerate", 1, f"quant={quant}")
+    check_golden(f"{strategy}-{quant}.txt", golden_text(plan))
+
+
+def test_golden_cpu_default():
+    check_golden("cpu-default.txt", golden_text(build_plan(compose_cfg(), CPU_NODE, cwd="/work/project")))
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_shipped_files_equal_default_rendering(strategy):
+    """accelerate_configs/ and ds_configs/ are what the generator renders for 1 node x 2 GPUs, bf16."""
+    plan = plan_for(strategy, STRATEGIES[strategy].backends[0], 1, "gpus=2")
+    rendered = yaml.safe_load(plan.files["accelerate.yaml"])
+    shipped = yaml.safe_load((ROOT / "accelerate_configs" / f"{strategy}.yaml").read_text())
+    if "deepspeed_config" in rendered:
+        assert rendered["deepspeed_config"]["deepspeed_config_file"] == "/runs/golden/ds_config.json"
+        rendered["deepspeed_config"]["deepspeed_config_file"] = f"ds_configs/{strategy}.json"
+        assert json.loads(plan.files["ds_config.json"]) == json.loads((ROOT / "ds_configs" / f"{strategy}.json").read_text())
+    assert rendered == shipped
+
+
+def test_zero3_with_4bit_stores_in_compute_dtype_and_skips_zero_init():
+    plan = plan_for("zero3", "deepspeed", 1, "quant=4bit")
+    train_plan = yaml.safe_load(plan.files["config.yaml"])["plan"]
+    assert train_plan["quant_storage_dtype"] == "bfloat16"
+    assert train_plan["zero3_init"] is False
+    assert train_plan["device_map"] is None
+    assert json.loads(plan.files["ds_config.json"])["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+
+
+def test_ddp_4bit_keeps_uint8_storage_and_local_device_map():
+    train_plan = yaml.safe_load(plan_for("ddp", "torchrun", 1, "quant=4bit").files["config.yaml"])["plan"]
+    assert train_plan["quant_storage_dtype"] == "uint8"
+    assert train_plan["device_map"] == "local_rank"
+
+
+def test_paged_optimizer_is_replaced_under_sharding_and_kept_under_ddp():
+    zero = yaml.safe_load(plan_for("zero2", "deepspeed", 1, "train.optim=paged_adamw_8bit").files["config.yaml"])
+    ddp = yaml.safe_load(plan_for("ddp", "accelerate", 1, "train.optim=paged_adamw_8bit").files["config.yaml"])
+    assert zero["plan"]["optim"] == "adamw_torch"
+    assert any("paged_adamw_8bit -> adamw_torch" in d for d in zero["plan"]["decisions"])
+    assert ddp["plan"]["optim"] == "paged_adamw_8bit"
+
+
+def test_fp16_on_gpus_without_bf16():
+    from launcher.machine import Machine
+
+    v100 = Machine(gpu_count=4, gpu_name="Tesla V100", gpu_mem_gib=32, bf16=False, free_port=29555)
+    plan = plan_for("fsdp_qlora", "accelerate", 1, "quant=4bit", machine=v100)
+    assert yaml.safe_load(plan.files["accelerate.yaml"])["mixed_precision"] == "fp16"
+    assert yaml.safe_load(plan.files["config.yaml"])["plan"]["quant_storage_dtype"] == "float16"
+
+
+def test_fsdp_settings_for_the_trainer_are_the_accelerate_file_s():
+    plan = plan_for("fsdp_qlora", "torchrun", 1, "strategy.cpu_offload=true")
+    acc = yaml.safe_load(plan.files["accelerate.yaml"])
+    assert acc["fsdp_config"]["fsdp_offload_params"] is True
+    assert yaml.safe_load(plan.files["config.yaml"])["plan"]["fsdp_config"] == acc["fsdp_config"]
+
+
+def test_strategy_auto_is_a_recorded_placeholder():
+    plan = plan_for("auto", "accelerate", 1)
+    assert plan.strategy == "ddp"
+    assert any(d.startswith("strategy=auto") for d in plan.decisions)
+
+
+def test_command_script_quotes_values(tmp_path):
+    plan = build_plan(compose_cfg("run_dir='/runs/a b;$(touch x)'"), CPU_NODE, cwd="/work/my project")
+    script = plan.files["command.sh"]
+    assert "cd '/work/my project'" in script
+    assert "'/runs/a b;$(touch x)/config.yaml'" in script
