@@ -120,15 +120,14 @@ def check_run_dir(cfg) -> str:
         raise ConfigError("run_dir", f"run_dir={run_dir} is a file. Choose another run_dir.")
     if not any(run_dir.iterdir()):
         return "new"
-    if cfg["overwrite"]:
-        return "overwrite"
     saved = run_dir / "config.yaml"
-    if not saved.is_file():
+    if not saved.is_file():  # never deleted, not even with overwrite=true: it may be anything
         raise ConfigError(
             "run_dir",
-            f"run_dir={run_dir} is not empty and holds no launcher run (no config.yaml). "
-            "Choose another run_dir, or overwrite=true to replace its contents.",
+            f"run_dir={run_dir} is not empty and holds no launcher run (no config.yaml). Choose another run_dir.",
         )
+    if cfg["overwrite"]:
+        return "overwrite"
     if cfg["resume"] is None:
         raise ConfigError(
             "run_dir",

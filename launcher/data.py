@@ -1,0 +1,195 @@
+"""Loading, checking and formatting the training data for DPO and SFT.
+
+Every problem a user can fix is a DataError naming the file and the column, raised before the
+model is loaded (so before any GPU work).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("launcher")
+
+FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+PREFERENCE = ("prompt", "chosen", "rejected")
+
+
+class DataError(Exception):
+    pass
+
+
+@dataclass
+class DataReport:
+    rows_read: int
+    dropped_empty: int
+    dropped_duplicate: int
+    truncated: int
+    train_rows: int
+    eval_rows: int
+    fmt: str
+
+    def line(self, max_length: int) -> str:
+        return (f"data: {self.rows_read} rows read ({self.fmt}), dropped {self.dropped_empty} with empty fields and "
+                f"{self.dropped_duplicate} duplicates, {self.truncated} longer than max_length={max_length} "
+                f"(truncated); {self.train_rows} train / {self.eval_rows} held out")
+
+
+def read_dataset(path: str, split: str, test_split: str):
+    """Returns (train, test or None). Local files and folders by extension; anything else is a hub id."""
+    import datasets
+
+    p = Path(path).expanduser()
+    try:
+        if p.is_file():
+            kind = FILE_TYPES.get(p.suffix.lower())
+            if kind is None:
+                raise DataError(f"data.path={path}: unknown file type {p.suffix!r}; use .jsonl, .json, .parquet or .csv")
+            loaded = datasets.load_dataset(kind, data_files=str(p))
+        elif p.is_dir():
+            loaded = datasets.load_dataset(str(p))
+        else:
+            loaded = datasets.load_dataset(path)
+    except DataError:
+        raise
+    except Exception as exc:  # the libraries' own errors say little about which file is at fault
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"data.path={path}: cannot be read as {p.suffix or 'a dataset'} ({first}). "
+                        f"{_bad_json_line(p)}Check the file's format.") from None
+    if split not in loaded:
+        raise DataError(f"data.path={path}: no split {split!r} (it has {', '.join(loaded)}); set data.split")
+    return loaded[split], loaded[test_split] if test_split in loaded else None
+
+
+def _bad_json_line(p: Path) -> str:
+    """For a JSON Lines file, the first line that does not parse: users fix files line by line."""
+    if not (p.is_file() and p.suffix.lower() == ".jsonl"):
+        return ""
+    with open(p, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as exc:
+                    return f"Line {number} is not valid JSON ({exc.msg}). "
+    return ""
+
+
+def detect_format(columns: list[str], method: str, path: str) -> str:
+    cols = set(columns)
+    if method == "dpo":
+        if {"chosen", "rejected"} <= cols:
+            return "preference"
+        missing = [c for c in PREFERENCE if c not in cols]
+        raise DataError(f"data.path={path}: DPO needs columns prompt, chosen, rejected; missing {', '.join(missing)} "
+                        f"(columns found: {', '.join(columns)})")
+    for fmt, needed in (("messages", {"messages"}), ("prompt_completion", {"prompt", "completion"}),
+                        ("alpaca", {"instruction", "output"}), ("text", {"text"})):
+        if needed <= cols:
+            return fmt
+    raise DataError(f"data.path={path}: SFT needs a 'messages' column, 'prompt' and 'completion', 'instruction' and "
+                    f"'output' (Alpaca), or 'text'; columns found: {', '.join(columns)}")
+
+
+def required_columns(fmt: str) -> tuple[str, ...]:
+    return {"preference": PREFERENCE, "messages": ("messages",), "prompt_completion": ("prompt", "completion"),
+            "alpaca": ("instruction", "output"), "text": ("text",)}[fmt]
+
+
+def _empty(value) -> bool:
+    return value is None or (isinstance(value, (str, list)) and len(value) == 0)
+
+
+def _as_messages(value, role: str):
+    return value if isinstance(value, list) else [{"role": role, "content": value}]
+
+
+def to_trl_row(row: dict, fmt: str, conversational: bool) -> dict:
+    """One row in the shape TRL's trainers take: conversational when the chat template is to be used."""
+    if fmt == "preference":
+        prompt = row.get("prompt") or ""
+        if conversational:
+            return {"prompt": _as_messages(prompt, "user"), "chosen": _as_messages(row["chosen"], "assistant"),
+                    "rejected": _as_messages(row["rejected"], "assistant")}
+        return {"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"]}
+    if fmt == "alpaca":
+        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        row = {"prompt": prompt, "completion": row["output"]}
+        fmt = "prompt_completion"
+    if fmt == "prompt_completion":
+        if conversational:
+            return {"prompt": _as_messages(row["prompt"], "user"),
+                    "completion": _as_messages(row["completion"], "assistant")}
+        return {"prompt": row["prompt"], "completion": row["completion"]}
+    if fmt == "messages":
+        return {"messages": row["messages"]}
+    return {"text": row["text"]}
+
+
+def _rendered_lengths(row: dict, tokenizer) -> int:
+    """Tokens of the longest sequence the trainer will build from this row."""
+    if "messages" in row:
+        return len(_ids(tokenizer.apply_chat_template(row["messages"], tokenize=True)))
+    if "text" in row:
+        return len(tokenizer(row["text"])["input_ids"])
+    answers = [row["chosen"], row["rejected"]] if "chosen" in row else [row["completion"]]
+    if isinstance(row["prompt"], list):
+        return max(len(_ids(tokenizer.apply_chat_template(row["prompt"] + a, tokenize=True))) for a in answers)
+    return max(len(tokenizer(row["prompt"] + a)["input_ids"]) for a in answers)
+
+
+def _ids(out):
+    return out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+
+
+def prepare(data_cfg: dict, method: str, tokenizer, seed: int):
+    """(train, eval, report): checked, deduplicated, formatted rows."""
+    path = data_cfg["path"]
+    train, test = read_dataset(path, data_cfg["split"], data_cfg["test_split"])
+    if len(train) == 0:
+        raise DataError(f"data.path={path}: the dataset is empty (split {data_cfg['split']!r})")
+    fmt = detect_format(train.column_names, method, path)
+    needs_template = fmt == "messages" or (fmt == "preference" and isinstance(train[0]["chosen"], list))
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if needs_template and not has_template:
+        raise DataError(f"data.path={path}: rows are conversations but the tokenizer has no chat template; "
+                        "set model.chat_template to a Jinja template (or a file holding one)")
+    wanted = data_cfg.get("conversational", "auto")
+    conversational = needs_template or (has_template and fmt != "text" and wanted in ("auto", True))
+
+    def clean(ds, name):
+        cols = required_columns(fmt)
+        rows, seen, empty, dup = [], set(), 0, 0
+        for row in ds:
+            if any(_empty(row.get(c)) for c in cols if not (c == "prompt" and fmt == "preference" and c not in row)):
+                empty += 1
+                continue
+            key = json.dumps([row.get(c) for c in cols], ensure_ascii=False, sort_keys=True)
+            if key in seen:
+                dup += 1
+                continue
+            seen.add(key)
+            rows.append(to_trl_row(row, fmt, conversational))
+        if data_cfg.get("max_rows"):
+            rows = rows[: data_cfg["max_rows"]]
+        if not rows:
+            raise DataError(f"data.path={path}: no usable rows in {name} after dropping empty ones")
+        return rows, empty, dup
+
+    import datasets
+
+    read = len(train) + (len(test) if test is not None else 0)
+    train_rows, empty, dup = clean(train, "train")
+    if test is not None:
+        eval_rows, e2, d2 = clean(test, data_cfg["test_split"])
+        empty, dup = empty + e2, dup + d2
+        train_ds, eval_ds = datasets.Dataset.from_list(train_rows), datasets.Dataset.from_list(eval_rows)
+    else:
+        split = datasets.Dataset.from_list(train_rows).train_test_split(test_size=data_cfg["test_fraction"], seed=seed)
+        train_ds, eval_ds = split["train"], split["test"]
+    max_length = data_cfg["max_length"]
+    truncated = sum(_rendered_lengths(r, tokenizer) > max_length for r in train_ds)
+    report = DataReport(read, empty, dup, truncated, len(train_ds), len(eval_ds),
+                        fmt + (", chat template" if conversational else ""))
+    return train_ds, eval_ds, report

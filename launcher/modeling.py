@@ -1,0 +1,104 @@
+"""Loading the tokenizer and the model the way the plan says, the LoRA config, and merging.
+
+Every placement decision comes from the plan (launcher/strategies.py); this module only carries
+them out and logs what it did.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("launcher")
+
+
+def load_tokenizer(cfg: dict):
+    from transformers import AutoTokenizer
+
+    plan, model_cfg = cfg["plan"], cfg["model"]
+    tok = AutoTokenizer.from_pretrained(plan["tokenizer_path"], trust_remote_code=model_cfg["trust_remote_code"])
+    template = model_cfg.get("chat_template")
+    if template:
+        path = Path(template).expanduser()
+        tok.chat_template = path.read_text() if path.is_file() else template
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # batching needs one; the eos token is the usual stand-in
+    return tok
+
+
+def quantization_config(cfg: dict):
+    from transformers import BitsAndBytesConfig
+
+    bits, plan = cfg["quant"]["bits"], cfg["plan"]
+    if not bits:
+        return None
+    dtype = getattr(torch, plan["dtype"])
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg["quant"]["quant_type"],
+        bnb_4bit_use_double_quant=cfg["quant"]["double_quant"],
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=getattr(torch, plan["quant_storage_dtype"]),
+    )
+
+
+def load_model(cfg: dict, local_rank: int):
+    from transformers import AutoModelForCausalLM
+
+    plan, model_cfg = cfg["plan"], cfg["model"]
+    kwargs = dict(dtype=getattr(torch, plan["dtype"]), trust_remote_code=model_cfg["trust_remote_code"],
+                  attn_implementation=model_cfg["attn_implementation"])
+    quant = quantization_config(cfg)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    if plan["device_map"] == "local_rank":
+        kwargs["device_map"] = {"": local_rank}
+    log.info("loading %s: dtype=%s quant=%s device_map=%s", plan["model_path"], plan["dtype"],
+             cfg["quant"]["name"], kwargs.get("device_map"))
+    model = AutoModelForCausalLM.from_pretrained(plan["model_path"], **kwargs)
+    model.config.use_cache = False  # the cache only matters for generation, and it breaks checkpointing
+    if quant is not None and cfg["lora"]["r"] is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=plan["gradient_checkpointing"],
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    return model
+
+
+def lora_config(cfg: dict):
+    from peft import LoraConfig
+
+    lora = cfg["lora"]
+    if lora["r"] is None:
+        return None
+    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                      target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+
+
+def merge_adapter(cfg: dict, adapter_dir: str, out_dir: str) -> None:
+    """Merge into the unquantized base in 16-bit (merging into 4-bit weights would round the adapter away)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    plan = cfg["plan"]
+    dtype = torch.float32 if plan["device"] == "cpu" else torch.bfloat16 if plan["dtype"] == "bfloat16" else torch.float16
+    base = AutoModelForCausalLM.from_pretrained(plan["model_path"], dtype=dtype,
+                                                trust_remote_code=cfg["model"]["trust_remote_code"])
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out_dir)
+    log.info("merged adapter into %s (%s)", out_dir, str(dtype).removeprefix("torch."))
+
+
+def unwrap_name(model) -> str:
+    return type(model).__name__
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))

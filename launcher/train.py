@@ -1,0 +1,208 @@
+"""The one training entrypoint every rank runs: `python -m launcher.train <run_dir>/config.yaml`.
+
+Reads top to bottom: config -> logging -> training arguments -> tokenizer -> data -> model ->
+trainer -> resume -> train -> evaluate -> save (-> merge). Strategy decisions were made by the
+planner and arrive in the config's `plan` section.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger("launcher")
+
+
+def training_args(cfg: dict, report_to: list[str]):
+    from trl import DPOConfig, SFTConfig
+
+    plan, train, method = cfg["plan"], cfg["train"], cfg["method"]
+    common = dict(
+        output_dir=str(Path(cfg["run_dir"], "checkpoints")),
+        run_name=cfg["run_name"],
+        per_device_train_batch_size=cfg["micro_batch"],
+        per_device_eval_batch_size=cfg["micro_batch"],
+        gradient_accumulation_steps=train["grad_accum"],
+        learning_rate=train["lr"],
+        num_train_epochs=train["epochs"],
+        max_steps=train["max_steps"],
+        warmup_steps=train["warmup_ratio"],  # transformers 5: a float below 1 is a ratio of the total
+        lr_scheduler_type=train["lr_scheduler"],
+        weight_decay=train["weight_decay"],
+        max_grad_norm=train["max_grad_norm"],
+        optim=plan["optim"],
+        logging_steps=train["logging_steps"],
+        save_strategy="steps",
+        save_steps=cfg["save_steps"],
+        save_total_limit=train["save_total_limit"],
+        eval_strategy="steps" if train["eval_steps"] else "no",
+        eval_steps=train["eval_steps"],
+        seed=cfg["seed"],
+        bf16=plan["dtype"] == "bfloat16",
+        fp16=plan["dtype"] == "float16",
+        use_cpu=plan["device"] == "cpu",
+        gradient_checkpointing=plan["gradient_checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        report_to=report_to or "none",
+        include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=False,
+        max_length=method["max_length"],
+        dataset_num_proc=None,
+        disable_tqdm=True,  # rank 0 prints a line per log instead: readable in files and Slurm logs
+    )
+    if plan["deepspeed_config"]:
+        common["deepspeed"] = plan["deepspeed_config"]
+    if plan["fsdp_config"]:
+        common.update(fsdp=True, fsdp_config=dict(plan["fsdp_config"]))
+    if plan["device"] == "cpu":
+        common["ddp_backend"] = "gloo"
+    if method["name"] == "dpo":
+        return DPOConfig(beta=method["beta"], loss_type=[method["loss_type"]],
+                         precompute_ref_log_probs=method["precompute_ref_log_probs"], **common)
+    return SFTConfig(packing=method["packing"], completion_only_loss=method["completion_only_loss"], **common)
+
+
+class StartupBanner:
+    """Rank 0's banner, and a stop when the wrapper in effect is not the one planned."""
+
+    def __init__(self, cfg: dict, report):
+        self.cfg, self.report, self.trainer, self.shown = cfg, report, None, False
+
+    def check(self) -> None:
+        plan, trainer = self.cfg["plan"], self.trainer
+        wrapped = type(trainer.model_wrapped).__name__
+        expected = plan["expected_wrapper"]
+        if expected and wrapped != expected:
+            raise RuntimeError(f"planned strategy {plan['strategy']} expects the model wrapped in {expected}, "
+                               f"but the trainer runs {wrapped}: the launch did not set up {plan['strategy']}")
+        if not trainer.is_world_process_zero():
+            return
+        model = trainer.model
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        if hasattr(model, "get_nb_trainable_parameters"):
+            trainable, total = model.get_nb_trainable_parameters()
+        args = trainer.args
+        effective = args.per_device_train_batch_size * args.gradient_accumulation_steps * plan["world_size"]
+        lines = [
+            f"world size {plan['world_size']} ({plan['backend']}), strategy {plan['strategy']}, wrapped in {wrapped}",
+            f"model {plan['model_path']}: dtype {plan['dtype']}, quant {self.cfg['quant']['name']}"
+            + (f" (storage {plan['quant_storage_dtype']})" if plan["quant_storage_dtype"] else ""),
+            f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%)",
+            f"batch: {args.per_device_train_batch_size} per device x {args.gradient_accumulation_steps} accumulation "
+            f"x {plan['world_size']} ranks = {effective} effective",
+            f"method {self.cfg['method']['name']}; {self.report.line(self.cfg['data']['max_length'])}",
+            *[f"plan: {d}" for d in plan["decisions"]],
+        ]
+        log.info("=" * 72 + "\n" + "\n".join(lines) + "\n" + "=" * 72)
+
+
+def build_trainer(cfg, args, model, tokenizer, train_ds, eval_ds, callbacks):
+    from launcher.modeling import lora_config
+
+    peft = lora_config(cfg)
+    if cfg["method"]["name"] == "dpo":
+        from trl import DPOTrainer
+
+        ref_model = None
+        if peft is None:  # without LoRA the reference is a frozen copy; with it, the adapter-disabled policy
+            from launcher.modeling import load_model
+
+            ref_model = load_model(cfg, int(os.environ.get("LOCAL_RANK", 0)))
+        return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                          processing_class=tokenizer, peft_config=peft, callbacks=callbacks)
+    from trl import SFTTrainer
+
+    return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      processing_class=tokenizer, peft_config=peft, callbacks=callbacks)
+
+
+def main(config_path: str) -> int:
+    from transformers import TrainerCallback, set_seed
+
+    from launcher import checkpoints, data, logs, modeling
+
+    cfg = yaml.safe_load(Path(config_path).read_text())
+    plan, run_dir = cfg["plan"], cfg["run_dir"]
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    logs.setup_logging(run_dir, rank)
+    started = time.time()
+    report_to = logs.configure_trackers(cfg["logging"], cfg["run_name"]) if rank == 0 else []
+    args = training_args(cfg, report_to)  # first: it sets up the process group (and ZeRO-3's zero.Init)
+    set_seed(cfg["seed"])
+
+    tokenizer = modeling.load_tokenizer(cfg)
+    try:
+        with args.main_process_first(desc="dataset"):
+            train_ds, eval_ds, report = data.prepare(cfg["data"], cfg["method"]["name"], tokenizer, cfg["seed"])
+    except data.DataError as err:
+        if rank == 0:
+            log.error("launcher: data error: %s", err)
+        return 2
+    log.info(report.line(cfg["data"]["max_length"]))
+
+    model = modeling.load_model(cfg, local_rank)
+    banner = StartupBanner(cfg, report)
+
+    class Hooks(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if not banner.shown:  # the first step: by now the trainer has wrapped the model
+                banner.shown = True
+                banner.check()
+
+    callbacks = [logs.MetricsCallback(run_dir, plan["world_size"]), checkpoints.CompleteMarker(), Hooks()]
+    trainer = build_trainer(cfg, args, model, tokenizer, train_ds, eval_ds, callbacks)
+    banner.trainer = trainer
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # MetricsCallback prints a shorter line from rank 0
+
+    resume_from = checkpoints.find_resume(run_dir, cfg["resume"])
+    # No evaluate() before train(): in transformers 5.17 it marks the model as prepared, and training then
+    # runs without the DDP wrapper (no gradient sync). StartupBanner.check stops such a run.
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    metrics = trainer.evaluate()
+
+    final = Path(run_dir, "final")
+    trainer.save_model(str(final))  # LoRA: the adapter only; ZeRO-3: gathered 16-bit weights
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(final)
+    if cfg["merge"] and cfg["lora"]["r"] is not None:
+        trainer.accelerator.wait_for_everyone()
+        if trainer.is_world_process_zero():
+            modeling.merge_adapter(cfg, str(final), str(Path(run_dir, "merged")))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        summary = {"run_dir": run_dir, "global_step": trainer.state.global_step,
+                   "train_loss": result.training_loss, "seconds": round(time.time() - started, 1),
+                   **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+        Path(run_dir, "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print_summary(cfg, summary)
+    return 0
+
+
+def print_summary(cfg: dict, summary: dict) -> None:
+    run_dir = summary["run_dir"]
+    lines = [f"done: {summary['global_step']} steps in {summary['seconds']} s, train loss {summary['train_loss']:.4f}"]
+    if "eval_rewards/accuracies" in summary:
+        lines.append(f"held-out reward accuracy {summary['eval_rewards/accuracies']:.3f} "
+                     f"(chance 0.5), margin {summary.get('eval_rewards/margins', 0):.3f}")
+    if "eval_loss" in summary:
+        lines.append(f"held-out loss {summary['eval_loss']:.4f}")
+    lines += [f"adapter + tokenizer: {run_dir}/final", f"checkpoints: {run_dir}/checkpoints",
+              f"metrics: {run_dir}/metrics.jsonl, logs: {run_dir}/logs/, summary: {run_dir}/summary.json"]
+    if cfg["merge"]:
+        lines.append(f"merged model: {run_dir}/merged")
+    log.info("\n".join(lines))
+
+
+if __name__ == "__main__":
+    argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher may add it
+    if len(argv) != 1:
+        sys.exit("usage: python -m launcher.train <run_dir>/config.yaml")
+    sys.exit(main(argv[0]))

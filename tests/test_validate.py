@@ -1,0 +1,99 @@
+"""Bad input is refused before anything starts, with a message that names the key and what to do."""
+import pytest
+import yaml
+
+from conftest import CPU_NODE, GPU_NODE, compose_cfg
+from launcher import validate
+from launcher.errors import ConfigError
+from launcher.plan import build_plan
+
+
+def refused(*overrides, machine=GPU_NODE) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        build_plan(compose_cfg(*overrides), machine)
+    return info.value
+
+
+@pytest.mark.parametrize("overrides,key,words", [
+    (["gpus=0"], "gpus", "must be >= 1"),
+    (["gpus=two"], "gpus", "not a whole number"),
+    (["gpus=9"], "gpus", "8 visible GPU"),
+    (["nodes=0"], "nodes", ">= 1"),
+    (["nodes=2"], "master_addr", "master_addr=<host of node 0>"),
+    (["nodes=2", "master_addr=h", "node_rank=2"], "node_rank", "below nodes=2"),
+    (["micro_batch=-4"], "micro_batch", ">= 1"),
+    (["save_steps=0"], "save_steps", ">= 1"),
+    (["train.max_steps=0"], "train.max_steps", ">= 1, or -1"),
+    (["train.lr=-1"], "train.lr", "positive"),
+    (["data.max_length=2"], "data.max_length", ">= 8"),
+    (["master_port=70000"], "master_port", "1-65535"),
+    (["strategy=ddp", "backend=deepspeed"], "backend", "backend=accelerate or backend=torchrun"),
+    (["backend=mpirun"], "backend", "not one of"),
+    (["quant=4bit", "lora=none"], "lora", "Use lora=default"),
+    (["quant=8bit", "strategy=zero3"], "quant", "quant=4bit"),
+    (["quant=4bit", "strategy=fsdp_qlora", "quant.storage_dtype=uint8"], "quant.storage_dtype", "auto"),
+    (["cluster=slurm"], "cluster", "not built yet"),
+])
+def test_refused_with_key_and_advice(overrides, key, words):
+    err = refused(*overrides)
+    assert err.key == key
+    assert words in str(err)
+
+
+def test_more_gpus_than_the_machine_is_fine_for_a_dry_run():
+    plan = build_plan(compose_cfg("gpus=64", "dry_run=true"), GPU_NODE)
+    assert plan.world_size == 64
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["strategy=zero3"], "strategy"), (["quant=4bit"], "quant"), (["backend=accelerate"], "backend"),
+    (["gpus=1"], "gpus"),
+])
+def test_cpu_machine_refuses_gpu_only_work(overrides, key):
+    assert refused(*overrides, machine=CPU_NODE).key == key
+
+
+def test_cpu_machine_dry_run_plans_for_gpus():
+    plan = build_plan(compose_cfg("strategy=zero3", "gpus=4", "dry_run=true"), CPU_NODE)
+    assert plan.backend == "deepspeed" and plan.world_size == 4 and plan.device == "cuda"
+    assert any("no GPU visible here" in d for d in plan.decisions)
+
+
+def test_model_path_missing_or_a_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        validate.check_paths(compose_cfg(f"model.path={tmp_path}/nope"))
+    (tmp_path / "weights.bin").write_text("x")
+    with pytest.raises(ConfigError, match="is a file; give the directory"):
+        validate.check_paths(compose_cfg(f"model.path={tmp_path}/weights.bin"))
+    validate.check_paths(compose_cfg(f"model.path={tmp_path}"))  # a directory passes
+    validate.check_paths(compose_cfg("model=qwen2.5-7b-instruct"))  # a hub id is checked at download
+
+
+def test_missing_data_file_names_the_key(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        validate.check_paths(compose_cfg(f"data.path={tmp_path}/missing.jsonl"))
+    assert info.value.key == "data.path"
+
+
+def _saved_run(tmp_path, *overrides):
+    cfg = compose_cfg(f"run_dir={tmp_path}/run", *overrides)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp_path / "run"
+
+
+def test_run_dir_states(tmp_path):
+    assert validate.check_run_dir(compose_cfg(f"run_dir={tmp_path}/new")) == "new"
+    run = _saved_run(tmp_path)
+    with pytest.raises(ConfigError, match="already holds a run. Use resume=auto"):
+        validate.check_run_dir(compose_cfg(f"run_dir={run}"))
+    assert validate.check_run_dir(compose_cfg(f"run_dir={run}", "resume=auto")) == "resume"
+    assert validate.check_run_dir(compose_cfg(f"run_dir={run}", "overwrite=true")) == "overwrite"
+    with pytest.raises(ConfigError, match=r"different run \(method.name: 'dpo' there, 'sft' now"):
+        validate.check_run_dir(compose_cfg(f"run_dir={run}", "resume=auto", "method=sft"))
+
+
+def test_run_dir_that_is_not_a_run_is_never_replaced(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds no launcher run"):
+        validate.check_run_dir(compose_cfg(f"run_dir={tmp_path}", "overwrite=true"))
