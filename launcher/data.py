@@ -186,6 +186,9 @@ def prepare(data_cfg: dict, method: str, tokenizer, seed: int):
         empty, dup = empty + e2, dup + d2
         train_ds, eval_ds = datasets.Dataset.from_list(train_rows), datasets.Dataset.from_list(eval_rows)
     else:
+        if len(train_rows) * data_cfg["test_fraction"] < 1 or len(train_rows) < 2:
+            raise DataError(f"data.path={path}: {len(train_rows)} usable rows are too few to hold out "
+                            f"data.test_fraction={data_cfg['test_fraction']}; add rows or a '{data_cfg['test_split']}' split")
         split = datasets.Dataset.from_list(train_rows).train_test_split(test_size=data_cfg["test_fraction"], seed=seed)
         train_ds, eval_ds = split["train"], split["test"]
     max_length = data_cfg["max_length"]

@@ -62,9 +62,17 @@ def training_args(cfg: dict, report_to: list[str]):
     if plan["device"] == "cpu":
         common["ddp_backend"] = "gloo"
     if method["name"] == "dpo":
-        return DPOConfig(beta=method["beta"], loss_type=[method["loss_type"]],
+        args = DPOConfig(beta=method["beta"], loss_type=[method["loss_type"]],
                          precompute_ref_log_probs=method["precompute_ref_log_probs"], **common)
-    return SFTConfig(packing=method["packing"], completion_only_loss=method["completion_only_loss"], **common)
+    else:
+        args = SFTConfig(packing=method["packing"], completion_only_loss=method["completion_only_loss"], **common)
+    if plan["device"] == "cpu" and args.device.index is not None:
+        # With several CPU processes transformers 5.17 picks device 'cpu:0', and torch 2.13 cannot map
+        # a checkpoint's optimizer state to 'cpu:0' on resume. Plain 'cpu' is the same device.
+        import torch
+
+        args.__dict__["_setup_devices"] = torch.device("cpu")
+    return args
 
 
 class StartupBanner:

@@ -36,3 +36,22 @@ def cache_dir() -> Path:
     path = Path(os.environ.get("LAUNCHER_CACHE", Path.home() / ".cache" / "launcher"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    """The embedded tiny model, built as the launcher builds it (once per cache)."""
+    from launcher.plan import model_paths
+
+    paths = model_paths(compose_cfg("model.cache_dir=" + os.environ.get(
+        "LAUNCHER_CACHE", str(Path.home() / ".cache" / "launcher")))["model"])
+    if not Path(paths["model_path"], "config.json").exists():
+        subprocess.run([sys.executable, "-m", "launcher.tiny", "tiny", paths["builtin_dir"]], check=True)
+    return Path(paths["builtin_dir"])
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir / "tokenizer")

@@ -1,0 +1,92 @@
+"""Data: every supported format, the counts reported, and errors that name the file and the column."""
+import json
+
+import pytest
+
+from launcher import ROOT
+from launcher.data import DataError, prepare
+
+
+def data_cfg(path, **kw):
+    return {"path": str(path), "split": "train", "test_split": "test", "test_fraction": 0.2, "max_length": 64,
+            "max_rows": None, "conversational": "auto", **kw}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def test_shipped_preference_data_counts(tiny_tokenizer):
+    train, held_out, report = prepare(data_cfg(ROOT / "launcher/assets/demo_pref.jsonl", max_length=256), "dpo",
+                                      tiny_tokenizer, 0)
+    assert report.rows_read == 428 and report.dropped_duplicate == 6 and report.dropped_empty == 0
+    assert report.train_rows + report.eval_rows == 422 == len(train) + len(held_out)
+    assert train[0]["prompt"][0]["role"] == "user"  # strings became a conversation for the chat template
+
+
+def test_drops_empty_and_duplicate_and_counts_truncated(tmp_path, tiny_tokenizer):
+    rows = [{"prompt": f"q{i}", "chosen": "yes " * (50 if i == 0 else 1), "rejected": "no"} for i in range(10)]
+    rows += [{"prompt": "q1", "chosen": "yes ", "rejected": "no"}, {"prompt": "q", "chosen": "", "rejected": "no"}]
+    _, _, report = prepare(data_cfg(write_jsonl(tmp_path / "p.jsonl", rows)), "dpo", tiny_tokenizer, 0)
+    assert (report.rows_read, report.dropped_empty, report.dropped_duplicate) == (12, 1, 1)
+    assert report.truncated == 1
+
+
+@pytest.mark.parametrize("row,expected_keys", [
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "text_id": "x"},
+     {"messages"}),
+    ({"prompt": "hi", "completion": "hello"}, {"prompt", "completion"}),
+    ({"instruction": "say hi", "input": "", "output": "hello"}, {"prompt", "completion"}),
+    ({"text": "plain text row"}, {"text"}),
+])
+def test_sft_formats(tmp_path, tiny_tokenizer, row, expected_keys):
+    rows = [dict(row, **{k: (v + str(i) if isinstance(v, str) and v else v) for k, v in row.items()}) for i in range(10)]
+    for i, r in enumerate(rows):
+        if "messages" in r:
+            r["messages"] = [dict(m, content=m["content"] + str(i)) for m in r["messages"]]
+    train, _, report = prepare(data_cfg(write_jsonl(tmp_path / "s.jsonl", rows)), "sft", tiny_tokenizer, 0)
+    assert set(train.column_names) == expected_keys
+    assert report.train_rows == 8
+
+
+def test_test_split_of_a_folder_is_used(tmp_path, tiny_tokenizer):
+    (tmp_path / "d").mkdir()
+    write_jsonl(tmp_path / "d" / "train.jsonl", [{"prompt": f"p{i}", "completion": "c"} for i in range(6)])
+    write_jsonl(tmp_path / "d" / "test.jsonl", [{"prompt": f"t{i}", "completion": "c"} for i in range(3)])
+    _, held_out, _ = prepare(data_cfg(tmp_path / "d"), "sft", tiny_tokenizer, 0)
+    assert len(held_out) == 3
+
+
+def test_missing_column_names_file_and_column(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a"}])
+    with pytest.raises(DataError, match=r"p.jsonl: DPO needs columns prompt, chosen, rejected; missing rejected"):
+        prepare(data_cfg(path), "dpo", tiny_tokenizer, 0)
+
+
+def test_empty_dataset(tmp_path, tiny_tokenizer):
+    (tmp_path / "e.csv").write_text("prompt,completion\n")
+    with pytest.raises(DataError, match="e.csv"):
+        prepare(data_cfg(tmp_path / "e.csv"), "sft", tiny_tokenizer, 0)
+
+
+def test_corrupt_json_line_is_named(tmp_path, tiny_tokenizer):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n')
+    with pytest.raises(DataError, match=r"bad.jsonl.*Line 2 is not valid JSON"):
+        prepare(data_cfg(path), "sft", tiny_tokenizer, 0)
+
+
+def test_file_that_is_not_what_its_name_says(tmp_path, tiny_tokenizer):
+    path = tmp_path / "data.parquet"
+    path.write_text("this is not parquet")
+    with pytest.raises(DataError, match=r"data.parquet: cannot be read as .parquet"):
+        prepare(data_cfg(path), "sft", tiny_tokenizer, 0)
+
+
+def test_conversations_without_chat_template_name_the_key(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer.__class__.from_pretrained(tiny_tokenizer.name_or_path)
+    tok.chat_template = None
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(DataError, match="model.chat_template"):
+        prepare(data_cfg(path), "sft", tok, 0)

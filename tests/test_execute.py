@@ -1,0 +1,68 @@
+"""Execution: a real torchrun under launcher.execute.run_child; signals reach every rank, nothing is left."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+WORKER = textwrap.dedent("""
+    import os, sys, time
+    open(os.path.join(sys.argv[1], f"pid{os.environ['RANK']}"), "w").write(str(os.getpid()))
+    print(f"rank {os.environ['RANK']} up", flush=True)
+    time.sleep(600)
+""")
+DRIVER = textwrap.dedent("""
+    import sys
+    from launcher.execute import run_child
+    sys.exit(run_child(["torchrun", "--standalone", "--nproc-per-node", "2", sys.argv[1], sys.argv[2]], {}))
+""")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is gone for our purposes
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+def start(tmp_path):
+    (tmp_path / "worker.py").write_text(WORKER)
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path / "worker.py"), str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while len(list(tmp_path.glob("pid*"))) < 2:
+        assert time.time() < deadline and proc.poll() is None, "workers did not start"
+        time.sleep(0.2)
+    return proc, [int(p.read_text()) for p in tmp_path.glob("pid*")]
+
+
+def test_sigterm_reaches_every_rank_and_exits_nonzero(tmp_path):
+    proc, pids = start(tmp_path)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "stopped by SIGTERM" in out
+    assert "rank 0 up" in out and "rank 1 up" in out  # the children's output streams through
+    while any(alive(p) for p in pids) and time.time() - t0 < 30:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in pids), "a rank outlived the launcher"
+
+
+def test_ctrl_c_reaches_every_rank(tmp_path):
+    proc, pids = start(tmp_path)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "stopped by SIGINT" in out
+    time.sleep(1)
+    assert not any(alive(p) for p in pids)
+
+
+def test_child_failure_code_is_the_launchers(tmp_path):
+    code = subprocess.run([sys.executable, "-c", "from launcher.execute import run_child; import sys; "
+                           "sys.exit(run_child([sys.executable, '-c', 'import sys; sys.exit(3)'], {}))"]).returncode
+    assert code == 3

@@ -1,0 +1,88 @@
+"""launcher.train end to end on the CPU: 2 processes under torchrun (gloo), real TRL/PEFT/Trainer runs."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import run_launcher
+
+pytestmark = pytest.mark.slow
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dpo_default_learns_and_logs_per_rank(tmp_path, tiny_dir):
+    run = tmp_path / "dpo"
+    res = run_launcher(f"run_dir={run}", timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval_rewards/accuracies"] >= 0.8  # chance is 0.5 (and 0 before training: margins are 0)
+    assert summary["eval_rewards/margins"] > 0
+    assert "wrapped in DistributedDataParallel" in res.stdout
+    assert "held-out reward accuracy" in res.stdout
+    assert res.stdout.count("world size 2") == 1  # the banner comes from rank 0 only
+    assert (run / "logs" / "rank0.log").exists() and (run / "logs" / "rank1.log").exists()
+    metrics = read_metrics(run)
+    assert any("rewards/accuracies" in m for m in metrics) and any("tokens_per_sec_per_gpu" in m for m in metrics)
+    assert (run / "final" / "adapter_config.json").exists() and (run / "final" / "tokenizer.json").exists()
+
+
+def test_sft_learns_and_the_merged_model_loads_and_generates(tmp_path, tiny_dir):
+    run = tmp_path / "sft"
+    res = run_launcher(f"run_dir={run}", "method=sft", "data=demo_sft", "train.lr=2e-3", "train.max_steps=30",
+                       "merge=true", timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    losses = [m["loss"] for m in read_metrics(run) if "loss" in m]
+    assert losses[-1] < losses[0] - 0.5
+    code = ("import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f"m = AutoModelForCausalLM.from_pretrained('{run}/merged')\n"
+            f"t = AutoTokenizer.from_pretrained('{run}/final')\n"
+            "assert not any('lora' in n for n, _ in m.named_parameters())\n"
+            "ids = t.apply_chat_template([{'role': 'user', 'content': 'What is 2 + 3?'}], add_generation_prompt=True,"
+            " return_tensors='pt', return_dict=True)\n"
+            "out = m.generate(**ids, max_new_tokens=8, do_sample=False)\n"
+            "print('GENERATED', out.shape[1] - ids['input_ids'].shape[1])\n")
+    gen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    assert "GENERATED 8" in gen.stdout or "GENERATED" in gen.stdout and int(gen.stdout.split()[-1]) > 0
+
+
+def test_interrupted_run_resumes_from_the_newest_complete_checkpoint(tmp_path, tiny_dir):
+    run = tmp_path / "resume"
+    args = [f"run_dir={run}", "train.max_steps=30", "save_steps=5", "train.save_total_limit=10"]
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "checkpoint-10" / "COMPLETE").exists():
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the interruption"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert not (run / "final").exists()
+    done = sorted(int(p.parent.name.split("-")[1]) for p in run.glob("checkpoints/checkpoint-*/COMPLETE"))
+    # a half-written newer checkpoint must be skipped, never loaded
+    fake = run / "checkpoints" / f"checkpoint-{done[-1] + 1}"
+    fake.mkdir()
+    (fake / "trainer_state.json").write_text("{")
+
+    res = run_launcher(*args, "resume=auto", timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert f"skipping {fake}: incomplete" in res.stdout + (run / "logs" / "rank0.log").read_text()
+    assert f"continuing from {run}/checkpoints/checkpoint-{done[-1]} (step {done[-1]})" in res.stdout
+    assert json.loads((run / "summary.json").read_text())["global_step"] == 30
+    steps = [m["step"] for m in read_metrics(run) if "loss" in m]
+    assert steps[-1] == 30 and steps.count(done[-1] + 5) >= 1  # went on after the checkpoint
+
+
+def test_data_error_stops_before_training_with_a_clear_message(tmp_path, tiny_dir):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"prompt": "q", "chosen": "a"}\n' * 20)
+    res = run_launcher(f"run_dir={tmp_path}/run", f"data.path={bad}", timeout=600)
+    assert res.returncode != 0
+    assert f"data error: data.path={bad}: DPO needs columns prompt, chosen, rejected; missing rejected" in res.stdout
