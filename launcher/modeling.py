@@ -6,7 +6,6 @@ them out and logs what it did.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -61,7 +60,7 @@ def load_model(cfg: dict, local_rank: int):
              cfg["quant"]["name"], kwargs.get("device_map"))
     model = AutoModelForCausalLM.from_pretrained(plan["model_path"], **kwargs)
     model.config.use_cache = False  # the cache only matters for generation, and it breaks checkpointing
-    if quant is not None and cfg["lora"]["r"] is not None:
+    if quant is not None and plan["kbit_prepare"]:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
@@ -96,9 +95,11 @@ def merge_adapter(cfg: dict, adapter_dir: str, out_dir: str) -> None:
     log.info("merged adapter into %s (%s)", out_dir, str(dtype).removeprefix("torch."))
 
 
-def unwrap_name(model) -> str:
-    return type(model).__name__
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
+def cast_trainable(model, dtype_name: str | None) -> None:
+    """FSDP and ZeRO flatten parameters into buffers of one dtype: bring the adapter to the base's dtype."""
+    if not dtype_name:
+        return
+    dtype = getattr(torch, dtype_name)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)

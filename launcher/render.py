@@ -43,7 +43,8 @@ def render_accelerate_config(
     cfg = json.loads(json.dumps(accelerate_template(strategy.name)))  # a deep copy
     cfg["num_processes"] = procs_per_node * nodes
     cfg["num_machines"] = nodes
-    cfg["mixed_precision"] = mixed_precision(settings["dtype"])
+    if "deepspeed_config" not in cfg:  # accelerate refuses mixed_precision beside a DeepSpeed JSON: it says "auto"
+        cfg["mixed_precision"] = mixed_precision(settings["dtype"])
     if settings["device"] == "cpu":
         cfg.update(distributed_type="MULTI_CPU", use_cpu=True)
     if nodes > 1:

@@ -89,6 +89,8 @@ def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16:
         "deepspeed_config": None,
         "zero3_init": False,
         "fsdp_cpu_offload": strategy.name == "fsdp_qlora" and bool(cfg["strategy"].get("cpu_offload")),
+        "kbit_prepare": bool(bits),
+        "trainable_dtype": None,
     }
     if on_gpu and dtype != "bfloat16":
         decisions.append(f"dtype={dtype}: these GPUs lack bf16 (compute capability < 8.0)")
@@ -142,6 +144,13 @@ def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16:
         elif storage == "auto":
             storage = "uint8"
         settings["quant_storage_dtype"] = storage
+    if bits and strategy.name != "ddp":
+        settings["kbit_prepare"] = False
+        settings["trainable_dtype"] = dtype
+        decisions.append(
+            f"no prepare_model_for_kbit_training and LoRA weights in {dtype}: it upcasts norms and adapters to "
+            f"float32, and {strategy.name} flattens parameters that must share one dtype"
+        )
 
     # Optimizer.
     optim = settings["optim"]

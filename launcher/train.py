@@ -166,6 +166,7 @@ def main(config_path: str) -> int:
     callbacks = [logs.MetricsCallback(run_dir, plan["world_size"]), checkpoints.CompleteMarker(), Hooks()]
     trainer = build_trainer(cfg, args, model, tokenizer, train_ds, eval_ds, callbacks)
     banner.trainer = trainer
+    modeling.cast_trainable(trainer.model, plan["trainable_dtype"])
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints a shorter line from rank 0
@@ -177,6 +178,8 @@ def main(config_path: str) -> int:
     metrics = trainer.evaluate()
 
     final = Path(run_dir, "final")
+    if trainer.is_fsdp_enabled:  # checkpoints stay sharded (fast, resumable); the final adapter must be whole
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(final))  # LoRA: the adapter only; ZeRO-3: gathered 16-bit weights
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(final)
@@ -213,4 +216,8 @@ if __name__ == "__main__":
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher may add it
     if len(argv) != 1:
         sys.exit("usage: python -m launcher.train <run_dir>/config.yaml")
-    sys.exit(main(argv[0]))
+    try:
+        sys.exit(main(argv[0]))
+    except Exception:
+        log.exception("launcher.train failed")  # into this rank's log file too, not only stderr
+        raise
