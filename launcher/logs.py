@@ -41,11 +41,13 @@ def setup_logging(run_dir: str, rank: int) -> None:
         datasets.disable_progress_bars()
 
 
-def configure_trackers(logging_cfg: dict, run_name: str) -> list[str]:
+def configure_trackers(logging_cfg: dict, run_name: str, run_dir: str) -> list[str]:
     """report_to for the Trainer. wandb goes online only with a key and a reachable server, else offline."""
     name = logging_cfg["name"]
     if name == "none":
         return []
+    if name == "tensorboard":
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(run_dir, "tensorboard")))
     if name == "wandb":
         mode = logging_cfg.get("mode", "auto")
         if mode == "auto":
@@ -55,6 +57,7 @@ def configure_trackers(logging_cfg: dict, run_name: str) -> list[str]:
         if logging_cfg.get("entity"):
             os.environ.setdefault("WANDB_ENTITY", logging_cfg["entity"])
         os.environ.setdefault("WANDB_NAME", run_name)
+        os.environ.setdefault("WANDB_DIR", run_dir)  # offline runs land in the run directory (wandb sync later)
         log.info("wandb: %s mode", mode)
     return [name]
 

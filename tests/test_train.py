@@ -86,3 +86,15 @@ def test_data_error_stops_before_training_with_a_clear_message(tmp_path, tiny_di
     res = run_launcher(f"run_dir={tmp_path}/run", f"data.path={bad}", timeout=600)
     assert res.returncode != 0
     assert f"data error: data.path={bad}: DPO needs columns prompt, chosen, rejected; missing rejected" in res.stdout
+
+
+def test_full_finetune_dpo_with_wandb_offline(tmp_path, tiny_dir):
+    """lora=none: DPO with an explicit frozen reference model; logging=wandb without a key goes offline, no hang."""
+    run = tmp_path / "full"
+    res = run_launcher(f"run_dir={run}", "lora=none", "logging=wandb", "train.max_steps=4", "save_steps=4",
+                       "data.max_rows=80", timeout=600, env={"WANDB_API_KEY": ""})
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "wandb: offline mode" in res.stdout
+    assert list(run.glob("wandb/offline-run-*")), "no offline wandb run in the run directory"
+    assert "parameters: 631,936 trainable of 631,936 (100.00%)" in res.stdout  # every weight trains
+    assert (run / "final" / "model.safetensors").exists() and not (run / "final" / "adapter_config.json").exists()
