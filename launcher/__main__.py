@@ -10,7 +10,7 @@ if len(sys.argv) > 1 and sys.argv[1] == "plan":  # reserved: the memory plan of 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from launcher import ROOT  # noqa: E402
+from launcher import ROOT, validate  # noqa: E402
 from launcher.config import register_resolvers, to_plain  # noqa: E402
 from launcher.errors import ConfigError  # noqa: E402
 from launcher.machine import detect_machine  # noqa: E402
@@ -27,7 +27,6 @@ def main(cfg: DictConfig) -> None:
         if plain["dry_run"]:
             print(plan.describe())
             return
-        from launcher import validate
         from launcher.execute import execute  # only now: writing files and starting processes
 
         validate.check_paths(plain)
@@ -35,7 +34,7 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"launcher: error: {err}", file=sys.stderr)
         sys.exit(2)
-    code = execute(plan, plain, state)
+    code = execute(plan, state)
     if code:
         sys.exit(code)
 

@@ -3,14 +3,13 @@
 The Trainer writes checkpoint-N from every rank that holds a part of it (DeepSpeed and FSDP shards).
 After every rank has returned from the save, rank 0 writes checkpoint-N/COMPLETE; resume only ever
 loads a checkpoint with that marker, so one cut short by a kill or a preemption is skipped.
+Only `complete_marker_callback` needs transformers, so the launcher can check a resume path cheaply.
 """
 from __future__ import annotations
 
 import logging
 import re
 from pathlib import Path
-
-from transformers import TrainerCallback
 
 log = logging.getLogger("launcher")
 MARKER = "COMPLETE"
@@ -21,35 +20,40 @@ def checkpoints_dir(run_dir: str) -> Path:
     return Path(run_dir, "checkpoints")
 
 
-class CompleteMarker(TrainerCallback):
-    def on_save(self, args, state, control, **kwargs):
-        import torch.distributed as dist
+def is_complete(path: Path) -> bool:
+    return (path / MARKER).is_file()
 
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # every rank has finished writing its part
-        if state.is_world_process_zero:
-            ckpt = Path(args.output_dir, f"checkpoint-{state.global_step}")
-            if ckpt.is_dir():
-                (ckpt / MARKER).write_text(f"{state.global_step}\n")
-                log.info("checkpoint %s complete", ckpt)
+
+def complete_marker_callback():
+    import torch.distributed as dist
+    from transformers import TrainerCallback
+
+    class CompleteMarker(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()  # every rank has finished writing its part
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir, f"checkpoint-{state.global_step}")
+                if ckpt.is_dir():
+                    (ckpt / MARKER).write_text(f"{state.global_step}\n")
+                    log.info("checkpoint %s complete", ckpt)
+
+    return CompleteMarker()
 
 
 def find_resume(run_dir: str, resume) -> str | None:
-    """The checkpoint to continue from: None for a fresh run."""
+    """The checkpoint to continue from: None for a fresh run. An explicit path was checked by the launcher."""
     if resume is None:
         return None
     if resume != "auto":
-        path = Path(resume)
-        if not (path / MARKER).exists():
-            raise FileNotFoundError(f"resume={resume}: not a complete checkpoint (no {MARKER} marker inside)")
-        return str(path)
+        return str(resume)
     found = sorted(
         ((int(m.group(1)), p) for p in checkpoints_dir(run_dir).glob("checkpoint-*")
          if (m := CHECKPOINT.match(p.name)) and p.is_dir()),
         reverse=True,
     )
     for step, path in found:
-        if (path / MARKER).exists():
+        if is_complete(path):
             log.info("resume=auto: continuing from %s (step %d)", path, step)
             return str(path)
         log.warning("resume=auto: skipping %s: incomplete (no %s marker; cut short while saving)", path, MARKER)

@@ -108,7 +108,9 @@ def _as_messages(value, role: str):
 def to_trl_row(row: dict, fmt: str, conversational: bool) -> dict:
     """One row in the shape TRL's trainers take: conversational when the chat template is to be used."""
     if fmt == "preference":
-        prompt = row.get("prompt") or ""
+        if "prompt" not in row:  # an implicit prompt: TRL takes the common start of chosen and rejected
+            return {"chosen": row["chosen"], "rejected": row["rejected"]}
+        prompt = row["prompt"]
         if conversational:
             return {"prompt": _as_messages(prompt, "user"), "chosen": _as_messages(row["chosen"], "assistant"),
                     "rejected": _as_messages(row["rejected"], "assistant")}
@@ -134,9 +136,10 @@ def _rendered_lengths(row: dict, tokenizer) -> int:
     if "text" in row:
         return len(tokenizer(row["text"])["input_ids"])
     answers = [row["chosen"], row["rejected"]] if "chosen" in row else [row["completion"]]
-    if isinstance(row["prompt"], list):
-        return max(len(_ids(tokenizer.apply_chat_template(row["prompt"] + a, tokenize=True))) for a in answers)
-    return max(len(tokenizer(row["prompt"] + a)["input_ids"]) for a in answers)
+    prompt = row.get("prompt", [] if isinstance(answers[0], list) else "")
+    if isinstance(prompt, list):
+        return max(len(_ids(tokenizer.apply_chat_template(prompt + a, tokenize=True))) for a in answers)
+    return max(len(tokenizer(prompt + a)["input_ids"]) for a in answers)
 
 
 def _ids(out):
@@ -159,10 +162,10 @@ def prepare(data_cfg: dict, method: str, tokenizer, seed: int):
     conversational = needs_template or (has_template and fmt != "text" and wanted in ("auto", True))
 
     def clean(ds, name):
-        cols = required_columns(fmt)
+        cols = [c for c in required_columns(fmt) if c in ds.column_names]  # DPO's prompt may be implicit
         rows, seen, empty, dup = [], set(), 0, 0
         for row in ds:
-            if any(_empty(row.get(c)) for c in cols if not (c == "prompt" and fmt == "preference" and c not in row)):
+            if any(_empty(row[c]) for c in cols):
                 empty += 1
                 continue
             key = json.dumps([row.get(c) for c in cols], ensure_ascii=False, sort_keys=True)

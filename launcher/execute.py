@@ -88,11 +88,8 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def execute(plan: LaunchPlan, cfg: dict, state: str) -> int:
-    import yaml
-
-    settings = yaml.safe_load(plan.files["config.yaml"])["plan"]
-    ensure_builtin_model(settings)
+def execute(plan: LaunchPlan, state: str) -> int:
+    ensure_builtin_model(plan.settings)
     prepare_run_dir(plan, state)
     print(f"launcher: {plan.backend} -> {plan.world_size} process(es), run_dir {plan.run_dir}", flush=True)
     print("launcher: " + " ".join(plan.argv), flush=True)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import yaml
 
 from launcher import validate
+from launcher.errors import ConfigError
 from launcher.machine import Machine
 from launcher.render import render_accelerate_config, render_command, render_command_script, render_deepspeed_config
 from launcher.strategies import decide, resolve_backend, resolve_strategy
@@ -36,6 +37,7 @@ class LaunchPlan:
     argv: list[str]
     env: dict[str, str]
     files: dict[str, str] = field(repr=False)  # file name in run_dir -> content
+    settings: dict = field(repr=False)  # config.yaml's `plan:` section: what launcher.train carries out
     decisions: list[str]
     procs_per_node: int
     nodes: int
@@ -46,6 +48,7 @@ class LaunchPlan:
     def summary(self) -> dict:
         d = asdict(self)
         d["files"] = sorted(self.files)
+        del d["settings"]  # in config.yaml
         return d
 
     def describe(self) -> str:
@@ -90,7 +93,7 @@ def build_plan(cfg: dict, machine: Machine, cwd: str | None = None) -> LaunchPla
         decisions.append("no GPU visible here: planned for bf16-capable GPUs (dry run)")
     strategy = resolve_strategy(cfg["strategy"]["name"], decisions)
     if not on_gpu and strategy.name != "ddp":
-        raise validate.ConfigError(
+        raise ConfigError(
             "strategy",
             f"strategy={strategy.name} needs CUDA GPUs (FSDP and DeepSpeed do not run on the CPU); this machine "
             "has none. Use strategy=ddp here, or gpus=N dry_run=true to look at the plan for a GPU machine.",
@@ -136,7 +139,7 @@ def build_plan(cfg: dict, machine: Machine, cwd: str | None = None) -> LaunchPla
     files[COMMAND_FILE] = render_command_script(argv, env, cwd or os.getcwd())
     plan = LaunchPlan(
         backend=backend, strategy=strategy.name, run_dir=run_dir, argv=argv, env=env, files=files,
-        decisions=decisions, procs_per_node=procs, nodes=nodes, node_rank=node_rank, world_size=world_size,
+        settings=settings, decisions=decisions, procs_per_node=procs, nodes=nodes, node_rank=node_rank, world_size=world_size,
         device=settings["device"],
     )
     files[PLAN_FILE] = json.dumps(plan.summary(), indent=2) + "\n"

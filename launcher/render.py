@@ -4,6 +4,7 @@ Every function here is pure: data in, data out.
 """
 from __future__ import annotations
 
+import copy
 import json
 import shlex
 from functools import cache
@@ -40,7 +41,7 @@ def render_accelerate_config(
     master_port: int,
     deepspeed_config_path: str | None,
 ) -> dict:
-    cfg = json.loads(json.dumps(accelerate_template(strategy.name)))  # a deep copy
+    cfg = copy.deepcopy(accelerate_template(strategy.name))
     cfg["num_processes"] = procs_per_node * nodes
     cfg["num_machines"] = nodes
     if "deepspeed_config" not in cfg:  # accelerate refuses mixed_precision beside a DeepSpeed JSON: it says "auto"
@@ -61,7 +62,7 @@ def render_accelerate_config(
 def render_deepspeed_config(strategy: Strategy) -> dict | None:
     if not strategy.deepspeed_template:
         return None
-    cfg = json.loads(json.dumps(deepspeed_template(strategy.deepspeed_template)))
+    cfg = copy.deepcopy(deepspeed_template(strategy.deepspeed_template))
     if strategy.name.startswith("zero3"):
         cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     return cfg

@@ -13,14 +13,18 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
+from transformers import TrainerCallback, set_seed
+from transformers.trainer_callback import PrinterCallback
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+from launcher import checkpoints, data, logs, modeling
 
 log = logging.getLogger("launcher")
 
 
 def training_args(cfg: dict, report_to: list[str]):
-    from trl import DPOConfig, SFTConfig
-
     plan, train, method = cfg["plan"], cfg["train"], cfg["method"]
     common = dict(
         output_dir=str(Path(cfg["run_dir"], "checkpoints")),
@@ -69,17 +73,21 @@ def training_args(cfg: dict, report_to: list[str]):
     if plan["device"] == "cpu" and args.device.index is not None:
         # With several CPU processes transformers 5.17 picks device 'cpu:0', and torch 2.13 cannot map
         # a checkpoint's optimizer state to 'cpu:0' on resume. Plain 'cpu' is the same device.
-        import torch
-
         args.__dict__["_setup_devices"] = torch.device("cpu")
     return args
 
 
-class StartupBanner:
-    """Rank 0's banner, and a stop when the wrapper in effect is not the one planned."""
+class StartupBanner(TrainerCallback):
+    """At the first step (the model is wrapped by then): stop if the wrapper in effect is not the planned
+    one, and print rank 0's banner. `trainer` is set once the trainer exists."""
 
     def __init__(self, cfg: dict, report):
         self.cfg, self.report, self.trainer, self.shown = cfg, report, None, False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if not self.shown:
+            self.shown = True
+            self.check()
 
     def check(self) -> None:
         plan, trainer = self.cfg["plan"], self.trainer
@@ -110,31 +118,18 @@ class StartupBanner:
         log.info("=" * 72 + "\n" + "\n".join(lines) + "\n" + "=" * 72)
 
 
-def build_trainer(cfg, args, model, tokenizer, train_ds, eval_ds, callbacks):
-    from launcher.modeling import lora_config
-
-    peft = lora_config(cfg)
+def build_trainer(cfg, args, model, tokenizer, train_ds, eval_ds, callbacks, local_rank: int):
+    peft = modeling.lora_config(cfg)
     if cfg["method"]["name"] == "dpo":
-        from trl import DPOTrainer
-
-        ref_model = None
-        if peft is None:  # without LoRA the reference is a frozen copy; with it, the adapter-disabled policy
-            from launcher.modeling import load_model
-
-            ref_model = load_model(cfg, int(os.environ.get("LOCAL_RANK", 0)))
+        # With LoRA the reference is the adapter-disabled policy; without it, a frozen copy.
+        ref_model = modeling.load_model(cfg, local_rank) if peft is None else None
         return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           processing_class=tokenizer, peft_config=peft, callbacks=callbacks)
-    from trl import SFTTrainer
-
     return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=tokenizer, peft_config=peft, callbacks=callbacks)
 
 
 def main(config_path: str) -> int:
-    from transformers import TrainerCallback, set_seed
-
-    from launcher import checkpoints, data, logs, modeling
-
     cfg = yaml.safe_load(Path(config_path).read_text())
     plan, run_dir = cfg["plan"], cfg["run_dir"]
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
@@ -156,24 +151,15 @@ def main(config_path: str) -> int:
 
     model = modeling.load_model(cfg, local_rank)
     banner = StartupBanner(cfg, report)
-
-    class Hooks(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if not banner.shown:  # the first step: by now the trainer has wrapped the model
-                banner.shown = True
-                banner.check()
-
-    callbacks = [logs.MetricsCallback(run_dir, plan["world_size"]), checkpoints.CompleteMarker(), Hooks()]
-    trainer = build_trainer(cfg, args, model, tokenizer, train_ds, eval_ds, callbacks)
+    callbacks = [logs.MetricsCallback(run_dir, plan["world_size"]), checkpoints.complete_marker_callback(), banner]
+    trainer = build_trainer(cfg, args, model, tokenizer, train_ds, eval_ds, callbacks, local_rank)
     banner.trainer = trainer
     modeling.cast_trainable(trainer.model, plan["trainable_dtype"])
-    from transformers.trainer_callback import PrinterCallback
-
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints a shorter line from rank 0
 
     resume_from = checkpoints.find_resume(run_dir, cfg["resume"])
     # No evaluate() before train(): in transformers 5.17 it marks the model as prepared, and training then
-    # runs without the DDP wrapper (no gradient sync). StartupBanner.check stops such a run.
+    # runs without the DDP wrapper (no gradient sync). StartupBanner stops such a run.
     result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = trainer.evaluate()
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from launcher.checkpoints import MARKER, is_complete
 from launcher.errors import ConfigError
 from launcher.machine import Machine
 
@@ -102,6 +103,10 @@ def check_paths(cfg) -> None:
             raise ConfigError(
                 f"model.{key}", f"model.{key}={value} is a file; give the directory that holds config.json."
             )
+    resume = cfg["resume"]
+    if resume not in (None, "auto") and not is_complete(Path(resume).expanduser()):
+        raise ConfigError("resume", f"resume={resume} is not a complete checkpoint (no {MARKER} file inside). "
+                                    "Use resume=auto to take the newest complete one in run_dir.")
     data_path = cfg["data"]["path"]
     if is_local_path(data_path) and not Path(data_path).expanduser().exists():
         raise ConfigError("data.path", f"data.path={data_path} does not exist. Give a file, a folder or a hub id.")

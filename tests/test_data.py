@@ -90,3 +90,11 @@ def test_conversations_without_chat_template_name_the_key(tmp_path, tiny_tokeniz
     path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(DataError, match="model.chat_template"):
         prepare(data_cfg(path), "sft", tok, 0)
+
+
+def test_preference_conversations_with_an_implicit_prompt(tmp_path, tiny_tokenizer):
+    rows = [{"chosen": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "good"}],
+             "rejected": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "bad"}]}
+            for i in range(10)]
+    train, _, report = prepare(data_cfg(write_jsonl(tmp_path / "c.jsonl", rows)), "dpo", tiny_tokenizer, 0)
+    assert set(train.column_names) == {"chosen", "rejected"} and report.train_rows == 8

@@ -97,3 +97,12 @@ def test_run_dir_that_is_not_a_run_is_never_replaced(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="holds no launcher run"):
         validate.check_run_dir(compose_cfg(f"run_dir={tmp_path}", "overwrite=true"))
+
+
+def test_resume_path_must_be_a_complete_checkpoint(tmp_path):
+    ckpt = tmp_path / "checkpoint-5"
+    ckpt.mkdir()
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
+        validate.check_paths(compose_cfg(f"resume={ckpt}"))
+    (ckpt / "COMPLETE").write_text("5\n")
+    validate.check_paths(compose_cfg(f"resume={ckpt}"))
