@@ -8,6 +8,7 @@ if len(sys.argv) > 1 and sys.argv[1] == "plan":  # reserved: the memory plan of 
              "`python -m launcher dry_run=true ...` prints the launch plan.")
 
 import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from launcher import ROOT, validate  # noqa: E402
@@ -23,7 +24,7 @@ register_resolvers()
 def main(cfg: DictConfig) -> None:
     try:
         plain = to_plain(cfg)
-        plan = build_plan(plain, detect_machine())
+        plan = build_plan(plain, detect_machine(), overrides=list(HydraConfig.get().overrides.task))
         if plain["dry_run"]:
             print(plan.describe())
             return

@@ -13,6 +13,9 @@ from pathlib import Path
 
 log = logging.getLogger("launcher")
 MARKER = "COMPLETE"
+STOP_FILE = "STOP"  # <run_dir>/STOP asks a running job to checkpoint and exit (Slurm's warning signal writes it)
+STOPPED_FILE = "STOPPED"  # written by rank 0 once that checkpoint is complete
+EXIT_STOPPED = 75  # the launcher's exit code then: "stopped at a checkpoint, resume me" (EX_TEMPFAIL)
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -39,6 +42,38 @@ def complete_marker_callback():
                     log.info("checkpoint %s complete", ckpt)
 
     return CompleteMarker()
+
+
+def stop_request_callback(run_dir: str):
+    """Checkpoint and stop at the end of the step in which <run_dir>/STOP appeared.
+
+    Rank 0 looks for the file and every rank learns its answer in the same collective, so all ranks
+    stop after the same step and take part in the same save.
+    """
+    import torch
+    import torch.distributed as dist
+    from transformers import TrainerCallback
+
+    stop_file = Path(run_dir, STOP_FILE)
+
+    class StopRequest(TrainerCallback):
+        requested = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            wanted = state.is_world_process_zero and stop_file.exists()
+            if dist.is_available() and dist.is_initialized():
+                device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+                flag = torch.tensor([int(wanted)], device=device)
+                dist.broadcast(flag, src=0)
+                wanted = bool(flag.item())
+            if wanted:
+                self.requested = True
+                control.should_save = True
+                control.should_training_stop = True
+                if state.is_world_process_zero:
+                    log.info("%s found: saving a checkpoint at step %d and stopping", stop_file, state.global_step)
+
+    return StopRequest()
 
 
 def find_resume(run_dir: str, resume) -> str | None:

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from launcher.checkpoints import EXIT_STOPPED, STOP_FILE, STOPPED_FILE
 from launcher.plan import LaunchPlan
 
 GRACE_SECONDS = 20
@@ -24,14 +25,19 @@ def prepare_run_dir(plan: LaunchPlan, state: str) -> None:
     if state == "overwrite":
         shutil.rmtree(run_dir)  # validate.check_run_dir allows this only for a launcher run dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    for name in (STOP_FILE, STOPPED_FILE):  # a stop request was for the launch before this one
+        (run_dir / name).unlink(missing_ok=True)
     for name, content in plan.files.items():
-        (run_dir / name).write_text(content)
-    (run_dir / "command.sh").chmod(0o755)
+        tmp = run_dir / f".{name}.tmp-{os.getpid()}"
+        tmp.write_text(content)
+        if name.endswith((".sh", ".sbatch")):
+            tmp.chmod(0o755)
+        os.replace(tmp, run_dir / name)  # nodes sharing the run directory never read half a file
 
 
 def ensure_builtin_model(settings: dict) -> None:
     """Build the embedded model once per cache dir, in a child process (the launcher never imports torch)."""
-    if not settings["builtin_model"] or Path(settings["model_path"], "config.json").exists():
+    if not settings.get("builtin_model") or Path(settings["model_path"], "config.json").exists():
         return
     print(f"launcher: building the {settings['builtin_model']} model into {settings['builtin_dir']}", flush=True)
     subprocess.run([sys.executable, "-m", "launcher.tiny", settings["builtin_model"], settings["builtin_dir"]],
@@ -93,4 +99,9 @@ def execute(plan: LaunchPlan, state: str) -> int:
     prepare_run_dir(plan, state)
     print(f"launcher: {plan.backend} -> {plan.world_size} process(es), run_dir {plan.run_dir}", flush=True)
     print("launcher: " + " ".join(plan.argv), flush=True)
-    return run_child(plan.argv, plan.env)
+    code = run_child(plan.argv, plan.env)
+    if (Path(plan.run_dir) / STOPPED_FILE).exists():
+        print(f"launcher: stopped on request at a complete checkpoint; exit {EXIT_STOPPED} (resume=auto continues)",
+              file=sys.stderr, flush=True)
+        return EXIT_STOPPED
+    return code

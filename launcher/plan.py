@@ -8,11 +8,12 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shlex
 from dataclasses import asdict, dataclass, field
 
 import yaml
 
-from launcher import validate
+from launcher import slurm, validate
 from launcher.errors import ConfigError
 from launcher.machine import Machine
 from launcher.render import render_accelerate_config, render_command, render_command_script, render_deepspeed_config
@@ -62,11 +63,11 @@ class LaunchPlan:
             "env:",
             *[f"  {k}={v}" for k, v in sorted(self.env.items())],
             "command:",
-            "  " + " ".join(self.argv),
+            "  " + shlex.join(self.argv),
             f"files:     {', '.join(sorted(self.files))} (written into run_dir; config.yaml: --cfg job shows it)",
         ]
         for name in sorted(self.files):
-            if name in (COMMAND_FILE, PLAN_FILE, CONFIG_FILE):
+            if name.startswith(("command", "plan")) or name == CONFIG_FILE:
                 continue
             lines += [f"--- {name}", self.files[name].rstrip()]
         return "\n".join(lines)
@@ -84,9 +85,35 @@ def model_paths(model: dict) -> dict:
             "builtin_dir": None}
 
 
-def build_plan(cfg: dict, machine: Machine, cwd: str | None = None) -> LaunchPlan:
-    """cfg: the resolved config as plain containers, run_dir absolute."""
+def plan_slurm_submission(cfg: dict, overrides: list[str], cwd: str) -> LaunchPlan:
+    """cluster=slurm: write job.sbatch and submit it; each node of the job then plans its own launch."""
+    files = {slurm.SBATCH_FILE: slurm.render_sbatch(cfg, overrides, cwd)}
+    argv = slurm.submit_argv(cfg)
+    gpus = cfg["gpus"] if cfg["gpus"] != "auto" else 0
+    decisions = [f"sbatch: {cfg['nodes']} node(s), one launcher per node (slurm/launch.sh: master address, port and "
+                 "node rank from Slurm), resume=auto, checkpoint + requeue on the warning signal"]
+    files[COMMAND_FILE] = render_command_script(argv, {}, cwd)
+    plan = LaunchPlan(backend="sbatch", strategy=cfg["strategy"]["name"], run_dir=cfg["run_dir"], argv=argv, env={},
+                      files=files, settings={}, decisions=decisions, procs_per_node=gpus, nodes=cfg["nodes"],
+                      node_rank=0, world_size=gpus * cfg["nodes"], device="cuda" if gpus else "per node")
+    files[PLAN_FILE] = json.dumps(plan.summary(), indent=2) + "\n"
+    return plan
+
+
+def node_file(name: str, node_rank: int) -> str:
+    """Files that differ per node get the node's rank in their name (nodes share the run directory)."""
+    if node_rank == 0:
+        return name
+    stem, ext = os.path.splitext(name)
+    return f"{stem}.node{node_rank}{ext}"
+
+
+def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: list[str] = ()) -> LaunchPlan:
+    """cfg: the resolved config as plain containers, run_dir absolute. overrides: the command line's, which
+    cluster=slurm passes on to the job."""
     validate.check_values(cfg, machine)
+    if cfg["cluster"]["name"] == "slurm":
+        return plan_slurm_submission(cfg, list(overrides), cwd or os.getcwd())
     procs, on_gpu = validate.procs_per_node(cfg, machine)
     decisions: list[str] = []
     if on_gpu and not machine.gpu_count:
@@ -122,6 +149,7 @@ def build_plan(cfg: dict, machine: Machine, cwd: str | None = None) -> LaunchPla
     settings.update(backend=backend, world_size=world_size, decisions=decisions, **model_paths(cfg["model"]))
 
     train_cfg = copy.deepcopy(cfg)
+    del train_cfg["node_rank"]  # every node writes the same config.yaml
     train_cfg["plan"] = settings
     files = {
         CONFIG_FILE: yaml.safe_dump(train_cfg, sort_keys=False, allow_unicode=True),
@@ -136,11 +164,11 @@ def build_plan(cfg: dict, machine: Machine, cwd: str | None = None) -> LaunchPla
         train_config_path=path(CONFIG_FILE),
     )
     env = dict(BASE_ENV, LAUNCHER_RUN_DIR=run_dir)
-    files[COMMAND_FILE] = render_command_script(argv, env, cwd or os.getcwd())
+    files[node_file(COMMAND_FILE, node_rank)] = render_command_script(argv, env, cwd or os.getcwd())
     plan = LaunchPlan(
         backend=backend, strategy=strategy.name, run_dir=run_dir, argv=argv, env=env, files=files,
         settings=settings, decisions=decisions, procs_per_node=procs, nodes=nodes, node_rank=node_rank, world_size=world_size,
         device=settings["device"],
     )
-    files[PLAN_FILE] = json.dumps(plan.summary(), indent=2) + "\n"
+    files[node_file(PLAN_FILE, node_rank)] = json.dumps(plan.summary(), indent=2) + "\n"
     return plan

@@ -110,7 +110,7 @@ def render_command(
 
 def render_command_script(argv: list[str], env: dict[str, str], cwd: str) -> str:
     """A shell script that repeats the launch by hand, every value quoted."""
-    lines = ["#!/usr/bin/env bash", "# Repeats this run's launch by hand. Run it on every node (node_rank as planned).",
+    lines = ["#!/usr/bin/env bash", "# Repeats this launch by hand (on this node: each node has its own command file).",
              "set -euo pipefail", f"cd {shlex.quote(cwd)}"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
     lines.append("exec " + shlex.join(argv))

@@ -151,7 +151,9 @@ def main(config_path: str) -> int:
 
     model = modeling.load_model(cfg, local_rank)
     banner = StartupBanner(cfg, report)
-    callbacks = [logs.MetricsCallback(run_dir, plan["world_size"]), checkpoints.complete_marker_callback(), banner]
+    stop = checkpoints.stop_request_callback(run_dir)
+    callbacks = [logs.MetricsCallback(run_dir, plan["world_size"]), checkpoints.complete_marker_callback(), banner,
+                 stop]
     trainer = build_trainer(cfg, args, model, tokenizer, train_ds, eval_ds, callbacks, local_rank)
     banner.trainer = trainer
     modeling.cast_trainable(trainer.model, plan["trainable_dtype"])
@@ -161,6 +163,11 @@ def main(config_path: str) -> int:
     # No evaluate() before train(): in transformers 5.17 it marks the model as prepared, and training then
     # runs without the DDP wrapper (no gradient sync). StartupBanner stops such a run.
     result = trainer.train(resume_from_checkpoint=resume_from)
+    if stop.requested:  # the launcher exits 75 on seeing STOPPED (torchrun would turn our code into 1)
+        if trainer.is_world_process_zero():
+            Path(run_dir, checkpoints.STOPPED_FILE).write_text(f"{trainer.state.global_step}\n")
+        log.info("stopped on request at step %d; `resume=auto` continues from there", trainer.state.global_step)
+        return 0
     metrics = trainer.evaluate()
 
     final = Path(run_dir, "final")

@@ -51,7 +51,7 @@ def check_values(cfg, machine: Machine) -> None:
     node_rank = _whole(cfg, "node_rank", 0)
     if node_rank >= nodes:
         raise ConfigError("node_rank", f"node_rank={node_rank} must be below nodes={nodes} (ranks count from 0).")
-    if nodes > 1 and not cfg["master_addr"]:
+    if nodes > 1 and not cfg["master_addr"] and cfg["cluster"]["name"] == "local":
         raise ConfigError(
             "master_addr",
             f"nodes={nodes} needs master_addr=<host of node 0> (and the same master_port on every node); "
@@ -78,12 +78,6 @@ def check_values(cfg, machine: Machine) -> None:
         raise ConfigError("data.max_length", f"data.max_length={max_length!r} must be a whole number >= 8.")
     if cfg["resume"] not in (None, "auto") and not isinstance(cfg["resume"], str):
         raise ConfigError("resume", f"resume={cfg['resume']!r}: use resume=auto or resume=<checkpoint dir>.")
-    if cfg["cluster"]["name"] != "local":
-        raise ConfigError(
-            "cluster",
-            f"cluster={cfg['cluster']['name']}: rendering and submitting sbatch scripts is not built yet. "
-            "Use cluster=local, or submit slurm/*.sbatch yourself.",
-        )
 
 
 def is_local_path(path: str) -> bool:
@@ -126,10 +120,11 @@ def check_run_dir(cfg) -> str:
     if not any(run_dir.iterdir()):
         return "new"
     saved = run_dir / "config.yaml"
-    if not saved.is_file():  # never deleted, not even with overwrite=true: it may be anything
+    if not saved.is_file() and not (run_dir / "job.sbatch").is_file():  # never deleted, even with overwrite=true
         raise ConfigError(
             "run_dir",
-            f"run_dir={run_dir} is not empty and holds no launcher run (no config.yaml). Choose another run_dir.",
+            f"run_dir={run_dir} is not empty and holds no launcher run (no config.yaml, no job.sbatch). "
+            "Choose another run_dir.",
         )
     if cfg["overwrite"]:
         return "overwrite"
@@ -139,6 +134,8 @@ def check_run_dir(cfg) -> str:
             f"run_dir={run_dir} already holds a run. Use resume=auto to continue it, overwrite=true to replace it, "
             "or another run_dir (or run_name) for a new run.",
         )
+    if not saved.is_file():
+        return "resume"  # submitted with cluster=slurm; its job writes config.yaml
     try:
         old = yaml.safe_load(saved.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -120,3 +120,10 @@ def test_command_script_quotes_values(tmp_path):
     script = plan.files["command.sh"]
     assert "cd '/work/my project'" in script
     assert "'/runs/a b;$(touch x)/config.yaml'" in script
+
+
+def test_golden_slurm_submission():
+    overrides = ["cluster=slurm", "nodes=4", "gpus=8", "strategy=zero3", "model=qwen2.5-7b-instruct"]
+    plan = build_plan(compose_cfg(*overrides), GPU_NODE, cwd="/work/project", overrides=overrides)
+    text = plan.files["job.sbatch"].replace(str(ROOT), "<root>")
+    check_golden("slurm-4node.txt", f"# argv\n{json.dumps(plan.argv)}\n# job.sbatch\n{text}")

@@ -32,7 +32,7 @@ def refused(*overrides, machine=GPU_NODE) -> ConfigError:
     (["quant=4bit", "lora=none"], "lora", "Use lora=default"),
     (["quant=8bit", "strategy=zero3"], "quant", "quant=4bit"),
     (["quant=4bit", "strategy=fsdp_qlora", "quant.storage_dtype=uint8"], "quant.storage_dtype", "auto"),
-    (["cluster=slurm"], "cluster", "not built yet"),
+    (["cluster=slurm", "gpus=0"], "gpus", "GPUs per node"),
 ])
 def test_refused_with_key_and_advice(overrides, key, words):
     err = refused(*overrides)
