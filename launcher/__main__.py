@@ -24,7 +24,8 @@ register_resolvers()
 def main(cfg: DictConfig) -> None:
     try:
         plain = to_plain(cfg)
-        plan = build_plan(plain, detect_machine(), overrides=list(HydraConfig.get().overrides.task))
+        machine = detect_machine(ports=[plain["master_port"]])
+        plan = build_plan(plain, machine, overrides=list(HydraConfig.get().overrides.task))
         if plain["dry_run"]:
             print(plan.describe())
             return

@@ -26,6 +26,7 @@ class DataReport:
     dropped_empty: int
     dropped_duplicate: int
     truncated: int
+    prompt_too_long: int
     train_rows: int
     eval_rows: int
     fmt: str
@@ -33,7 +34,8 @@ class DataReport:
     def line(self, max_length: int) -> str:
         return (f"data: {self.rows_read} rows read ({self.fmt}), dropped {self.dropped_empty} with empty fields and "
                 f"{self.dropped_duplicate} duplicates, {self.truncated} longer than max_length={max_length} "
-                f"(truncated); {self.train_rows} train / {self.eval_rows} held out")
+                f"(truncated), {self.prompt_too_long} whose prompt alone fills it (dropped by the trainer); "
+                f"{self.train_rows} train / {self.eval_rows} held out")
 
 
 def read_dataset(path: str, split: str, test_split: str):
@@ -129,17 +131,19 @@ def to_trl_row(row: dict, fmt: str, conversational: bool) -> dict:
     return {"text": row["text"]}
 
 
-def _rendered_lengths(row: dict, tokenizer) -> int:
-    """Tokens of the longest sequence the trainer will build from this row."""
+def _lengths(row: dict, tokenizer) -> tuple[int, int]:
+    """Tokens of (the prompt, the longest sequence the trainer will build from this row)."""
     if "messages" in row:
-        return len(_ids(tokenizer.apply_chat_template(row["messages"], tokenize=True)))
+        return 0, len(_ids(tokenizer.apply_chat_template(row["messages"], tokenize=True)))
     if "text" in row:
-        return len(tokenizer(row["text"])["input_ids"])
+        return 0, len(tokenizer(row["text"])["input_ids"])
     answers = [row["chosen"], row["rejected"]] if "chosen" in row else [row["completion"]]
     prompt = row.get("prompt", [] if isinstance(answers[0], list) else "")
     if isinstance(prompt, list):
-        return max(len(_ids(tokenizer.apply_chat_template(prompt + a, tokenize=True))) for a in answers)
-    return max(len(tokenizer(prompt + a)["input_ids"]) for a in answers)
+        longest = max(len(_ids(tokenizer.apply_chat_template(prompt + a, tokenize=True))) for a in answers)
+        return (len(_ids(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)))
+                if prompt else 0), longest
+    return len(tokenizer(prompt)["input_ids"]), max(len(tokenizer(prompt + a)["input_ids"]) for a in answers)
 
 
 def _ids(out):
@@ -195,7 +199,13 @@ def prepare(data_cfg: dict, method: str, tokenizer, seed: int):
         split = datasets.Dataset.from_list(train_rows).train_test_split(test_size=data_cfg["test_fraction"], seed=seed)
         train_ds, eval_ds = split["train"], split["test"]
     max_length = data_cfg["max_length"]
-    truncated = sum(_rendered_lengths(r, tokenizer) > max_length for r in train_ds)
-    report = DataReport(read, empty, dup, truncated, len(train_ds), len(eval_ds),
+    lengths = [_lengths(r, tokenizer) for r in train_ds]
+    truncated = sum(total > max_length for _, total in lengths)
+    prompt_too_long = sum(prompt >= max_length for prompt, _ in lengths)
+    if prompt_too_long == len(lengths):
+        raise DataError(f"data.path={path}: every prompt is at least data.max_length={max_length} tokens long "
+                        f"(shortest {min(p for p, _ in lengths)}), so nothing is left to learn from; "
+                        "raise data.max_length")
+    report = DataReport(read, empty, dup, truncated, prompt_too_long, len(train_ds), len(eval_ds),
                         fmt + (", chat template" if conversational else ""))
     return train_ds, eval_ds, report

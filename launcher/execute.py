@@ -11,13 +11,16 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from launcher.checkpoints import EXIT_STOPPED, STOP_FILE, STOPPED_FILE
 from launcher.plan import LaunchPlan
+from launcher.postmortem import explain_failure
 
-GRACE_SECONDS = 20
+GRACE_SECONDS = 20  # after a forwarded signal, before SIGKILL
+SAVE_SECONDS = 300  # checkpoint_on_signal: how long the ranks get to save before the signal goes through
 
 
 def prepare_run_dir(plan: LaunchPlan, state: str) -> None:
@@ -44,14 +47,25 @@ def ensure_builtin_model(settings: dict) -> None:
                    check=True)
 
 
+def preflight(plan: LaunchPlan) -> int:
+    """Data, tokenizer and resume checks in a child process, before anything in the run directory changes."""
+    with tempfile.TemporaryDirectory(prefix="launcher-preflight-") as tmp:
+        config = Path(tmp, "config.yaml")
+        config.write_text(plan.files["config.yaml"])
+        return subprocess.run([sys.executable, "-m", "launcher.preflight", str(config)]).returncode
+
+
 def resolve_executable(name: str) -> str:
     """The console script of the Python that runs us (a venv need not be activated)."""
     beside = Path(sys.executable).parent / name
     return str(beside) if beside.exists() else (shutil.which(name) or name)
 
 
-def run_child(argv: list[str], env: dict[str, str]) -> int:
-    """Run the launch command, forwarding Ctrl-C / SIGTERM to its whole process group; its exit code."""
+def run_child(argv: list[str], env: dict[str, str], stop_file: Path | None = None) -> int:
+    """Run the launch command, forwarding Ctrl-C / SIGTERM to its whole process group; its exit code.
+
+    With a stop_file, the first signal asks the ranks to checkpoint and stop (launcher.checkpoints) and
+    only a second signal, or SAVE_SECONDS without an exit, goes through to them."""
     proc = subprocess.Popen([resolve_executable(argv[0]), *argv[1:]], env={**os.environ, **env},
                             start_new_session=True)
     received: list[int] = []
@@ -59,6 +73,12 @@ def run_child(argv: list[str], env: dict[str, str]) -> int:
 
     def forward(signum, _frame):
         received.append(signum)
+        if stop_file is not None and len(received) == 1:
+            print(f"launcher: {signal.Signals(signum).name}: saving a checkpoint first "
+                  "(signal again to stop at once)", file=sys.stderr, flush=True)
+            stop_file.touch()
+            deadline[0] = time.monotonic() + SAVE_SECONDS
+            return
         deadline[0] = min(deadline[0], time.monotonic() + GRACE_SECONDS)
         try:
             os.killpg(proc.pid, signum)
@@ -73,14 +93,17 @@ def run_child(argv: list[str], env: dict[str, str]) -> int:
                 break
             except subprocess.TimeoutExpired:
                 if time.monotonic() > deadline[0]:
-                    _kill_group(proc.pid)
+                    if stop_file is not None and len(received) == 1:  # the save took too long: stop now
+                        forward(received[0], None)
+                    else:
+                        _kill_group(proc.pid)
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
         _kill_group(proc.pid)
     if code < 0:
         code = 128 - code  # killed by a signal: the shell's convention
-    if received:
+    if received and not (stop_file is not None and stop_file.with_name(STOPPED_FILE).exists()):
         print(f"launcher: stopped by {signal.Signals(received[0]).name}", file=sys.stderr, flush=True)
         return code or 128 + received[0]
     return code
@@ -95,13 +118,19 @@ def _kill_group(pgid: int) -> None:
 
 
 def execute(plan: LaunchPlan, state: str) -> int:
-    ensure_builtin_model(plan.settings)
+    if plan.settings:  # a local launch (cluster=slurm submits a job, whose nodes check for themselves)
+        ensure_builtin_model(plan.settings)
+        if code := preflight(plan):
+            return code
     prepare_run_dir(plan, state)
     print(f"launcher: {plan.backend} -> {plan.world_size} process(es), run_dir {plan.run_dir}", flush=True)
     print("launcher: " + " ".join(plan.argv), flush=True)
-    code = run_child(plan.argv, plan.env)
+    stop_file = Path(plan.run_dir, STOP_FILE) if plan.settings.get("checkpoint_on_signal") else None
+    code = run_child(plan.argv, plan.env, stop_file)
     if (Path(plan.run_dir) / STOPPED_FILE).exists():
         print(f"launcher: stopped on request at a complete checkpoint; exit {EXIT_STOPPED} (resume=auto continues)",
               file=sys.stderr, flush=True)
         return EXIT_STOPPED
+    if code and Path(plan.run_dir, "logs").is_dir():
+        print(f"launcher: the run failed (exit {code}):\n{explain_failure(plan.run_dir)}", file=sys.stderr, flush=True)
     return code

@@ -22,6 +22,7 @@ def setup_logging(run_dir: str, rank: int) -> None:
     fmt = logging.Formatter(f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
     file_handler = logging.FileHandler(logs / f"rank{rank}.log")
     file_handler.setFormatter(fmt)
+    file_handler.setLevel(logging.DEBUG)
     handlers: list[logging.Handler] = [file_handler]
     if rank == 0:
         console = logging.StreamHandler(sys.stdout)
@@ -31,7 +32,7 @@ def setup_logging(run_dir: str, rank: int) -> None:
     for name in ("launcher", "transformers", "trl", "peft", "accelerate", "datasets"):
         lib = logging.getLogger(name)
         lib.handlers = list(handlers) if name == "launcher" else [file_handler]
-        lib.setLevel(logging.INFO if name == "launcher" else logging.WARNING)
+        lib.setLevel(logging.DEBUG if name == "launcher" else logging.WARNING)
         lib.propagate = False
     if rank != 0:
         import datasets

@@ -20,6 +20,7 @@ class Machine:
     bf16: bool = False  # every visible GPU has compute capability >= 8.0
     hostname: str = "localhost"
     free_port: int = 29500
+    busy_ports: frozenset = frozenset()  # of the ports asked about, those something here already listens on
 
 
 def _query_nvidia_smi() -> list[tuple[str, str, float, float]]:
@@ -53,7 +54,17 @@ def find_free_port() -> int:
         return s.getsockname()[1]
 
 
-def detect_machine() -> Machine:
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
+def detect_machine(ports=()) -> Machine:
     rows = _visible(_query_nvidia_smi(), os.environ.get("CUDA_VISIBLE_DEVICES"))
     return Machine(
         gpu_count=len(rows),
@@ -62,4 +73,5 @@ def detect_machine() -> Machine:
         bf16=bool(rows) and all(r[3] >= 8.0 for r in rows),
         hostname=socket.gethostname(),
         free_port=find_free_port(),
+        busy_ports=frozenset(p for p in ports if isinstance(p, int) and 0 < p < 65536 and port_in_use(p)),
     )

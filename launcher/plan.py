@@ -133,7 +133,15 @@ def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: l
     if not on_gpu:
         decisions.append(f"no GPU: {procs} CPU processes, torchrun with the gloo backend, float32")
 
-    master_port = cfg["master_port"] or (DEFAULT_MULTINODE_PORT if nodes > 1 else machine.free_port)
+    master_port = cfg["master_port"]
+    if master_port in machine.busy_ports:
+        if nodes == 1:
+            decisions.append(f"master_port={master_port} is in use here: using free port {machine.free_port}")
+            master_port = None
+        elif node_rank == 0:
+            raise ConfigError("master_port", f"port {master_port} is already in use on this host, where node 0 "
+                                             "must listen on it: choose another master_port= for every node")
+    master_port = master_port or (DEFAULT_MULTINODE_PORT if nodes > 1 else machine.free_port)
     run_dir = cfg["run_dir"]
     path = lambda name: os.path.join(run_dir, name)  # noqa: E731
 

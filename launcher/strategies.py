@@ -90,6 +90,7 @@ def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16:
         "zero3_init": False,
         "fsdp_cpu_offload": strategy.name == "fsdp_qlora" and bool(cfg["strategy"].get("cpu_offload")),
         "kbit_prepare": bool(bits),
+        "checkpoint_on_signal": bool(cfg.get("checkpoint_on_signal")),
         "trainable_dtype": None,
     }
     if on_gpu and dtype != "bfloat16":

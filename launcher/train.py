@@ -19,7 +19,7 @@ from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from launcher import checkpoints, data, logs, modeling
+from launcher import checkpoints, data, logs, modeling, postmortem
 
 log = logging.getLogger("launcher")
 
@@ -134,6 +134,7 @@ def main(config_path: str) -> int:
     plan, run_dir = cfg["plan"], cfg["run_dir"]
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     logs.setup_logging(run_dir, rank)
+    log.debug("%s: rank %d, pid %d", postmortem.STARTED, rank, os.getpid())
     started = time.time()
     report_to = logs.configure_trackers(cfg["logging"], cfg["run_name"], run_dir) if rank == 0 else []
     args = training_args(cfg, report_to)  # first: it sets up the process group (and ZeRO-3's zero.Init)
@@ -167,6 +168,7 @@ def main(config_path: str) -> int:
         if trainer.is_world_process_zero():
             Path(run_dir, checkpoints.STOPPED_FILE).write_text(f"{trainer.state.global_step}\n")
         log.info("stopped on request at step %d; `resume=auto` continues from there", trainer.state.global_step)
+        log.debug("%s", postmortem.FINISHED)
         return 0
     metrics = trainer.evaluate()
 
@@ -187,6 +189,7 @@ def main(config_path: str) -> int:
                    **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
         Path(run_dir, "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print_summary(cfg, summary)
+    log.debug("%s", postmortem.FINISHED)
     return 0
 
 
@@ -212,5 +215,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main(argv[0]))
     except Exception:
-        log.exception("launcher.train failed")  # into this rank's log file too, not only stderr
+        log.exception(postmortem.FAILED)  # into this rank's log file too, not only stderr
         raise

@@ -84,8 +84,9 @@ def test_data_error_stops_before_training_with_a_clear_message(tmp_path, tiny_di
     bad = tmp_path / "pairs.jsonl"
     bad.write_text('{"prompt": "q", "chosen": "a"}\n' * 20)
     res = run_launcher(f"run_dir={tmp_path}/run", f"data.path={bad}", timeout=600)
-    assert res.returncode != 0
-    assert f"data error: data.path={bad}: DPO needs columns prompt, chosen, rejected; missing rejected" in res.stdout
+    assert res.returncode == 2
+    assert f"data error: data.path={bad}: DPO needs columns prompt, chosen, rejected; missing rejected" in res.stderr
+    assert not (tmp_path / "run").exists()  # found by the launcher's preflight, before any rank or file
 
 
 def test_full_finetune_dpo_with_wandb_offline(tmp_path, tiny_dir):

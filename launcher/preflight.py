@@ -1,0 +1,58 @@
+"""Checks that need the tokenizer, the data or a checkpoint, made once by the launcher in a child process
+before it writes into the run directory or starts any rank: bad data or a checkpoint of another model
+stops the launch with a message, and an existing run directory stays as it was.
+
+    python -m launcher.preflight <config.yaml>      # exit 0: fine; 2: the message says what to change
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from launcher import checkpoints, data, modeling
+
+
+def checkpoint_mismatch(cfg: dict, ckpt: Path) -> str | None:
+    """Why the checkpoint cannot be resumed with this config (another base model or adapter shape), or None."""
+    adapter = ckpt / "adapter_config.json"
+    lora = cfg["lora"]
+    if lora["r"] is None:
+        return "it holds a LoRA adapter, and this config trains every weight (lora=none)" if adapter.exists() else None
+    if not adapter.exists():
+        return "it holds no LoRA adapter (a full fine-tune?), and this config trains one"
+    saved = json.loads(adapter.read_text())
+    differ = []
+    if saved.get("r") != lora["r"]:
+        differ.append(f"LoRA r={saved.get('r')} there, lora.r={lora['r']} here")
+    base, here = saved.get("base_model_name_or_path"), cfg["plan"]["model_path"]
+    if base and Path(base).name != Path(here).name:
+        differ.append(f"base model {base} there, {here} here")
+    return "; ".join(differ) or None
+
+
+def main(config_path: str) -> int:
+    import datasets
+
+    datasets.disable_progress_bars()
+    cfg = yaml.safe_load(Path(config_path).read_text())
+    try:
+        tokenizer = modeling.load_tokenizer(cfg)
+        _, _, report = data.prepare(cfg["data"], cfg["method"]["name"], tokenizer, cfg["seed"])
+    except data.DataError as err:
+        print(f"launcher: error: data error: {err}", file=sys.stderr)
+        return 2
+    resume = cfg["resume"]
+    ckpt = checkpoints.find_resume(cfg["run_dir"], resume) if resume else None
+    if ckpt and (why := checkpoint_mismatch(cfg, Path(ckpt))):
+        print(f"launcher: error: resume: checkpoint {ckpt} does not fit this config: {why}. Use a matching "
+              "config, another run_dir, or resume=null to start over.", file=sys.stderr)
+        return 2
+    print(f"launcher: {report.line(cfg['data']['max_length'])}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

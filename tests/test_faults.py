@@ -1,0 +1,110 @@
+"""Faults: a rank killed mid-step, signals with a checkpoint first, ports in use, and resuming after each."""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import run_launcher
+from launcher import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def start(*args):
+    return subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(predicate, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.time() < deadline
+        time.sleep(0.1)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def rank_pids(run):
+    pids = {}
+    for path in (run / "logs").glob("rank*.log"):
+        found = re.findall(r"rank started: rank (\d+), pid (\d+)", path.read_text())
+        if found:
+            pids[int(found[-1][0])] = int(found[-1][1])
+    return pids
+
+
+def test_rank_killed_mid_step_ends_the_job_names_the_rank_and_resume_finishes(tmp_path, tiny_dir):
+    run = tmp_path / "run"
+    args = [f"run_dir={run}", "train.max_steps=400", "save_steps=5", "data.max_length=64"]
+    proc = start(*args)
+    wait_for(lambda: (run / "checkpoints" / "checkpoint-5" / "COMPLETE").exists() and len(rank_pids(run)) == 2, proc)
+    pids = rank_pids(run)
+    t0 = time.time()
+    os.kill(pids[1], signal.SIGKILL)
+    out = proc.communicate(timeout=60)[0]
+    assert time.time() - t0 < 60
+    assert proc.returncode != 0
+    assert "rank1 stopped without a word (killed" in out
+    assert "its last lines" in out and "logs/rank1.log" in out
+    time.sleep(1)
+    assert not any(alive(p) for p in pids.values()), "a rank outlived the job"
+    assert subprocess.run(["pgrep", "-f", str(run)], capture_output=True).stdout == b""
+
+    res = run_launcher(*args[:1], "train.max_steps=30", "save_steps=5", "data.max_length=64", "resume=auto",
+                       timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "continuing from" in res.stdout
+    assert json.loads((run / "summary.json").read_text())["global_step"] == 30
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_with_checkpoint_on_signal_saves_first(tmp_path, tiny_dir, sig):
+    run = tmp_path / "run"
+    args = [f"run_dir={run}", "train.max_steps=400", "save_steps=1000", "data.max_length=64",
+            "checkpoint_on_signal=true"]
+    proc = start(*args)
+    wait_for(lambda: (run / "metrics.jsonl").exists(), proc)
+    pids = rank_pids(run)
+    t0 = time.time()
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=60)[0]
+    assert time.time() - t0 < 30
+    assert proc.returncode == 75, out[-3000:]
+    saved = list(run.glob("checkpoints/checkpoint-*/COMPLETE"))
+    assert len(saved) == 1, out[-3000:]
+    assert not any(alive(p) for p in pids.values())
+    step = int(saved[0].parent.name.split("-")[1])
+    res = run_launcher(f"run_dir={run}", f"train.max_steps={step + 3}", "data.max_length=64", "resume=auto",
+                       "save_steps=1000", timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"(step {step})" in res.stdout
+    assert json.loads((run / "summary.json").read_text())["global_step"] == step + 3
+
+
+def test_busy_port_single_node_takes_a_free_one_multi_node_names_it(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        one = run_launcher("dry_run=true", "gpus=2", "backend=accelerate", f"master_port={port}",
+                           f"run_dir={tmp_path}/a")
+        assert one.returncode == 0
+        assert f"master_port={port} is in use here: using free port" in one.stdout
+        assert f"--main_process_port {port} " not in one.stdout
+        many = run_launcher("gpus=2", "nodes=2", "node_rank=0", "master_addr=127.0.0.1", f"master_port={port}",
+                            f"run_dir={tmp_path}/b", "dry_run=true")
+        assert many.returncode == 2
+        assert f"master_port: port {port} is already in use on this host" in many.stderr
