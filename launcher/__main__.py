@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import sys
 
-if len(sys.argv) > 1 and sys.argv[1] == "plan":  # reserved: the memory plan of a later release
-    sys.exit("launcher: `python -m launcher plan` (the per-GPU memory plan) is not built yet; "
-             "`python -m launcher dry_run=true ...` prints the launch plan.")
+if len(sys.argv) > 1 and sys.argv[1] == "plan":  # `python -m launcher plan ...`: the per-GPU memory plan
+    sys.argv[1:2] = ["memory_plan=true"]
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
@@ -20,11 +19,34 @@ from launcher.plan import build_plan  # noqa: E402
 register_resolvers()
 
 
+def memory_plan_text(cfg: dict, machine) -> str:
+    from launcher import memory, validate
+
+    validate.check_values(cfg, machine)
+    gpu_mem = cfg["gpu_mem_gib"] or machine.gpu_mem_gib
+    if not gpu_mem:
+        raise ConfigError("gpu_mem_gib", "no GPU visible here: give gpu_mem_gib=<GiB per GPU> to plan for one")
+    gpus = cfg["gpus"] if cfg["gpus"] != "auto" else max(machine.gpu_count, 1)
+    world = gpus * cfg["nodes"]
+    try:
+        shape = memory.model_shape(cfg["model"])
+    except ValueError as err:
+        raise ConfigError("model.shape", str(err)) from None
+    text = memory.table(cfg, shape, world, gpu_mem, cfg["micro_batch"])
+    name, mb, why = memory.choose(cfg, shape, world, gpu_mem, cfg["micro_batch"])
+    if name:
+        return f"{text}\nstrategy=auto would take {why}"
+    return f"{text}\nnothing fits; the smallest change that fits: {memory.smallest_change(cfg, shape, world, gpu_mem)}"
+
+
 @hydra.main(config_path=str(ROOT / "conf"), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         plain = to_plain(cfg)
         machine = detect_machine(ports=[plain["master_port"]])
+        if plain["memory_plan"]:
+            print(memory_plan_text(plain, machine))
+            return
         plan = build_plan(plain, machine, overrides=list(HydraConfig.get().overrides.task))
         if plain["dry_run"]:
             print(plan.describe())

@@ -6,6 +6,7 @@ ranks a grace period to save, then kill the whole group.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -43,8 +44,8 @@ def ensure_builtin_model(settings: dict) -> None:
     if not settings.get("builtin_model") or Path(settings["model_path"], "config.json").exists():
         return
     print(f"launcher: building the {settings['builtin_model']} model into {settings['builtin_dir']}", flush=True)
-    subprocess.run([sys.executable, "-m", "launcher.tiny", settings["builtin_model"], settings["builtin_dir"]],
-                   check=True)
+    subprocess.run([sys.executable, "-m", "launcher.tiny", json.dumps(settings["builtin_shape"]),
+                    settings["builtin_dir"]], check=True)
 
 
 def preflight(plan: LaunchPlan) -> int:

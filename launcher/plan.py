@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import yaml
 
-from launcher import slurm, validate
+from launcher import memory, slurm, validate
 from launcher.errors import ConfigError
 from launcher.machine import Machine
 from launcher.render import render_accelerate_config, render_command, render_command_script, render_deepspeed_config
@@ -80,9 +80,9 @@ def model_paths(model: dict) -> dict:
         name = path[len(validate.BUILTIN_PREFIX):]
         base = os.path.join(os.path.expanduser(model["cache_dir"]), f"{name}-{BUILTIN_VERSION}")
         return {"model_path": f"{base}/model", "tokenizer_path": model["tokenizer"] or f"{base}/tokenizer",
-                "builtin_model": name, "builtin_dir": base}
+                "builtin_model": name, "builtin_dir": base, "builtin_shape": model["shape"]}
     return {"model_path": path, "tokenizer_path": model["tokenizer"] or path, "builtin_model": None,
-            "builtin_dir": None}
+            "builtin_dir": None, "builtin_shape": None}
 
 
 def plan_slurm_submission(cfg: dict, overrides: list[str], cwd: str) -> LaunchPlan:
@@ -108,6 +108,59 @@ def node_file(name: str, node_rank: int) -> str:
     return f"{stem}.node{node_rank}{ext}"
 
 
+def size_the_job(cfg: dict, machine: Machine, world: int, on_gpu: bool, decisions: list[str]) -> dict:
+    """strategy=auto and micro_batch=auto from the memory plan (launcher/memory.py); a copy of cfg, resolved."""
+    auto_strategy, auto_mb = cfg["strategy"]["name"] == "auto", cfg["micro_batch"] == "auto"
+    gpu_mem = cfg["gpu_mem_gib"] or machine.gpu_mem_gib
+    if not on_gpu or not gpu_mem:
+        if not (auto_strategy or auto_mb):
+            return cfg
+        if on_gpu:
+            raise ConfigError("gpu_mem_gib", "strategy=auto / micro_batch=auto size the job to the GPU memory, "
+                                             "and none is visible here: give gpu_mem_gib=<GiB per GPU>.")
+        cfg = copy.deepcopy(cfg)
+        if auto_strategy:
+            cfg["strategy"] = {"name": "ddp"}
+            decisions.append("strategy=auto -> ddp: the only strategy on the CPU")
+        if auto_mb:
+            cfg["micro_batch"] = 4
+            decisions.append("micro_batch=auto -> 4: no GPU memory to size it to")
+        return cfg
+    try:
+        shape = memory.model_shape(cfg["model"])
+    except ValueError as err:
+        if auto_strategy or auto_mb:
+            raise ConfigError("model.shape", f"{err}: the memory plan needs the model's dimensions") from None
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    if auto_strategy:
+        name, mb, why = memory.choose(cfg, shape, world, gpu_mem, cfg["micro_batch"])
+        if name is None:
+            raise ConfigError("strategy", f"strategy=auto: no strategy fits {gpu_mem:.0f} GiB per GPU with this "
+                                          f"config; the smallest change that fits: "
+                                          f"{memory.smallest_change(cfg, shape, world, gpu_mem)}")
+        cfg["strategy"] = {"name": name}
+        decisions.append(f"strategy=auto -> {why}")
+        if auto_mb:
+            cfg["micro_batch"] = mb
+            decisions.append(f"micro_batch=auto -> {mb}: the largest that fits under {name}")
+    elif auto_mb:
+        name = cfg["strategy"]["name"]
+        mb = memory.largest_micro_batch(cfg, shape, name, world, gpu_mem)
+        if not mb:
+            raise ConfigError("micro_batch", f"micro_batch=auto: not even 1 fits {gpu_mem:.0f} GiB per GPU under "
+                                             f"strategy={name}; the smallest change that fits: "
+                                             f"{memory.smallest_change(cfg, shape, world, gpu_mem)}")
+        cfg["micro_batch"] = mb
+        decisions.append(f"micro_batch=auto -> {mb}: the largest that fits under {name}")
+    name = cfg["strategy"]["name"]
+    if memory.supported(name, cfg["quant"]["bits"], cfg["lora"]["r"]):
+        est = memory.job_estimate(cfg, shape, name, world, cfg["micro_batch"])
+        verdict = "fits" if memory.fits(est, gpu_mem) else "WARNING: over the memory there is, expect OOM"
+        decisions.append(f"memory plan: {est.total:.1f} GiB per GPU predicted of {gpu_mem:.0f} GiB ({verdict})")
+    return cfg
+
+
 def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: list[str] = ()) -> LaunchPlan:
     """cfg: the resolved config as plain containers, run_dir absolute. overrides: the command line's, which
     cluster=slurm passes on to the job."""
@@ -118,7 +171,8 @@ def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: l
     decisions: list[str] = []
     if on_gpu and not machine.gpu_count:
         decisions.append("no GPU visible here: planned for bf16-capable GPUs (dry run)")
-    strategy = resolve_strategy(cfg["strategy"]["name"], decisions)
+    cfg = size_the_job(cfg, machine, procs * cfg["nodes"], on_gpu, decisions)
+    strategy = resolve_strategy(cfg["strategy"]["name"])
     if not on_gpu and strategy.name != "ddp":
         raise ConfigError(
             "strategy",

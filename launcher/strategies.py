@@ -32,10 +32,7 @@ STRATEGIES = {
 BACKENDS = ("accelerate", "torchrun", "deepspeed")
 
 
-def resolve_strategy(name: str, decisions: list[str]) -> Strategy:
-    if name == "auto":
-        decisions.append("strategy=auto -> ddp: the memory planner that chooses among strategies is not built yet")
-        name = "ddp"
+def resolve_strategy(name: str) -> Strategy:
     return STRATEGIES[name]
 
 

@@ -1,13 +1,14 @@
 """Builds the embedded `tiny` model: a small Qwen2-shaped model with random weights and a byte-level
 BPE tokenizer trained on the shipped demo data, so the default run needs no hub access.
 
-    python -m launcher.tiny tiny <dir>      # writes <dir>/model and <dir>/tokenizer
+    python -m launcher.tiny '<shape as JSON>' <dir>      # writes <dir>/model and <dir>/tokenizer (shape: conf/model/tiny.yaml)
 
 The tokenizer lives in its own folder: in transformers 5 a tokenizer saved beside a model's
 config.json is loaded as the model type's own class, ignoring tokenizer.json.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -22,8 +23,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-SHAPES = {"tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=2048, max_position_embeddings=1024, tie_word_embeddings=True)}
 
 
 def build_tokenizer(vocab_size: int):
@@ -43,11 +42,10 @@ def build_tokenizer(vocab_size: int):
     return fast
 
 
-def build(name: str, out_dir: str) -> None:
+def build(shape: dict, out_dir: str) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    shape = SHAPES[name]
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))  # then renamed: concurrent builds are safe
@@ -66,4 +64,4 @@ def build(name: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    build(sys.argv[1], sys.argv[2])
+    build(json.loads(sys.argv[1]), sys.argv[2])

@@ -61,8 +61,11 @@ def check_values(cfg, machine: Machine) -> None:
         port = _whole(cfg, "master_port", 1)
         if port > 65535:
             raise ConfigError("master_port", f"master_port={port} is not a TCP port (1-65535).")
-    for key in ("micro_batch", "save_steps"):
-        _whole(cfg, key, 1)
+    _whole(cfg, "micro_batch", 1, allow=("auto",))
+    _whole(cfg, "save_steps", 1)
+    mem = cfg["gpu_mem_gib"]
+    if mem is not None and (isinstance(mem, bool) or not isinstance(mem, (int, float)) or mem <= 0):
+        raise ConfigError("gpu_mem_gib", f"gpu_mem_gib={mem!r}: give the GPU memory in GiB, e.g. gpu_mem_gib=80.")
     for key, minimum in (("grad_accum", 1), ("epochs", 1), ("logging_steps", 1), ("save_total_limit", 1)):
         value = cfg["train"][key]
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

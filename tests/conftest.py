@@ -46,7 +46,10 @@ def tiny_dir() -> Path:
     paths = model_paths(compose_cfg("model.cache_dir=" + os.environ.get(
         "LAUNCHER_CACHE", str(Path.home() / ".cache" / "launcher")))["model"])
     if not Path(paths["model_path"], "config.json").exists():
-        subprocess.run([sys.executable, "-m", "launcher.tiny", "tiny", paths["builtin_dir"]], check=True)
+        import json
+
+        subprocess.run([sys.executable, "-m", "launcher.tiny", json.dumps(paths["builtin_shape"]),
+                        paths["builtin_dir"]], check=True)
     return Path(paths["builtin_dir"])
 
 

@@ -1,0 +1,244 @@
+"""Per-GPU memory plan: predicted peak GiB per GPU for each strategy, from the model's dimensions alone.
+
+Pure arithmetic (no torch, no weights). Bytes per parameter follow from what each strategy keeps where:
+
+| what | none (bf16) | 4-bit | 8-bit |
+|---|---|---|---|
+| base linear weights | 2 | 0.53 (NF4 + double-quantized absmax) | 1.0 |
+| embeddings, norms, lm_head | 2 | 2 | 2 |
+
+Trainable parameters (the LoRA adapter, or every weight with lora=none) also carry gradients and AdamW's
+two moments: in the parameter's dtype under torch's AdamW (adapters are float32: 4 + 4 + 8 bytes; a
+bf16 full fine-tune: 2 + 2 + 4), and as float32 master weights, gradients and moments under DeepSpeed
+(4 + 4 + 8 + the bf16 copy). ZeRO-2 shards gradients and optimizer states over the GPUs; ZeRO-3 and FSDP
+shard the weights too; ZeRO-3-offload keeps weights and optimizer states in CPU memory.
+
+Activations per token were fitted to the plain-TRL peer's measurements on 2x H200 (../shared/peer,
+Qwen2.5-1.5B shape, DPO, LoRA r16, 712 tokens per pair): without gradient checkpointing 71.3 bytes per
+hidden unit per layer, with it 2 bytes per hidden unit per layer (the checkpointed inputs) plus one
+layer's worth; plus 0.47 bytes per vocabulary entry (logits). DPO runs chosen and rejected together (2
+sequences per pair); with LoRA the reference pass keeps no activations, without LoRA the reference
+model's weights are one more copy.
+
+What the sharded strategies hold beyond their shard, also from the peer's runs: ZeRO-3 materializes up to
+stage3_max_live_parameters (1e9 in ds_configs/zero3*.json) at a time; FSDP keeps the (tied) embedding
+gathered from the first layer to the last; DeepSpeed's communication buckets take about 0.8 GiB.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+GIB = 2**30
+ACT_PER_HIDDEN_LAYER = 71.3  # bytes per token, no gradient checkpointing
+ACT_PER_HIDDEN_LAYER_GC = 2.0  # bytes per token: the checkpointed layer inputs
+ACT_PER_VOCAB = 0.47  # bytes per token per vocabulary entry
+BYTES_4BIT = 0.53
+DEEPSPEED_BUCKETS_GIB = 0.8
+ZERO3_MAX_LIVE_PARAMS = 1e9
+CONTEXT_GIB = 1.0  # CUDA context and allocator slack, not counted by torch's peak
+SAFETY = 0.9  # a plan fits when its peak stays under this share of (GPU memory - context)
+# Expected speed relative to DDP, each from a measurement: ZeRO-2, ZeRO-3 and FSDP-QLoRA from the plain-TRL
+# peer's tutorial-default runs (../shared/peer/RESULTS.md); ZeRO-3-offload from our 2x H200 matrix run
+# (docs/gpu-runs.md: 56 s against ZeRO-3's 12.9 s). Issue 4's benchmark replaces them with tuned numbers.
+RELATIVE_SPEED = {"ddp": 1.0, "zero2": 0.76, "fsdp_qlora": 0.34, "zero3": 0.13, "zero3_offload": 0.03}
+STRATEGIES = ("ddp", "zero2", "fsdp_qlora", "zero3", "zero3_offload")
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, c: dict) -> "Shape":
+        return cls(c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_attention_heads"],
+                   c.get("num_key_value_heads") or c["num_attention_heads"], c["vocab_size"],
+                   bool(c.get("tie_word_embeddings", False)))
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * (self.hidden // self.heads)
+
+    def linear_params(self) -> int:
+        """Weights of the layers' linear projections (what bitsandbytes quantizes)."""
+        h, i = self.hidden, self.intermediate
+        return self.layers * (2 * h * h + 2 * h * self.kv_dim + 3 * h * i)
+
+    def other_params(self) -> int:
+        embed = self.vocab * self.hidden * (1 if self.tied else 2)
+        return embed + self.layers * 2 * self.hidden + self.hidden
+
+    def total_params(self) -> int:
+        return self.linear_params() + self.other_params()
+
+    def lora_params(self, r: int, targets) -> int:
+        h, i, kv = self.hidden, self.intermediate, self.kv_dim
+        shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                  "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        names = shapes if targets == "all-linear" else [t for t in targets if t in shapes]
+        return self.layers * sum(r * (shapes[n][0] + shapes[n][1]) for n in names)
+
+
+def model_shape(model_cfg: dict) -> Shape:
+    """The model's own config.json when it is on disk, else the preset's `shape`."""
+    path = Path(str(model_cfg["path"])).expanduser() / "config.json"
+    if path.is_file():
+        return Shape.from_config(json.loads(path.read_text()))
+    if model_cfg.get("shape"):
+        return Shape.from_config(model_cfg["shape"])
+    raise ValueError(f"model.path={model_cfg['path']}: no config.json here and no model.shape in the preset")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    strategy: str
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    reference: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.reference
+
+
+def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | None, lora_targets, world: int,
+             micro_batch: int, seq_len: int, method: str, gradient_checkpointing: bool) -> Estimate:
+    """Predicted peak GiB per GPU, split by what holds the memory."""
+    quant_linear = {None: 2.0, 4: BYTES_4BIT, 8: 1.0}[bits]
+    base = shape.linear_params() * quant_linear + shape.other_params() * 2.0
+    lora = lora_r is not None
+    trainable = shape.lora_params(lora_r, lora_targets) if lora else shape.total_params()
+    sharded_weights = strategy in ("fsdp_qlora", "zero3", "zero3_offload")
+    deepspeed = strategy.startswith("zero")
+    buckets = DEEPSPEED_BUCKETS_GIB * GIB if deepspeed else 0.0
+    if deepspeed:  # bf16 params, fp32 master weights + grads + 2 moments, sharded from ZeRO-2 on
+        param_bytes, grad_bytes, opt_bytes = (4 if lora and strategy == "zero2" else 2), 4, 12
+    else:  # torch AdamW: states in the parameter's dtype
+        width = 2 if (not lora or (bits and strategy == "fsdp_qlora")) else 4
+        param_bytes, grad_bytes, opt_bytes = width, width, 2 * width
+    gathered = 0.0
+    if strategy.startswith("zero3"):
+        gathered = min(ZERO3_MAX_LIVE_PARAMS, shape.total_params()) * 2.0
+    elif strategy == "fsdp_qlora":
+        gathered = shape.vocab * shape.hidden * 2.0 + base / shape.layers  # embedding + the unit in use
+    adapter = trainable * param_bytes if lora else 0.0  # a full fine-tune trains the base weights themselves
+    if strategy == "zero3_offload":
+        weights = gathered + adapter / world
+        optimizer = 0.0
+    elif sharded_weights:
+        weights = base / world + gathered + adapter / world
+        optimizer = trainable * opt_bytes / world
+    else:
+        weights = base + adapter
+        optimizer = trainable * opt_bytes / (world if deepspeed else 1)
+    optimizer += buckets  # counted with the optimizer: DeepSpeed's reduce/all-gather buffers
+    gradients = trainable * grad_bytes / (world if (deepspeed or sharded_weights) else 1)
+    if strategy == "zero3_offload":
+        gradients = trainable * 2 / world
+    sequences = micro_batch * (2 if method == "dpo" else 1)
+    tokens = sequences * seq_len
+    h_layers = shape.hidden * shape.layers
+    per_token = (ACT_PER_HIDDEN_LAYER_GC * h_layers + ACT_PER_HIDDEN_LAYER * shape.hidden if gradient_checkpointing
+                 else ACT_PER_HIDDEN_LAYER * h_layers) + ACT_PER_VOCAB * shape.vocab
+    activations = tokens * per_token
+    reference = 0.0
+    if method == "dpo" and not lora:  # a frozen copy, sharded like the policy's weights
+        reference = base / world if sharded_weights else base
+    return Estimate(strategy, *(x / GIB for x in (weights, gradients, optimizer, activations, reference)))
+
+
+def fits(est: Estimate, gpu_mem_gib: float) -> bool:
+    return est.total <= (gpu_mem_gib - CONTEXT_GIB) * SAFETY
+
+
+def supported(strategy: str, bits: int | None, lora_r: int | None) -> bool:
+    """The combinations the planner accepts (launcher/strategies.py refuses the others)."""
+    if bits == 8 and strategy in ("fsdp_qlora", "zero3", "zero3_offload"):
+        return False
+    return not (bits and lora_r is None)
+
+
+# ---- choosing: strategy=auto, micro_batch=auto, and what to change when nothing fits -------------------
+
+MAX_MICRO_BATCH = 256
+
+
+def job_estimate(cfg: dict, shape: Shape, strategy: str, world: int, micro_batch: int, **changes) -> Estimate:
+    """estimate() for this config; `changes` override bits / seq_len / gradient_checkpointing."""
+    args = dict(bits=cfg["quant"]["bits"], lora_r=cfg["lora"]["r"], lora_targets=cfg["lora"].get("target_modules"),
+                world=world, micro_batch=micro_batch, seq_len=cfg["data"]["max_length"], method=cfg["method"]["name"],
+                gradient_checkpointing=bool(cfg["train"]["gradient_checkpointing"]))
+    args.update(changes)
+    return estimate(shape, strategy=strategy, **args)
+
+
+def largest_micro_batch(cfg, shape, strategy, world, gpu_mem_gib, **changes) -> int:
+    """The largest micro-batch that fits (0: not even one)."""
+    best, mb = 0, 1
+    while mb <= MAX_MICRO_BATCH and fits(job_estimate(cfg, shape, strategy, world, mb, **changes), gpu_mem_gib):
+        best, mb = mb, mb * 2
+    return best
+
+
+def candidates(cfg) -> list[str]:
+    return [s for s in STRATEGIES if supported(s, cfg["quant"]["bits"], cfg["lora"]["r"])]
+
+
+def choose(cfg, shape, world, gpu_mem_gib, micro_batch) -> tuple[str | None, int, str]:
+    """(strategy, micro_batch, why): the fastest strategy that fits (micro_batch: an int, or 'auto')."""
+    for strategy in sorted(candidates(cfg), key=lambda s: -RELATIVE_SPEED[s]):
+        mb = largest_micro_batch(cfg, shape, strategy, world, gpu_mem_gib) if micro_batch == "auto" else micro_batch
+        if mb and fits(job_estimate(cfg, shape, strategy, world, mb), gpu_mem_gib):
+            est = job_estimate(cfg, shape, strategy, world, mb)
+            return strategy, mb, (f"{strategy}: the fastest that fits ({est.total:.1f} GiB of {gpu_mem_gib:.0f} GiB "
+                                  f"per GPU at micro_batch={mb}; relative speed {RELATIVE_SPEED[strategy]})")
+    return None, 0, ""
+
+
+def smallest_change(cfg, shape, world, gpu_mem_gib) -> str:
+    """What would make the job fit, tried from the least to the most intrusive change."""
+    bits, mb = cfg["quant"]["bits"], cfg["micro_batch"] if cfg["micro_batch"] != "auto" else 1
+    tries = []
+    if not cfg["train"]["gradient_checkpointing"]:
+        tries.append(("train.gradient_checkpointing=true", dict(gradient_checkpointing=True), world))
+    if bits != 4 and cfg["lora"]["r"] is not None:
+        tries.append(("quant=4bit", dict(bits=4), world))
+    tries.append((f"data.max_length={cfg['data']['max_length'] // 2}", dict(seq_len=cfg["data"]["max_length"] // 2),
+                  world))
+    tries.append((f"gpus={world * 2} (twice the GPUs)", {}, world * 2))
+    tries.append((f"gpus={world * 4}", {}, world * 4))
+    for change, kwargs, w in tries:
+        for strategy in candidates(cfg) if "bits" not in kwargs else STRATEGIES:
+            if supported(strategy, kwargs.get("bits", bits), cfg["lora"]["r"]) and fits(
+                    job_estimate(cfg, shape, strategy, w, mb, **kwargs), gpu_mem_gib):
+                return f"{change} (then {strategy} fits)"
+    return "a GPU with more memory: even twice the GPUs, 4-bit and half the length do not fit"
+
+
+def table(cfg, shape, world, gpu_mem_gib, micro_batch) -> str:
+    """Every strategy's predicted peak per GPU, for `python -m launcher plan`."""
+    rows = [f"model {cfg['model']['name']}: {shape.total_params() / 1e9:.2f}B parameters, quant "
+            f"{cfg['quant']['name']}, lora {cfg['lora']['name']}, method {cfg['method']['name']}, "
+            f"max_length {cfg['data']['max_length']}, {world} GPU(s) of {gpu_mem_gib:.0f} GiB",
+            f"{'strategy':<14}{'mb':>4}{'weights':>9}{'grads':>7}{'optim':>7}{'activ':>8}{'ref':>6}{'total':>8}"
+            f"  fits   speed (vs ddp)"]
+    for strategy in STRATEGIES:
+        if not supported(strategy, cfg["quant"]["bits"], cfg["lora"]["r"]):
+            rows.append(f"{strategy:<14}  -- not with quant={cfg['quant']['name']} lora={cfg['lora']['name']}")
+            continue
+        mb = largest_micro_batch(cfg, shape, strategy, world, gpu_mem_gib) if micro_batch == "auto" else micro_batch
+        e = job_estimate(cfg, shape, strategy, world, max(mb, 1))
+        rows.append(f"{strategy:<14}{max(mb, 1):>4}{e.weights:>9.2f}{e.gradients:>7.2f}{e.optimizer:>7.2f}"
+                    f"{e.activations:>8.2f}{e.reference:>6.2f}{e.total:>8.2f}  {'yes' if mb and fits(e, gpu_mem_gib) else 'NO ':<5}"
+                    f"  {RELATIVE_SPEED[strategy]:.2f}")
+    rows.append(f"GiB per GPU; fits: under {SAFETY:.0%} of (GPU memory - {CONTEXT_GIB:.0f} GiB CUDA context)")
+    return "\n".join(rows)

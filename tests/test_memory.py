@@ -1,0 +1,113 @@
+"""The memory plan: hand-computed bytes per parameter, the peer's recorded GPU peaks, and the choices."""
+import pytest
+
+from conftest import CPU_NODE, GPU_NODE, compose_cfg, run_launcher
+from launcher import memory
+from launcher.errors import ConfigError
+from launcher.plan import build_plan
+
+QWEN_1_5B = memory.Shape(1536, 8960, 28, 12, 2, 151936, True)
+QWEN_7B = memory.Shape(3584, 18944, 28, 28, 4, 152064, False)
+GIB = 2**30
+
+
+def test_parameter_counts_match_the_published_models():
+    assert round(QWEN_1_5B.total_params() / 1e9, 2) == 1.54
+    assert round(QWEN_7B.total_params() / 1e9, 2) == 7.62
+    assert QWEN_1_5B.lora_params(16, "all-linear") == 18_464_768  # what PEFT prints for r16 all-linear
+    assert QWEN_1_5B.lora_params(8, ["q_proj", "v_proj"]) == 28 * 8 * ((1536 + 1536) + (1536 + 256))
+
+
+def est(**kw):
+    args = dict(shape=QWEN_7B, strategy="ddp", bits=None, lora_r=16, lora_targets="all-linear", world=2,
+                micro_batch=1, seq_len=512, method="sft", gradient_checkpointing=True)
+    args.update(kw)
+    return memory.estimate(args.pop("shape"), **args)
+
+
+def test_bytes_per_parameter_by_quantization():
+    linear, other = QWEN_7B.linear_params(), QWEN_7B.other_params()
+    lora = QWEN_7B.lora_params(16, "all-linear")
+    assert est().weights * GIB == pytest.approx((linear + other) * 2 + lora * 4)  # bf16 base, fp32 adapter
+    assert est(bits=4).weights * GIB == pytest.approx(linear * 0.53 + other * 2 + lora * 4)
+    assert est(bits=8).weights * GIB == pytest.approx(linear * 1.0 + other * 2 + lora * 4)
+
+
+def test_optimizer_and_gradients_by_strategy():
+    lora = QWEN_7B.lora_params(16, "all-linear")
+    ddp = est()
+    assert ddp.gradients * GIB == pytest.approx(lora * 4) and ddp.optimizer * GIB == pytest.approx(lora * 8)
+    zero2 = est(strategy="zero2")  # fp32 master + 2 moments, sharded over 2 GPUs, plus DeepSpeed's buckets
+    assert zero2.optimizer * GIB == pytest.approx(lora * 12 / 2 + 0.8 * GIB)
+    full_ddp = est(lora_r=None, method="sft")  # bf16 full fine-tune under torch AdamW: 2 + 2 + 4 bytes
+    n = QWEN_7B.total_params()
+    assert (full_ddp.weights, full_ddp.gradients, full_ddp.optimizer) == pytest.approx(
+        (n * 2 / GIB, n * 2 / GIB, n * 4 / GIB))
+    zero3 = est(strategy="zero3", lora_r=None)
+    assert zero3.weights < full_ddp.weights / 2 + 2.0  # sharded, plus the live window
+    assert est(strategy="zero3_offload", lora_r=None).optimizer == pytest.approx(0.8)  # optimizer on the CPU
+
+
+def test_dpo_doubles_sequences_and_a_full_fine_tune_adds_the_reference():
+    sft, dpo = est(method="sft"), est(method="dpo")
+    assert dpo.activations == pytest.approx(2 * sft.activations)
+    assert dpo.reference == 0  # LoRA: the reference is the adapter-disabled policy
+    assert est(method="dpo", lora_r=None).reference == pytest.approx(QWEN_7B.total_params() * 2 / GIB)
+
+
+# Peak allocated GiB per GPU the plain-TRL peer recorded on 2x H200 (../shared/peer/RESULTS.md):
+# DPO, LoRA r16 all-linear, ~356 tokens per sequence. (strategy, bits, micro-batch, checkpointing, GiB)
+PEER = [("ddp", None, 4, True, 3.9), ("ddp", None, 16, False, 36.7), ("ddp", None, 32, False, 70.0),
+        ("ddp", None, 64, True, 14.5), ("ddp", 4, 4, True, 1.9), ("zero2", None, 4, True, 4.6),
+        ("zero2", 4, 4, True, 2.8), ("zero3", None, 4, True, 5.8), ("fsdp_qlora", 4, 4, True, 1.8)]
+
+
+@pytest.mark.parametrize("strategy,bits,mb,gc,measured", PEER)
+def test_within_20_percent_of_recorded_gpu_peaks(strategy, bits, mb, gc, measured):
+    e = est(shape=QWEN_1_5B, strategy=strategy, bits=bits, micro_batch=mb, gradient_checkpointing=gc,
+            seq_len=356, method="dpo")
+    assert 0.8 <= e.total / measured <= 1.2
+
+
+def test_auto_picks_the_fastest_that_fits_and_sizes_the_batch():
+    roomy = build_plan(compose_cfg("model=qwen2.5-7b-instruct", "strategy=auto", "micro_batch=auto", "gpus=2",
+                                   "gpu_mem_gib=80"), GPU_NODE)
+    assert roomy.strategy == "ddp" and roomy.settings  # ddp is fastest and fits
+    assert any(d.startswith("strategy=auto -> ddp: the fastest that fits") for d in roomy.decisions)
+    mb = [d for d in roomy.decisions if d.startswith("micro_batch=auto -> ")][0]
+    chosen = int(mb.split()[2].rstrip(":"))
+    cfg = compose_cfg("model=qwen2.5-7b-instruct", "gpus=2", "gpu_mem_gib=80")
+    shape = memory.model_shape(cfg["model"])
+    assert memory.fits(memory.job_estimate(cfg, shape, "ddp", 2, chosen), 80)
+    assert not memory.fits(memory.job_estimate(cfg, shape, "ddp", 2, chosen * 2), 80)
+    tight = build_plan(compose_cfg("model=llama-3.1-8b-instruct", "lora=none", "strategy=auto", "gpus=8",
+                                   "gpu_mem_gib=80", "micro_batch=1"), GPU_NODE)
+    assert tight.strategy != "ddp"  # a full fine-tune of 8B with a reference copy does not fit DDP on 80 GiB
+    assert any("fits" in d for d in tight.decisions)
+
+
+def test_nothing_fits_names_the_smallest_change():
+    with pytest.raises(ConfigError) as info:
+        build_plan(compose_cfg("model=llama-3.1-8b-instruct", "lora=none", "strategy=auto", "gpus=2",
+                               "gpu_mem_gib=16"), GPU_NODE)
+    assert info.value.key == "strategy" and "the smallest change that fits: gpus=" in str(info.value)
+    with pytest.raises(ConfigError, match="smallest change that fits: train.gradient_checkpointing=true"):
+        build_plan(compose_cfg("model=qwen2.5-7b-instruct", "quant=4bit", "micro_batch=auto", "gpus=2",
+                               "gpu_mem_gib=10", "train.gradient_checkpointing=false", "data.max_length=4096"),
+                   GPU_NODE)
+
+
+def test_cpu_resolves_auto_without_a_memory_plan():
+    plan = build_plan(compose_cfg("strategy=auto", "micro_batch=auto"), CPU_NODE)
+    assert plan.strategy == "ddp" and plan.settings["strategy"] == "ddp"
+    assert "micro_batch: 4" in plan.files["config.yaml"]
+
+
+def test_plan_command_prints_every_strategy_without_a_gpu():
+    res = run_launcher("plan", "model=qwen2.5-7b-instruct", "quant=4bit", "gpus=2", "gpu_mem_gib=24")
+    assert res.returncode == 0, res.stderr
+    for strategy in memory.STRATEGIES:
+        assert f"\n{strategy} " in res.stdout
+    assert "weights" in res.stdout and "activ" in res.stdout and "strategy=auto would take" in res.stdout
+    missing = run_launcher("plan", "model=qwen2.5-7b-instruct")
+    assert missing.returncode == 2 and "gpu_mem_gib" in missing.stderr
