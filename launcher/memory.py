@@ -20,9 +20,11 @@ layer's worth; plus 0.47 bytes per vocabulary entry (logits). DPO runs chosen an
 sequences per pair); with LoRA the reference pass keeps no activations, without LoRA the reference
 model's weights are one more copy.
 
-What the sharded strategies hold beyond their shard, also from the peer's runs: ZeRO-3 materializes up to
-stage3_max_live_parameters (1e9 in ds_configs/zero3*.json) at a time; FSDP keeps the (tied) embedding
-gathered from the first layer to the last; DeepSpeed's communication buckets take about 0.8 GiB.
+What the sharded strategies hold beyond their shard: ZeRO-3 materializes up to stage3_max_live_parameters
+(1e9 in ds_configs/zero3*.json) at a time; FSDP keeps the (tied) embedding gathered from the first layer
+to the last; ZeRO-3's prefetch and persistence buffers take about 0.8 GiB (fitted to our 2x H200 run,
+docs/memory.md; ZeRO-2 with ds_configs/zero2.json's buckets showed none). Under DDP, 4-bit weights go
+through prepare_model_for_kbit_training, which keeps the unquantized ones (embeddings, norms) in float32.
 """
 from __future__ import annotations
 
@@ -35,14 +37,14 @@ ACT_PER_HIDDEN_LAYER = 71.3  # bytes per token, no gradient checkpointing
 ACT_PER_HIDDEN_LAYER_GC = 2.0  # bytes per token: the checkpointed layer inputs
 ACT_PER_VOCAB = 0.47  # bytes per token per vocabulary entry
 BYTES_4BIT = 0.53
-DEEPSPEED_BUCKETS_GIB = 0.8
+DEEPSPEED_BUFFERS_GIB = {"zero2": 0.0, "zero3": 0.8, "zero3_offload": 0.8}
 ZERO3_MAX_LIVE_PARAMS = 1e9
 CONTEXT_GIB = 1.0  # CUDA context and allocator slack, not counted by torch's peak
 SAFETY = 0.9  # a plan fits when its peak stays under this share of (GPU memory - context)
-# Expected speed relative to DDP, each from a measurement: ZeRO-2, ZeRO-3 and FSDP-QLoRA from the plain-TRL
-# peer's tutorial-default runs (../shared/peer/RESULTS.md); ZeRO-3-offload from our 2x H200 matrix run
-# (docs/gpu-runs.md: 56 s against ZeRO-3's 12.9 s). Issue 4's benchmark replaces them with tuned numbers.
-RELATIVE_SPEED = {"ddp": 1.0, "zero2": 0.76, "fsdp_qlora": 0.34, "zero3": 0.13, "zero3_offload": 0.03}
+# Expected speed relative to DDP (tokens/s per GPU), measured through the launcher on 2x H200 with today's
+# defaults (docs/memory.md: Qwen2.5-1.5B shape, DPO, micro_batch 4, checkpointing on); ZeRO-3-offload from
+# the tiny-model matrix run (docs/gpu-runs.md: 56 s against ZeRO-3's 12.9 s, times ZeRO-3's 0.16).
+RELATIVE_SPEED = {"ddp": 1.0, "zero2": 0.96, "fsdp_qlora": 0.29, "zero3": 0.16, "zero3_offload": 0.04}
 STRATEGIES = ("ddp", "zero2", "fsdp_qlora", "zero3", "zero3_offload")
 
 
@@ -114,12 +116,13 @@ def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | Non
              micro_batch: int, seq_len: int, method: str, gradient_checkpointing: bool) -> Estimate:
     """Predicted peak GiB per GPU, split by what holds the memory."""
     quant_linear = {None: 2.0, 4: BYTES_4BIT, 8: 1.0}[bits]
-    base = shape.linear_params() * quant_linear + shape.other_params() * 2.0
+    other_bytes = 4.0 if bits and strategy == "ddp" else 2.0  # kbit preparation upcasts them (see above)
+    base = shape.linear_params() * quant_linear + shape.other_params() * other_bytes
     lora = lora_r is not None
     trainable = shape.lora_params(lora_r, lora_targets) if lora else shape.total_params()
     sharded_weights = strategy in ("fsdp_qlora", "zero3", "zero3_offload")
     deepspeed = strategy.startswith("zero")
-    buckets = DEEPSPEED_BUCKETS_GIB * GIB if deepspeed else 0.0
+    buckets = DEEPSPEED_BUFFERS_GIB.get(strategy, 0.0) * GIB
     if deepspeed:  # bf16 params, fp32 master weights + grads + 2 moments, sharded from ZeRO-2 on
         param_bytes, grad_bytes, opt_bytes = (4 if lora and strategy == "zero2" else 2), 4, 12
     else:  # torch AdamW: states in the parameter's dtype
@@ -140,7 +143,7 @@ def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | Non
     else:
         weights = base + adapter
         optimizer = trainable * opt_bytes / (world if deepspeed else 1)
-    optimizer += buckets  # counted with the optimizer: DeepSpeed's reduce/all-gather buffers
+    optimizer += buckets  # counted with the optimizer: DeepSpeed's own buffers
     gradients = trainable * grad_bytes / (world if (deepspeed or sharded_weights) else 1)
     if strategy == "zero3_offload":
         gradients = trainable * 2 / world

@@ -109,10 +109,10 @@ def test_fsdp_settings_for_the_trainer_are_the_accelerate_file_s():
     assert yaml.safe_load(plan.files["config.yaml"])["plan"]["fsdp_config"] == acc["fsdp_config"]
 
 
-def test_strategy_auto_is_a_recorded_placeholder():
+def test_strategy_auto_is_decided_by_the_memory_plan():
     plan = plan_for("auto", "accelerate", 1)
     assert plan.strategy == "ddp"
-    assert any(d.startswith("strategy=auto") for d in plan.decisions)
+    assert any(d.startswith("strategy=auto -> ddp: the fastest that fits") for d in plan.decisions)
 
 
 def test_command_script_quotes_values(tmp_path):
