@@ -32,8 +32,12 @@ def memory_plan_text(cfg: dict, machine) -> str:
         shape = memory.model_shape(cfg["model"])
     except ValueError as err:
         raise ConfigError("model.shape", str(err)) from None
+    liger = cfg["train"]["liger"]
+    if liger == "auto":  # as on a GPU of this machine; its kernels lower the activations
+        cfg = dict(cfg, train=dict(cfg["train"], liger=machine.liger))
     text = memory.table(cfg, shape, world, gpu_mem, cfg["micro_batch"])
-    name, mb, why = memory.choose(cfg, shape, world, gpu_mem, cfg["micro_batch"])
+    text += f"\nLiger kernels: {'on' if cfg['train']['liger'] else 'off (train.liger=true if they will be installed)'}"
+    name, mb, why = memory.choose(cfg, shape, world, gpu_mem, cfg["micro_batch"], machine.deepspeed)
     if name:
         return f"{text}\nstrategy=auto would take {why}"
     return f"{text}\nnothing fits; the smallest change that fits: {memory.smallest_change(cfg, shape, world, gpu_mem)}"

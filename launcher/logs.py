@@ -72,24 +72,25 @@ def _reachable(host: str, port: int) -> bool:
 
 
 class MetricsCallback(TrainerCallback):
-    """metrics.jsonl (rank 0), tokens/s per GPU and peak GPU memory added to every log."""
+    """metrics.jsonl (rank 0); seconds per step, tokens/s per GPU and peak GPU memory added to every log."""
 
     def __init__(self, run_dir: str, world_size: int):
         self.path = Path(run_dir, "metrics.jsonl")
         self.world_size = world_size
-        self.last = None  # (time, tokens seen)
+        self.last = None  # (time, tokens seen, step)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.last = (time.perf_counter(), state.num_input_tokens_seen)
+        self.last = (time.perf_counter(), state.num_input_tokens_seen, state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         import torch
 
         logs = logs if logs is not None else {}
         now, tokens = time.perf_counter(), state.num_input_tokens_seen
-        if self.last and "loss" in logs and tokens > self.last[1]:
+        if self.last and "loss" in logs and tokens > self.last[1] and state.global_step > self.last[2]:
             logs["tokens_per_sec_per_gpu"] = round((tokens - self.last[1]) / (now - self.last[0]) / self.world_size, 1)
-            self.last = (now, tokens)
+            logs["step_seconds"] = round((now - self.last[0]) / (state.global_step - self.last[2]), 4)
+            self.last = (now, tokens, state.global_step)
         if torch.cuda.is_available():
             logs["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         if state.is_world_process_zero:

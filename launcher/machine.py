@@ -5,6 +5,7 @@ dry run must stay fast. CUDA_VISIBLE_DEVICES is honoured the way CUDA honours it
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -21,6 +22,8 @@ class Machine:
     hostname: str = "localhost"
     free_port: int = 29500
     busy_ports: frozenset = frozenset()  # of the ports asked about, those something here already listens on
+    liger: bool = False  # liger-kernel is installed (found, not imported: it pulls in triton)
+    deepspeed: bool = True  # deepspeed is installed (strategy=auto only picks ZeRO where it is)
 
 
 def _query_nvidia_smi() -> list[tuple[str, str, float, float]]:
@@ -74,4 +77,6 @@ def detect_machine(ports=()) -> Machine:
         hostname=socket.gethostname(),
         free_port=find_free_port(),
         busy_ports=frozenset(p for p in ports if isinstance(p, int) and 0 < p < 65536 and port_in_use(p)),
+        liger=importlib.util.find_spec("liger_kernel") is not None,
+        deepspeed=importlib.util.find_spec("deepspeed") is not None,
     )

@@ -16,7 +16,10 @@ shard the weights too; ZeRO-3-offload keeps weights and optimizer states in CPU 
 Activations per token were fitted to the plain-TRL peer's measurements on 2x H200 (../shared/peer,
 Qwen2.5-1.5B shape, DPO, LoRA r16, 712 tokens per pair): without gradient checkpointing 71.3 bytes per
 hidden unit per layer, with it 2 bytes per hidden unit per layer (the checkpointed inputs) plus one
-layer's worth; plus 0.47 bytes per vocabulary entry (logits). DPO runs chosen and rejected together (2
+layer's worth; plus 0.47 bytes per vocabulary entry (logits). Inside a layer that holds for float32 LoRA
+adapters under torch autocast (DDP), without Liger; our 2x H200 benchmark (docs/benchmarks.md, micro_batch
+32, no checkpointing) gave the factors below for Liger's kernels, for bf16 adapters (DeepSpeed, FSDP) and
+for 4-bit weights prepared for k-bit training under DDP (which upcasts to float32). DPO runs chosen and rejected together (2
 sequences per pair); with LoRA the reference pass keeps no activations, without LoRA the reference
 model's weights are one more copy.
 
@@ -36,15 +39,20 @@ GIB = 2**30
 ACT_PER_HIDDEN_LAYER = 71.3  # bytes per token, no gradient checkpointing
 ACT_PER_HIDDEN_LAYER_GC = 2.0  # bytes per token: the checkpointed layer inputs
 ACT_PER_VOCAB = 0.47  # bytes per token per vocabulary entry
+# Factors on the in-layer activations, each from one pair of runs in docs/benchmarks.md (peak GiB per GPU):
+ACT_LIGER = 0.79  # ddp with Liger 54.8 against 68.9 without
+ACT_BF16_ADAPTERS = 0.86  # zero2 47.4 against ddp 54.8 (PEFT runs float32 adapters on float32 copies of inputs)
+ACT_KBIT_DDP = 1.46  # ddp 4-bit 77.4 against ddp bf16 54.8
 BYTES_4BIT = 0.53
 DEEPSPEED_BUFFERS_GIB = {"zero2": 0.0, "zero3": 0.8, "zero3_offload": 0.8}
 ZERO3_MAX_LIVE_PARAMS = 1e9
 CONTEXT_GIB = 1.0  # CUDA context and allocator slack, not counted by torch's peak
 SAFETY = 0.9  # a plan fits when its peak stays under this share of (GPU memory - context)
-# Expected speed relative to DDP (tokens/s per GPU), measured through the launcher on 2x H200 with today's
-# defaults (docs/memory.md: Qwen2.5-1.5B shape, DPO, micro_batch 4, checkpointing on); ZeRO-3-offload from
-# the tiny-model matrix run (docs/gpu-runs.md: 56 s against ZeRO-3's 12.9 s, times ZeRO-3's 0.16).
-RELATIVE_SPEED = {"ddp": 1.0, "zero2": 0.96, "fsdp_qlora": 0.29, "zero3": 0.16, "zero3_offload": 0.04}
+# Expected speed relative to DDP (pairs/s per GPU), measured by `python -m launcher.bench` on 2x H200 with
+# the defaults (docs/benchmarks.md: Qwen2.5-1.5B shape, DPO, micro_batch 32, no checkpointing, Liger): ddp
+# 49.7, zero2 57.5, fsdp_qlora 4-bit 28.7, zero3 17.6 and 19.7. ZeRO-3-offload was not measured there: the
+# tiny-model matrix (docs/gpu-runs.md) ran it 4.3x slower than ZeRO-3, hence 0.375 / 4.3.
+RELATIVE_SPEED = {"ddp": 1.0, "zero2": 1.16, "fsdp_qlora": 0.58, "zero3": 0.375, "zero3_offload": 0.09}
 STRATEGIES = ("ddp", "zero2", "fsdp_qlora", "zero3", "zero3_offload")
 
 
@@ -113,7 +121,8 @@ class Estimate:
 
 
 def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | None, lora_targets, world: int,
-             micro_batch: int, seq_len: int, method: str, gradient_checkpointing: bool) -> Estimate:
+             micro_batch: int, seq_len: int, method: str, gradient_checkpointing: bool,
+             liger: bool = False) -> Estimate:
     """Predicted peak GiB per GPU, split by what holds the memory."""
     quant_linear = {None: 2.0, 4: BYTES_4BIT, 8: 1.0}[bits]
     other_bytes = 4.0 if bits and strategy == "ddp" else 2.0  # kbit preparation upcasts them (see above)
@@ -150,8 +159,13 @@ def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | Non
     sequences = micro_batch * (2 if method == "dpo" else 1)
     tokens = sequences * seq_len
     h_layers = shape.hidden * shape.layers
-    per_token = (ACT_PER_HIDDEN_LAYER_GC * h_layers + ACT_PER_HIDDEN_LAYER * shape.hidden if gradient_checkpointing
-                 else ACT_PER_HIDDEN_LAYER * h_layers) + ACT_PER_VOCAB * shape.vocab
+    in_layer = ACT_PER_HIDDEN_LAYER * (ACT_LIGER if liger else 1.0)
+    if strategy == "ddp" and lora:
+        in_layer *= ACT_KBIT_DDP if bits else 1.0
+    else:
+        in_layer *= ACT_BF16_ADAPTERS
+    per_token = (ACT_PER_HIDDEN_LAYER_GC * h_layers + in_layer * shape.hidden if gradient_checkpointing
+                 else in_layer * h_layers) + ACT_PER_VOCAB * shape.vocab
     activations = tokens * per_token
     reference = 0.0
     if method == "dpo" and not lora:  # a frozen copy, sharded like the policy's weights
@@ -172,14 +186,22 @@ def supported(strategy: str, bits: int | None, lora_r: int | None) -> bool:
 
 # ---- choosing: strategy=auto, micro_batch=auto, and what to change when nothing fits -------------------
 
-MAX_MICRO_BATCH = 256
+MAX_MICRO_BATCH = 64
+# micro_batch=auto stops here: 24.6k tokens per micro-batch already reached 47% MFU on an H200 (docs/benchmarks.md);
+# larger micro-batches mostly cut the number of optimizer steps
+MAX_TOKENS_PER_MICRO_BATCH = 32768
+# Gradient checkpointing costs one more forward per step (about a third more compute). Without it the
+# plain-TRL peer ran fastest (2x H200, 1.5B: 37.1 pairs/s at batch 32 without, 31.5 at 64 with it), as long
+# as the micro-batch left without it still holds this many tokens.
+CHECKPOINTING_OFF_MIN_TOKENS = 8192
 
 
 def job_estimate(cfg: dict, shape: Shape, strategy: str, world: int, micro_batch: int, **changes) -> Estimate:
     """estimate() for this config; `changes` override bits / seq_len / gradient_checkpointing."""
     args = dict(bits=cfg["quant"]["bits"], lora_r=cfg["lora"]["r"], lora_targets=cfg["lora"].get("target_modules"),
                 world=world, micro_batch=micro_batch, seq_len=cfg["data"]["max_length"], method=cfg["method"]["name"],
-                gradient_checkpointing=bool(cfg["train"]["gradient_checkpointing"]))
+                gradient_checkpointing=cfg["train"]["gradient_checkpointing"] is not False,  # auto: at least on
+                liger=cfg["train"].get("liger") is True)  # auto counts as off until the planner resolves it
     args.update(changes)
     return estimate(shape, strategy=strategy, **args)
 
@@ -187,21 +209,54 @@ def job_estimate(cfg: dict, shape: Shape, strategy: str, world: int, micro_batch
 def largest_micro_batch(cfg, shape, strategy, world, gpu_mem_gib, **changes) -> int:
     """The largest micro-batch that fits (0: not even one)."""
     best, mb = 0, 1
-    while mb <= MAX_MICRO_BATCH and fits(job_estimate(cfg, shape, strategy, world, mb, **changes), gpu_mem_gib):
+    while (mb <= MAX_MICRO_BATCH and (mb == 1 or tokens_per_micro_batch(cfg, mb) <= MAX_TOKENS_PER_MICRO_BATCH)
+           and fits(job_estimate(cfg, shape, strategy, world, mb, **changes), gpu_mem_gib)):
         best, mb = mb, mb * 2
     return best
 
 
-def candidates(cfg) -> list[str]:
-    return [s for s in STRATEGIES if supported(s, cfg["quant"]["bits"], cfg["lora"]["r"])]
+def tokens_per_micro_batch(cfg, micro_batch: int) -> int:
+    return micro_batch * (2 if cfg["method"]["name"] == "dpo" else 1) * cfg["data"]["max_length"]
 
 
-def choose(cfg, shape, world, gpu_mem_gib, micro_batch) -> tuple[str | None, int, str]:
+def checkpointing_pays(cfg, shape, strategy, world, gpu_mem_gib, micro_batch) -> tuple[bool, str]:
+    """gradient_checkpointing=auto: (on?, why). Off when the job still fits without it with enough work per
+    micro-batch to keep the GPU busy; `micro_batch` is an int or 'auto'."""
+    if micro_batch == "auto":
+        mb = largest_micro_batch(cfg, shape, strategy, world, gpu_mem_gib, gradient_checkpointing=False)
+        tokens = tokens_per_micro_batch(cfg, mb)
+        if mb and (tokens >= CHECKPOINTING_OFF_MIN_TOKENS or mb == MAX_MICRO_BATCH
+                   or tokens_per_micro_batch(cfg, mb * 2) > MAX_TOKENS_PER_MICRO_BATCH):
+            return False, f"off: micro_batch {mb} ({tokens} tokens) fits without it"
+        return True, (f"on: without it only micro_batch {mb} ({tokens} tokens, under {CHECKPOINTING_OFF_MIN_TOKENS})"
+                      " would fit")
+    if fits(job_estimate(cfg, shape, strategy, world, micro_batch, gradient_checkpointing=False), gpu_mem_gib):
+        return False, f"off: micro_batch {micro_batch} fits without it"
+    return True, f"on: micro_batch {micro_batch} does not fit without it"
+
+
+def checkpointing(cfg, shape, strategy, world, gpu_mem_gib, micro_batch) -> bool:
+    """The config's gradient_checkpointing, with auto decided for this strategy."""
+    if cfg["train"]["gradient_checkpointing"] == "auto":
+        return checkpointing_pays(cfg, shape, strategy, world, gpu_mem_gib, micro_batch)[0]
+    return bool(cfg["train"]["gradient_checkpointing"])
+
+
+def candidates(cfg, deepspeed: bool = True) -> list[str]:
+    """The strategies this job can use (the DeepSpeed ones only where deepspeed is installed)."""
+    return [s for s in STRATEGIES if supported(s, cfg["quant"]["bits"], cfg["lora"]["r"])
+            and (deepspeed or not s.startswith("zero"))]
+
+
+def choose(cfg, shape, world, gpu_mem_gib, micro_batch, deepspeed: bool = True) -> tuple[str | None, int, str]:
     """(strategy, micro_batch, why): the fastest strategy that fits (micro_batch: an int, or 'auto')."""
-    for strategy in sorted(candidates(cfg), key=lambda s: -RELATIVE_SPEED[s]):
-        mb = largest_micro_batch(cfg, shape, strategy, world, gpu_mem_gib) if micro_batch == "auto" else micro_batch
-        if mb and fits(job_estimate(cfg, shape, strategy, world, mb), gpu_mem_gib):
-            est = job_estimate(cfg, shape, strategy, world, mb)
+    for strategy in sorted(candidates(cfg, deepspeed), key=lambda s: -RELATIVE_SPEED[s]):
+        gc = checkpointing(cfg, shape, strategy, world, gpu_mem_gib, micro_batch)
+        mb = micro_batch
+        if micro_batch == "auto":
+            mb = largest_micro_batch(cfg, shape, strategy, world, gpu_mem_gib, gradient_checkpointing=gc)
+        est = job_estimate(cfg, shape, strategy, world, max(mb, 1), gradient_checkpointing=gc)
+        if mb and fits(est, gpu_mem_gib):
             return strategy, mb, (f"{strategy}: the fastest that fits ({est.total:.1f} GiB of {gpu_mem_gib:.0f} GiB "
                                   f"per GPU at micro_batch={mb}; relative speed {RELATIVE_SPEED[strategy]})")
     return None, 0, ""
@@ -232,16 +287,20 @@ def table(cfg, shape, world, gpu_mem_gib, micro_batch) -> str:
     rows = [f"model {cfg['model']['name']}: {shape.total_params() / 1e9:.2f}B parameters, quant "
             f"{cfg['quant']['name']}, lora {cfg['lora']['name']}, method {cfg['method']['name']}, "
             f"max_length {cfg['data']['max_length']}, {world} GPU(s) of {gpu_mem_gib:.0f} GiB",
-            f"{'strategy':<14}{'mb':>4}{'weights':>9}{'grads':>7}{'optim':>7}{'activ':>8}{'ref':>6}{'total':>8}"
-            f"  fits   speed (vs ddp)"]
+            f"{'strategy':<14}{'mb':>4}{'ckpt':>5}{'weights':>9}{'grads':>7}{'optim':>7}{'activ':>8}{'ref':>6}"
+            f"{'total':>8}  fits   speed (vs ddp)"]
     for strategy in STRATEGIES:
         if not supported(strategy, cfg["quant"]["bits"], cfg["lora"]["r"]):
             rows.append(f"{strategy:<14}  -- not with quant={cfg['quant']['name']} lora={cfg['lora']['name']}")
             continue
-        mb = largest_micro_batch(cfg, shape, strategy, world, gpu_mem_gib) if micro_batch == "auto" else micro_batch
-        e = job_estimate(cfg, shape, strategy, world, max(mb, 1))
-        rows.append(f"{strategy:<14}{max(mb, 1):>4}{e.weights:>9.2f}{e.gradients:>7.2f}{e.optimizer:>7.2f}"
-                    f"{e.activations:>8.2f}{e.reference:>6.2f}{e.total:>8.2f}  {'yes' if mb and fits(e, gpu_mem_gib) else 'NO ':<5}"
-                    f"  {RELATIVE_SPEED[strategy]:.2f}")
-    rows.append(f"GiB per GPU; fits: under {SAFETY:.0%} of (GPU memory - {CONTEXT_GIB:.0f} GiB CUDA context)")
+        gc = checkpointing(cfg, shape, strategy, world, gpu_mem_gib, micro_batch)
+        mb = micro_batch
+        if micro_batch == "auto":
+            mb = largest_micro_batch(cfg, shape, strategy, world, gpu_mem_gib, gradient_checkpointing=gc)
+        e = job_estimate(cfg, shape, strategy, world, max(mb, 1), gradient_checkpointing=gc)
+        rows.append(f"{strategy:<14}{max(mb, 1):>4}{'on' if gc else 'off':>5}{e.weights:>9.2f}{e.gradients:>7.2f}"
+                    f"{e.optimizer:>7.2f}{e.activations:>8.2f}{e.reference:>6.2f}{e.total:>8.2f}  "
+                    f"{'yes' if mb and fits(e, gpu_mem_gib) else 'NO ':<5}  {RELATIVE_SPEED[strategy]:.2f}")
+    rows.append(f"GiB per GPU; ckpt: gradient checkpointing; fits: under {SAFETY:.0%} of (GPU memory - "
+                f"{CONTEXT_GIB:.0f} GiB CUDA context)")
     return "\n".join(rows)

@@ -109,32 +109,47 @@ def node_file(name: str, node_rank: int) -> str:
 
 
 def size_the_job(cfg: dict, machine: Machine, world: int, on_gpu: bool, decisions: list[str]) -> dict:
-    """strategy=auto and micro_batch=auto from the memory plan (launcher/memory.py); a copy of cfg, resolved."""
+    """strategy=auto, micro_batch=auto and train.gradient_checkpointing=auto from the memory plan
+    (launcher/memory.py); a copy of cfg, resolved."""
     auto_strategy, auto_mb = cfg["strategy"]["name"] == "auto", cfg["micro_batch"] == "auto"
+    auto_gc = cfg["train"]["gradient_checkpointing"] == "auto"
     gpu_mem = cfg["gpu_mem_gib"] or machine.gpu_mem_gib
+    cfg = copy.deepcopy(cfg)
+    if cfg["train"]["liger"] == "auto":  # decided here: it changes the memory the job needs
+        cfg["train"]["liger"] = on_gpu and machine.liger
     if not on_gpu or not gpu_mem:
-        if not (auto_strategy or auto_mb):
-            return cfg
-        if on_gpu:
-            raise ConfigError("gpu_mem_gib", "strategy=auto / micro_batch=auto size the job to the GPU memory, "
-                                             "and none is visible here: give gpu_mem_gib=<GiB per GPU>.")
-        cfg = copy.deepcopy(cfg)
         if auto_strategy:
             cfg["strategy"] = {"name": "ddp"}
-            decisions.append("strategy=auto -> ddp: the only strategy on the CPU")
+            decisions.append("strategy=auto -> ddp: " + ("the GPU memory is unknown here (give gpu_mem_gib= to "
+                                                         "choose by it)" if on_gpu else "the only strategy on the CPU"))
         if auto_mb:
             cfg["micro_batch"] = 4
-            decisions.append("micro_batch=auto -> 4: no GPU memory to size it to")
+            decisions.append("micro_batch=auto -> 4: " + (
+                "no GPU visible to size it to (give gpu_mem_gib=)" if on_gpu else "no GPU memory to size it to"))
+        if auto_gc:
+            cfg["train"]["gradient_checkpointing"] = on_gpu
+            decisions.append("train.gradient_checkpointing=auto -> " + (
+                "on: the GPU memory is unknown" if on_gpu else "off: no GPU memory to save"))
         return cfg
     try:
         shape = memory.model_shape(cfg["model"])
     except ValueError as err:
         if auto_strategy or auto_mb:
             raise ConfigError("model.shape", f"{err}: the memory plan needs the model's dimensions") from None
+        if auto_gc:
+            cfg["train"]["gradient_checkpointing"] = True
+            decisions.append(f"train.gradient_checkpointing=auto -> on: {err}")
         return cfg
-    cfg = copy.deepcopy(cfg)
+    if auto_gc:  # decided for the strategy asked for, or the fastest that fits without checkpointing
+        name = cfg["strategy"]["name"]
+        if auto_strategy:
+            without = dict(cfg, train=dict(cfg["train"], gradient_checkpointing=False))
+            name = memory.choose(without, shape, world, gpu_mem, cfg["micro_batch"], machine.deepspeed)[0] or "ddp"
+        on, why = memory.checkpointing_pays(cfg, shape, name, world, gpu_mem, cfg["micro_batch"])
+        cfg["train"]["gradient_checkpointing"] = on
+        decisions.append(f"train.gradient_checkpointing=auto -> {why}")
     if auto_strategy:
-        name, mb, why = memory.choose(cfg, shape, world, gpu_mem, cfg["micro_batch"])
+        name, mb, why = memory.choose(cfg, shape, world, gpu_mem, cfg["micro_batch"], machine.deepspeed)
         if name is None:
             raise ConfigError("strategy", f"strategy=auto: no strategy fits {gpu_mem:.0f} GiB per GPU with this "
                                           f"config; the smallest change that fits: "
@@ -182,7 +197,8 @@ def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: l
     backend = resolve_backend(cfg, strategy, on_gpu)
     nodes, node_rank = cfg["nodes"], cfg["node_rank"]
     world_size = procs * nodes
-    settings, rule_decisions = decide(cfg, strategy, world_size, on_gpu, machine.bf16 or not machine.gpu_count)
+    settings, rule_decisions = decide(cfg, strategy, world_size, on_gpu, machine.bf16 or not machine.gpu_count,
+                                      machine.liger)
     decisions += rule_decisions
     if not on_gpu:
         decisions.append(f"no GPU: {procs} CPU processes, torchrun with the gloo backend, float32")

@@ -67,7 +67,8 @@ def compute_dtype(cfg, machine_bf16: bool, on_gpu: bool) -> str:
     return {"bf16": "bfloat16", "fp16": "float16"}.get(wanted, wanted)
 
 
-def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16: bool) -> tuple[dict, list[str]]:
+def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16: bool,
+           liger_installed: bool = False) -> tuple[dict, list[str]]:
     """The settings launcher.train needs for this strategy, and why each non-obvious one was chosen."""
     decisions: list[str] = []
     quant, lora = cfg["quant"], cfg["lora"]
@@ -89,16 +90,11 @@ def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16:
         "kbit_prepare": bool(bits),
         "checkpoint_on_signal": bool(cfg.get("checkpoint_on_signal")),
         "trainable_dtype": None,
+        "liger": False,
     }
     if on_gpu and dtype != "bfloat16":
         decisions.append(f"dtype={dtype}: these GPUs lack bf16 (compute capability < 8.0)")
 
-    if bits and lora["r"] is None:
-        raise ConfigError(
-            "lora",
-            f"quant={quant['name']} with lora=none: quantized weights cannot be trained directly. "
-            "Use lora=default (QLoRA), or quant=none for a full fine-tune.",
-        )
     if bits and not on_gpu:
         raise ConfigError(
             "quant",
@@ -174,6 +170,22 @@ def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16:
                 decisions.append("zero3_init_flag=false: bitsandbytes cannot quantize weights created under zero.Init")
         if strategy.name == "zero3_offload":
             decisions.append("offload_param and offload_optimizer to CPU (pinned): fits larger models, runs slower")
+
+    if cfg["method"]["name"] == "dpo" and cfg["method"].get("precompute_ref_log_probs") and world_size > 1:
+        raise ConfigError(
+            "method.precompute_ref_log_probs",
+            "method.precompute_ref_log_probs=true runs on one process only: TRL 1.16 caches the reference "
+            "log-probs in rank 0's temporary dataset files, which the other ranks cannot open (measured on 2x H200). "
+            "Use it with gpus=1, or leave it false.",
+        )
+    liger = cfg["train"]["liger"]
+    if liger is True and not (on_gpu and liger_installed):
+        raise ConfigError("train.liger", "train.liger=true needs CUDA GPUs and the liger-kernel package: "
+                                         "pip install 'launcher[gpu]' (liger-kernel==0.8.5), or train.liger=auto.")
+    if liger is True or (liger == "auto" and on_gpu and liger_installed):
+        settings["liger"] = True
+        decisions.append("Liger kernels for RMSNorm, RoPE and SwiGLU: fused passes over the activations "
+                         "(train.liger=false turns them off)")
 
     if world_size == 1 and strategy.name == "ddp":
         settings["expected_wrapper"] = None

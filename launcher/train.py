@@ -52,6 +52,10 @@ def training_args(cfg: dict, report_to: list[str]):
         use_cpu=plan["device"] == "cpu",
         gradient_checkpointing=plan["gradient_checkpointing"],
         gradient_checkpointing_kwargs={"use_reentrant": False},
+        use_liger_kernel=plan["liger"],
+        # TRL computes DPO/SFT log-probs with its own chunked LM head; Liger's fused cross-entropy would replace it
+        liger_kernel_config={"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+                             "fused_linear_cross_entropy": False} if plan["liger"] else None,
         report_to=report_to or "none",
         include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False,

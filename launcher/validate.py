@@ -47,6 +47,12 @@ def procs_per_node(cfg, machine: Machine) -> tuple[int, bool]:
 
 
 def check_values(cfg, machine: Machine) -> None:
+    if cfg["quant"]["bits"] and cfg["lora"]["r"] is None:  # before strategy=auto looks for a strategy
+        raise ConfigError(
+            "lora",
+            f"quant={cfg['quant']['name']} with lora=none: quantized weights cannot be trained directly. "
+            "Use lora=default (QLoRA), or quant=none for a full fine-tune.",
+        )
     nodes = _whole(cfg, "nodes", 1)
     node_rank = _whole(cfg, "node_rank", 0)
     if node_rank >= nodes:
@@ -63,6 +69,10 @@ def check_values(cfg, machine: Machine) -> None:
             raise ConfigError("master_port", f"master_port={port} is not a TCP port (1-65535).")
     _whole(cfg, "micro_batch", 1, allow=("auto",))
     _whole(cfg, "save_steps", 1)
+    for key in ("gradient_checkpointing", "liger"):
+        value = cfg["train"][key]
+        if not (isinstance(value, bool) or value == "auto"):
+            raise ConfigError(f"train.{key}", f"train.{key}={value!r}: give true, false or auto.")
     mem = cfg["gpu_mem_gib"]
     if mem is not None and (isinstance(mem, bool) or not isinstance(mem, (int, float)) or mem <= 0):
         raise ConfigError("gpu_mem_gib", f"gpu_mem_gib={mem!r}: give the GPU memory in GiB, e.g. gpu_mem_gib=80.")

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Predicted (memory plan) vs measured (torch peak allocated) GiB per GPU for each strategy, on a 2-GPU
-# machine, Qwen2.5-1.5B shape, DPO, LoRA r16 all-linear, micro_batch 4, ~380 tokens per sequence.
+# machine, Qwen2.5-1.5B shape, DPO, LoRA r16 all-linear, micro_batch 4, ~380 tokens per sequence, no Liger.
 # Writes $OUT/memory.tsv. Usage (GPU machine, project root, wheels in .whl/): bash scripts/gpu_memory_check.sh
 set -uo pipefail
 OUT=${OUT:-gpu-logs}; mkdir -p "$OUT"
@@ -8,13 +8,13 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH || exit 1
 A=/tmp/bench-assets
-python3 scripts/make_bench_assets.py $A qwen2.5-1.5b-instruct 400 > "$OUT/assets.log" 2>&1 || { cat "$OUT/assets.log"; exit 1; }
+python3 -m launcher.bench_assets $A qwen2.5-1.5b-instruct 400 > "$OUT/assets.log" 2>&1 || { cat "$OUT/assets.log"; exit 1; }
 printf 'case\tpredicted_gib\tmeasured_gib\ttokens_per_s_per_gpu\n' > "$OUT/memory.tsv"
 run() {  # name, overrides...
   name=$1; shift
   timeout 150 python3 -m launcher model=qwen2.5-1.5b-instruct model.path=$A/model model.tokenizer=$A/tokenizer \
     data.path=$A/pref.jsonl data.max_length=380 micro_batch=4 gpus=2 train.max_steps=8 train.logging_steps=2 \
-    save_steps=1000 run_dir=/tmp/runs/$name "$@" > "$OUT/$name.log" 2>&1
+    save_steps=1000 train.liger=false run_dir=/tmp/runs/$name "$@" > "$OUT/$name.log" 2>&1
   python3 - "$name" /tmp/runs/$name >> "$OUT/memory.tsv" <<'PY'
 import json, re, sys
 name, run = sys.argv[1], sys.argv[2]
@@ -29,11 +29,12 @@ except Exception as exc:
     print(f"{name}\tFAILED {type(exc).__name__}: {exc}")
 PY
 }
-run ddp_gc strategy=ddp
+GC=train.gradient_checkpointing=true  # the conditions of docs/memory.md's first table
+run zero3_offload strategy=zero3_offload $GC  # first: the one case not measured yet
+run ddp_gc strategy=ddp $GC
 run ddp_nogc strategy=ddp train.gradient_checkpointing=false
-run ddp_4bit strategy=ddp quant=4bit
-run zero2 strategy=zero2
-run zero3 strategy=zero3
-run fsdp_qlora_4bit strategy=fsdp_qlora quant=4bit
-run zero3_offload strategy=zero3_offload
+run ddp_4bit strategy=ddp quant=4bit $GC
+run zero2 strategy=zero2 $GC
+run zero3 strategy=zero3 $GC
+run fsdp_qlora_4bit strategy=fsdp_qlora quant=4bit $GC
 cat "$OUT/memory.tsv"

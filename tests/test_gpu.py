@@ -1,7 +1,9 @@
 """Every strategy for real on CUDA GPUs (run on the lent GPU machine: scripts/gpu_tests.sh). Skipped without CUDA.
 
-Each case goes through `python -m launcher` like a user: the planned wrapper must be in effect (the
-banner checks it and stops otherwise), the run must learn, checkpoint, and leave an adapter.
+Each case goes through `python -m launcher` like a user, with the launcher's defaults: the planned wrapper
+must be in effect (the banner checks it and stops otherwise); a first run checkpoints, a second continues
+from that checkpoint with resume=auto, learns (DPO reward accuracy, SFT held-out loss), and leaves an
+adapter that merges into a model that loads and generates.
 """
 import json
 import shutil
@@ -13,50 +15,60 @@ from conftest import run_launcher
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs")]
 GPUS = min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 0
+WRAPPERS = {"ddp": "DistributedDataParallel", "fsdp_qlora": "FullyShardedDataParallel"}
+
 
 def rank_log(run) -> str:
     path = run / "logs" / "rank0.log"
     return path.read_text()[-4000:] if path.exists() else "(no rank0.log)"
 
 
+# strategy x quantization it supports x method; every backend a strategy supports appears at least once
 CASES = [
-    ("ddp", "none", "accelerate", "DistributedDataParallel"),
-    ("ddp", "4bit", "torchrun", "DistributedDataParallel"),
-    ("fsdp_qlora", "4bit", "accelerate", "FullyShardedDataParallel"),
-    ("fsdp_qlora", "4bit", "torchrun", "FullyShardedDataParallel"),
-    ("zero2", "none", "deepspeed", "DeepSpeedEngine"),
-    ("zero2", "4bit", "accelerate", "DeepSpeedEngine"),
-    ("zero3", "none", "deepspeed", "DeepSpeedEngine"),
-    ("zero3", "4bit", "accelerate", "DeepSpeedEngine"),
-    ("zero3_offload", "none", "deepspeed", "DeepSpeedEngine"),
+    ("ddp", "none", "accelerate", "dpo"), ("ddp", "none", "torchrun", "sft"),
+    ("ddp", "4bit", "torchrun", "dpo"), ("ddp", "4bit", "accelerate", "sft"),
+    ("ddp", "8bit", "accelerate", "dpo"), ("ddp", "8bit", "torchrun", "sft"),
+    ("fsdp_qlora", "4bit", "accelerate", "dpo"), ("fsdp_qlora", "4bit", "torchrun", "sft"),
+    ("fsdp_qlora", "none", "torchrun", "dpo"), ("fsdp_qlora", "none", "accelerate", "sft"),
+    ("zero2", "none", "deepspeed", "dpo"), ("zero2", "none", "torchrun", "sft"),
+    ("zero2", "4bit", "accelerate", "dpo"), ("zero2", "4bit", "deepspeed", "sft"),
+    ("zero2", "8bit", "deepspeed", "dpo"),
+    ("zero3", "none", "deepspeed", "dpo"), ("zero3", "none", "accelerate", "sft"),
+    ("zero3", "4bit", "accelerate", "dpo"), ("zero3", "4bit", "torchrun", "sft"),
+    ("zero3_offload", "none", "deepspeed", "dpo"), ("zero3_offload", "none", "accelerate", "sft"),
 ]
 
 
-@pytest.mark.parametrize("strategy,quant,backend,wrapper", CASES, ids=[f"{s}-{q}-{b}" for s, q, b, _ in CASES])
-def test_strategy_runs_learns_and_saves(tmp_path, tiny_dir, strategy, quant, backend, wrapper):
+@pytest.mark.parametrize("strategy,quant,backend,method", CASES, ids=["-".join(c) for c in CASES])
+def test_strategy_runs_learns_resumes_and_merges(tmp_path, tiny_dir, strategy, quant, backend, method):
     run = tmp_path / "run"
-    args = [f"run_dir={run}", f"strategy={strategy}", f"quant={quant}", f"backend={backend}", f"gpus={GPUS}",
-            "train.max_steps=20", "save_steps=10", "train.lr=5e-4"]
-    res = run_launcher(*args, timeout=900)
-    assert res.returncode == 0, rank_log(run) + res.stdout[-2000:]
-    assert f"wrapped in {wrapper if GPUS > 1 or strategy != 'ddp' else ''}" in res.stdout
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["eval_rewards/accuracies"] > 0.6
-    assert (run / "checkpoints" / "checkpoint-20" / "COMPLETE").exists()
-    assert (run / "final" / "adapter_config.json").exists()
-    print("GPU-CASE", strategy, quant, backend, json.dumps(summary))
-
-
-@pytest.mark.parametrize("strategy", ["zero3", "fsdp_qlora"])
-def test_resume_continues_from_checkpoint(tmp_path, tiny_dir, strategy):
-    run = tmp_path / "run"
-    base = [f"run_dir={run}", f"strategy={strategy}", f"gpus={GPUS}", "save_steps=5", "train.save_total_limit=5"]
-    if strategy == "fsdp_qlora":
-        base.append("quant=4bit")
+    base = [f"run_dir={run}", f"strategy={strategy}", f"quant={quant}", f"backend={backend}", f"gpus={GPUS}",
+            f"method={method}", "save_steps=5", "train.save_total_limit=5", "train.lr=5e-4"]
+    if method == "sft":
+        base.append("data=demo_sft")
     first = run_launcher(*base, "train.max_steps=10", timeout=900)
     assert first.returncode == 0, rank_log(run) + first.stdout[-2000:]
+    wrapper = WRAPPERS.get(strategy, "DeepSpeedEngine")
+    assert f"wrapped in {wrapper if GPUS > 1 or strategy != 'ddp' else ''}" in first.stdout
+    assert (run / "checkpoints" / "checkpoint-10" / "COMPLETE").exists()
+    after_10 = json.loads((run / "summary.json").read_text())
     shutil.rmtree(run / "final")
-    second = run_launcher(*base, "train.max_steps=15", "resume=auto", timeout=900)
+
+    second = run_launcher(*base, "train.max_steps=20", "resume=auto", "merge=true", timeout=900)
     assert second.returncode == 0, rank_log(run) + second.stdout[-2000:]
-    assert "(step 10)" in second.stdout
-    assert json.loads((run / "summary.json").read_text())["global_step"] == 15
+    assert "(step 10)" in second.stdout  # resumed from the first run's checkpoint
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["global_step"] == 20
+    if method == "dpo":
+        assert summary["eval_rewards/accuracies"] > 0.6
+    else:
+        assert summary["eval_loss"] < after_10["eval_loss"]
+    assert (run / "final" / "adapter_config.json").exists()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged")
+    tok = AutoTokenizer.from_pretrained(run / "final")
+    out = merged.generate(**tok("hello", return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > 1
+    print("GPU-CASE", strategy, quant, backend, method, json.dumps(summary))

@@ -1,0 +1,249 @@
+"""The benchmark: the same job per strategy through `python -m launcher`, beside the plain-TRL peer, in one
+table (seconds/step, pairs or tokens/s per GPU, MFU, peak GiB per GPU, reward accuracy).
+
+    python -m launcher.bench --peer peer/ --gpus 2 --out bench-out            # the DPO matrix
+    python -m launcher.bench --peer peer/ --cases sft,peer-sft-bs4 --out ...  # any subset
+
+The job is the peer's (../shared/peer/RESULTS.md): a random-init model of a preset's shape, LoRA r16 on all
+linear layers, 2000 synthetic preference pairs of ~700 tokens (launcher/bench_assets.py builds them once
+under --assets). Every launcher case runs with the launcher's defaults plus the case's own overrides; the
+peer runs its own script with its stock accelerate config. Times are the median over the steps after
+WARMUP_STEPS. Results: <out>/bench.json and <out>/bench.md. scripts/gpu_bench.sh runs it on a GPU machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import yaml
+
+from launcher import ROOT, memory
+
+WARMUP_STEPS = 5
+PEAK_BF16_FLOPS = 790e12  # dense bf16 matrix rate measured on the lent H100/H200s (an 8192^3 product)
+TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str  # launcher | peer (../shared/peer/dpo_trl.py) | peer_sft (bench/peer_sft_trl.py)
+    method: str = "dpo"
+    overrides: tuple[str, ...] = ()  # launcher cases: command-line overrides on top of the defaults
+    env: dict = field(default_factory=dict)  # peer cases: the peer script's settings
+    preset: str = "qwen2.5-1.5b-instruct"
+    peer_config: str = "acc_ddp.yaml"
+
+
+CASES = {
+    "defaults": Case("launcher"),  # what a user gets without choosing anything (strategy=auto)
+    "peer-ddp-bs32": Case("peer", env={"STRATEGY": "ddp", "BS": "32", "GC": "0"}),  # the peer, hand-tuned
+    "peer-ddp-bs4": Case("peer", env={"STRATEGY": "ddp", "BS": "4", "GC": "1"}),  # the tutorials' defaults
+    "ddp": Case("launcher", overrides=("strategy=ddp",)),
+    "zero2": Case("launcher", overrides=("strategy=zero2",)),
+    "zero3": Case("launcher", overrides=("strategy=zero3",)),
+    "zero3_offload": Case("launcher", overrides=("strategy=zero3_offload",)),
+    "ddp-4bit": Case("launcher", overrides=("strategy=ddp", "quant=4bit")),
+    "fsdp_qlora-4bit": Case("launcher", overrides=("strategy=fsdp_qlora", "quant=4bit")),
+    # levers, each measured against "ddp"
+    "ddp-no-liger": Case("launcher", overrides=("strategy=ddp", "train.liger=false")),
+    "ddp-mb64": Case("launcher", overrides=("strategy=ddp", "micro_batch=64")),  # checkpointing then turns on
+    "ddp-mb4-ckpt": Case("launcher", overrides=("strategy=ddp", "micro_batch=4", "train.gradient_checkpointing=true",
+                                                "train.liger=false")),  # the launcher at the old defaults
+    # SFT on the same model and rows (prompt + chosen answer)
+    "sft": Case("launcher", "sft", overrides=("strategy=ddp",)),
+    "peer-sft-bs4": Case("peer_sft", "sft", env={"BS": "4", "GC": "1"}),
+    "peer-sft-bs32": Case("peer_sft", "sft", env={"BS": "32", "GC": "0"}),
+    # Qwen2.5-7B's shape, QLoRA, on two GPUs
+    "7b-fsdp_qlora-4bit": Case("launcher", overrides=("strategy=fsdp_qlora", "quant=4bit"), preset="qwen2.5-7b-instruct"),
+    "7b-zero3-4bit": Case("launcher", overrides=("strategy=zero3", "quant=4bit"), preset="qwen2.5-7b-instruct"),
+}
+DEFAULT_CASES = ("peer-ddp-bs32", "defaults", "ddp", "zero2", "zero3", "ddp-4bit", "fsdp_qlora-4bit", "zero3_offload")
+
+
+def flops_per_token(n_params: float, method: str, lora: bool, precomputed_ref: bool) -> float:
+    """Model FLOPs per token of one training step (recomputation by checkpointing not counted, as MFU goes):
+    forward 2N, backward 2N for the input gradients (+2N for weight gradients without LoRA), and for DPO
+    the reference forward 2N unless its log-probs were precomputed."""
+    flops = 2 * n_params + (2 if lora else 4) * n_params
+    if method == "dpo" and not precomputed_ref:
+        flops += 2 * n_params
+    return flops
+
+
+def launcher_argv(name: str, case: Case, assets: Path, out: Path, gpus: int, steps: int) -> list[str]:
+    data = (["data=demo_sft", f"data.path={assets}/sft.jsonl"] if case.method == "sft"
+            else [f"data.path={assets}/pref.jsonl"])
+    return [sys.executable, "-m", "launcher", f"model={case.preset}", f"model.path={assets}/model",
+            f"model.tokenizer={assets}/tokenizer", f"method={case.method}", *data, "data.max_length=384",
+            "data.conversational=false",  # the peer's rows are plain strings: no chat template, the same tokens
+            f"gpus={gpus}" if gpus else "cpu_procs=2", f"train.max_steps={steps}", "train.logging_steps=1", "save_steps=100000",
+            f"run_dir={out}/runs/{name}", "overwrite=true", *case.overrides]
+
+
+def peer_argv(case: Case, peer: Path, gpus: int, port: int) -> list[str]:
+    script = peer / "dpo_trl.py" if case.kind == "peer" else ROOT / "bench" / "peer_sft_trl.py"
+    return ["accelerate", "launch", "--config_file", str(peer / case.peer_config), "--num_processes", str(gpus),
+            "--main_process_port", str(port), str(script)]
+
+
+def read_launcher_run(run: Path, case: Case, n_params: float) -> dict:
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steady = [r for r in rows if "step_seconds" in r and r["step"] > WARMUP_STEPS]
+    step_s = statistics.median(r["step_seconds"] for r in steady)
+    tokens = statistics.median(r["tokens_per_sec_per_gpu"] for r in steady)
+    per_step = cfg["micro_batch"] * cfg["train"]["grad_accum"]
+    precomputed = bool(cfg["method"].get("precompute_ref_log_probs"))
+    res = dict(micro_batch=cfg["micro_batch"], checkpointing=cfg["plan"]["gradient_checkpointing"],
+               liger=cfg["plan"]["liger"], strategy=cfg["plan"]["strategy"], quant=cfg["quant"]["name"],
+               step_s=step_s, per_s_per_gpu=per_step / step_s, tokens_per_s_per_gpu=tokens,
+               mfu=tokens * flops_per_token(n_params, case.method, cfg["lora"]["r"] is not None, precomputed)
+               / PEAK_BF16_FLOPS,
+               peak_gib=max(r.get("peak_gpu_mem_gib", 0) for r in rows))
+    accs = [r["rewards/accuracies"] for r in rows if "rewards/accuracies" in r]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    res["train_metric"] = statistics.mean(accs[-5:]) if accs else statistics.mean(losses[-5:])
+    summary = run / "summary.json"
+    if summary.exists():
+        s = json.loads(summary.read_text())
+        res["eval_metric"] = s.get("eval_rewards/accuracies", s.get("eval_loss"))
+    return res
+
+
+def tokens_per_pair(assets: Path, rows: int = 200) -> float:
+    """As TRL tokenizes plain-string rows: the prompt once per sequence, each answer plus its EOS."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets / "tokenizer")
+    lengths = []
+    with open(assets / "pref.jsonl") as f:
+        for line, _ in zip(f, range(rows)):
+            r = json.loads(line)
+            n = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+            lengths.append(2 * n(r["prompt"]) + n(r["chosen"]) + n(r["rejected"]) + 2)
+    return statistics.mean(lengths)
+
+
+def read_peer_output(text: str, case: Case, assets: Path, n_params: float) -> dict:
+    line = next(l for l in text.splitlines() if l.startswith("RESULT rank 0 "))
+    r = json.loads(line.removeprefix("RESULT rank 0 "))
+    step_s = r["median_step_s"]
+    if case.method == "dpo":
+        tokens = r["pairs_per_s_per_gpu"] * tokens_per_pair(assets)
+        metric = (r["last_log"] or [{}])[0].get("rewards/accuracies")
+    else:
+        tokens = r["tokens_per_s_per_gpu"]
+        metric = (r["last_log"] or [{}])[0].get("loss")
+    return dict(micro_batch=r["bs"], checkpointing=case.env.get("GC") == "1", liger=False,
+                strategy=case.env.get("STRATEGY", "ddp"), quant=case.env.get("QUANT", "none"), step_s=step_s,
+                per_s_per_gpu=r["bs"] / step_s, tokens_per_s_per_gpu=tokens,
+                mfu=tokens * flops_per_token(n_params, case.method, True, False) / PEAK_BF16_FLOPS,
+                peak_gib=r["peak_alloc_gib"], train_metric=metric)
+
+
+def run_case(name: str, case: Case, args) -> dict:
+    from launcher.machine import find_free_port
+
+    if args.preset:
+        case = replace(case, preset=args.preset)
+    assets = Path(args.assets) / case.preset
+    if not (assets / "DONE").exists():  # in a child process, so that no GPU memory stays held here
+        subprocess.run([sys.executable, "-m", "launcher.bench_assets", str(assets), case.preset], check=True)
+    shape = yaml.safe_load((ROOT / "conf" / "model" / f"{case.preset}.yaml").read_text())["shape"]
+    n_params = memory.Shape.from_config(shape).total_params()
+    out = Path(args.out)
+    if case.kind == "launcher":
+        argv, env = launcher_argv(name, case, assets, out, args.gpus, args.steps), dict(os.environ)
+    else:
+        argv = peer_argv(case, Path(args.peer), args.gpus, find_free_port())
+        env = dict(os.environ, ASSETS=str(assets), STEPS=str(args.steps), **case.env)
+    started = time.time()
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=args.timeout, env=env)
+        text, code = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        text, code = f"{exc.stdout or ''}{exc.stderr or ''}\nTIMEOUT after {args.timeout} s", -1
+    (out / f"{name}.log").write_text(text if isinstance(text, str) else text.decode(errors="replace"))
+    res = dict(case=name, method=case.method, preset=case.preset, wall_s=round(time.time() - started, 1), rc=code)
+    try:
+        if case.kind == "launcher":
+            res.update(read_launcher_run(out / "runs" / name, case, n_params))
+        else:
+            res.update(read_peer_output(text, case, assets, n_params))
+    except Exception as exc:  # a failed case is a row that says so; the others still run
+        res["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    return res
+
+
+COLUMNS = [("case", "{}"), ("strategy", "{}"), ("quant", "{}"), ("micro_batch", "{}"), ("checkpointing", "{}"),
+           ("liger", "{}"), ("step_s", "{:.3f}"), ("per_s_per_gpu", "{:.1f}"), ("tokens_per_s_per_gpu", "{:.0f}"),
+           ("mfu", "{:.1%}"), ("peak_gib", "{:.1f}"), ("train_metric", "{:.3f}"), ("eval_metric", "{:.3f}"),
+           ("wall_s", "{:.0f}")]
+HEADERS = ["case", "strategy", "quant", "mb", "ckpt", "liger", "s/step", "pairs|seqs/s/GPU", "tokens/s/GPU", "MFU",
+           "peak GiB/GPU", "train acc|loss", "eval acc|loss", "wall s"]
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    for r in results:
+        cells = []
+        for key, fmt in COLUMNS:
+            value = r.get(key)
+            cells.append("-" if value is None else fmt.format(value) if not isinstance(value, bool)
+                         else ("on" if value else "off"))
+        if "error" in r:
+            cells[-1] += f" (failed: {r['error'][:80]})"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def environment() -> str:
+    gpus = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                          capture_output=True, text=True).stdout.strip().splitlines() if shutil.which("nvidia-smi") else []
+    versions = subprocess.run([sys.executable, "-c", "import torch, transformers, trl, peft, accelerate, deepspeed; "
+                               "print(' '.join(f'{m.__name__} {m.__version__}' for m in (torch, transformers, trl, "
+                               "peft, accelerate, deepspeed)))"], capture_output=True, text=True).stdout.strip().splitlines()[-1:]
+    where = f"{len(gpus)}x {gpus[0]}" if gpus else f"CPU only ({os.cpu_count()} cores)"
+    return f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {where}; {' '.join(versions)}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m launcher.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"comma-separated, from: {', '.join(CASES)}")
+    p.add_argument("--peer", default="peer", help="folder of the plain-TRL peer (../shared/peer)")
+    p.add_argument("--assets", default="/tmp/launcher-bench-assets", help="built once per preset, then reused")
+    p.add_argument("--gpus", type=int, default=2, help="0: CPU processes (a smoke run of the benchmark itself)")
+    p.add_argument("--preset", help="one model preset for every case instead of each case's own (e.g. tiny)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--timeout", type=int, default=TIMEOUT_S, help="seconds per case")
+    p.add_argument("--out", default="bench-out")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.cases.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        p.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    if any(CASES[n].kind != "launcher" for n in names) and not (Path(args.peer) / "dpo_trl.py").exists():
+        p.error(f"--peer {args.peer}: no dpo_trl.py there (copy ../shared/peer into the project, e.g. peer/)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    header = environment()
+    results = []
+    for name in names:
+        results.append(run_case(name, CASES[name], args))
+        (out / "bench.json").write_text(json.dumps({"environment": header, "results": results}, indent=2) + "\n")
+        (out / "bench.md").write_text(f"{header}\n\n{table(results)}\n")
+        print(f"[bench] {name}: " + json.dumps(results[-1]), flush=True)
+    print(f"{header}\n\n{table(results)}")
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+#!/bin/bash
+# The benchmark (python -m launcher.bench) on a lent GPU machine, from the project root, with the wheels of
+# ../shared/gpu/fetch-wheels.sh (EXTRA="liger-kernel==0.8.5") in .whl/ and ../shared/peer copied to peer/.
+#   CASES=ddp,zero3 STEPS=30 bash scripts/gpu_bench.sh     (default: the DPO matrix of launcher/bench.py)
+# Writes $OUT/bench.md, $OUT/bench.json and $OUT/bench-logs.tgz (every case's output and rank logs).
+set -uo pipefail
+OUT=${OUT:-gpu-logs}; mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+[ -d /tmp/site/trl ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  ; export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+export LAUNCHER_CACHE=/tmp/launcher-cache HF_DATASETS_CACHE=/tmp/hf-datasets
+B=/tmp/bench
+timeout "${BUDGET_S:-540}" python3 -m launcher.bench --peer peer --gpus "${GPUS:-2}" --steps "${STEPS:-30}" --out $B \
+  --assets /tmp/bench-assets ${CASES:+--cases "$CASES"} "$@"
+rc=$?
+cp $B/bench.md $B/bench.json "$OUT"/ 2>/dev/null
+tar czf "$OUT/bench-logs.tgz" -C $B --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' \
+  $(cd $B && ls *.log 2>/dev/null) $(cd $B && ls -d runs/*/logs runs/*/metrics.jsonl runs/*/plan.json runs/*/summary.json 2>/dev/null)
+exit $rc

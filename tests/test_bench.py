@@ -1,0 +1,52 @@
+"""The benchmark (launcher/bench.py): its arithmetic, its table, the plan it measures, and a real CPU run."""
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+from conftest import GPU_NODE, compose_cfg
+from launcher import ROOT, bench
+from launcher.plan import build_plan
+
+
+def test_flops_per_token_counts_what_the_step_computes():
+    n = 1.0
+    assert bench.flops_per_token(n, "dpo", lora=True, precomputed_ref=False) == 6  # fwd, input grads, reference
+    assert bench.flops_per_token(n, "dpo", lora=True, precomputed_ref=True) == 4
+    assert bench.flops_per_token(n, "dpo", lora=False, precomputed_ref=False) == 8  # + weight gradients
+    assert bench.flops_per_token(n, "sft", lora=True, precomputed_ref=False) == 4
+
+
+def test_table_marks_failed_cases():
+    rows = [dict(case="ddp", strategy="ddp", quant="none", micro_batch=32, checkpointing=False, liger=True,
+                 step_s=0.5, per_s_per_gpu=64.0, tokens_per_s_per_gpu=44800, mfu=0.5, peak_gib=50.0,
+                 train_metric=0.6, eval_metric=0.55, wall_s=60),
+            dict(case="zero3", wall_s=12, error="RuntimeError: boom")]
+    text = bench.table(rows)
+    assert "| ddp | ddp | none | 32 | off | on | 0.500 | 64.0 | 44800 | 50.0% | 50.0 |" in text
+    assert "failed: RuntimeError: boom" in text.splitlines()[-1]
+
+
+def test_the_benchmark_job_with_defaults_is_the_measured_zero2_plan():
+    """docs/benchmarks.md measured strategy=zero2; the defaults (strategy=auto) must plan exactly that run."""
+    h200 = replace(GPU_NODE, gpu_count=2, gpu_mem_gib=139.8, liger=True)
+    job = ["model=qwen2.5-1.5b-instruct", "gpus=2", "data.max_length=384"]
+    auto, zero2 = (build_plan(compose_cfg(*job, *extra), h200) for extra in ([], ["strategy=zero2"]))
+    assert auto.strategy == "zero2"
+    for plan in (auto, zero2):
+        assert plan.settings["gradient_checkpointing"] is False and plan.settings["liger"] is True
+        assert "micro_batch: 32\n" in plan.files["config.yaml"]
+    assert auto.files["ds_config.json"] == zero2.files["ds_config.json"]
+
+
+def test_bench_runs_a_case_through_the_launcher_on_the_cpu(tmp_path):
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "launcher.bench", "--cases", "ddp", "--preset", "tiny", "--gpus", "0",
+                          "--steps", "7", "--assets", str(tmp_path / "assets"), "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    row = json.loads((out / "bench.json").read_text())["results"][0]
+    assert row["case"] == "ddp" and row["micro_batch"] == 4  # micro_batch=auto on the CPU
+    assert row["step_s"] > 0 and abs(row["per_s_per_gpu"] - 4 / row["step_s"]) < 1e-6
+    assert 0 <= row["train_metric"] <= 1  # DPO reward accuracy
+    assert "| ddp | ddp | none | 4 |" in (out / "bench.md").read_text()
