@@ -123,11 +123,14 @@ def tokens_per_pair(assets: Path, rows: int = 200) -> float:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(assets / "tokenizer")
+
+    def n(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
     lengths = []
     with open(assets / "pref.jsonl") as f:
         for line, _ in zip(f, range(rows)):
             r = json.loads(line)
-            n = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
             lengths.append(2 * n(r["prompt"]) + n(r["chosen"]) + n(r["rejected"]) + 2)
     return statistics.mean(lengths)
 

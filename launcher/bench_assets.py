@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from launcher import ROOT
-from launcher.tiny import CHAT_TEMPLATE
+from launcher.tiny import CHAT_TEMPLATE, SPECIAL
 
 
 def build(out: str, preset: str, rows: int = 2000, prompt_words: int = 200, answer_words: int = 150) -> None:
@@ -24,7 +24,7 @@ def build(out: str, preset: str, rows: int = 2000, prompt_words: int = 200, answ
     if (out_dir / "DONE").exists():
         return
     shape = yaml.safe_load((ROOT / "conf" / "model" / f"{preset}.yaml").read_text())["shape"]
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "user", "assistant", "system"]
+    specials = [*SPECIAL, "<unk>", "user", "assistant", "system"]
     words = [f"w{i}" for i in range(min(8000, shape["vocab_size"] - len(specials)))]
     vocab = {t: i for i, t in enumerate(specials + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))

@@ -206,17 +206,24 @@ def job_estimate(cfg: dict, shape: Shape, strategy: str, world: int, micro_batch
     return estimate(shape, strategy=strategy, **args)
 
 
-def largest_micro_batch(cfg, shape, strategy, world, gpu_mem_gib, **changes) -> int:
-    """The largest micro-batch that fits (0: not even one)."""
-    best, mb = 0, 1
-    while (mb <= MAX_MICRO_BATCH and (mb == 1 or tokens_per_micro_batch(cfg, mb) <= MAX_TOKENS_PER_MICRO_BATCH)
-           and fits(job_estimate(cfg, shape, strategy, world, mb, **changes), gpu_mem_gib)):
-        best, mb = mb, mb * 2
-    return best
-
-
 def tokens_per_micro_batch(cfg, micro_batch: int) -> int:
     return micro_batch * (2 if cfg["method"]["name"] == "dpo" else 1) * cfg["data"]["max_length"]
+
+
+def at_cap(cfg, micro_batch: int) -> bool:
+    """micro_batch=auto goes no further than this micro-batch, whatever the memory."""
+    return micro_batch * 2 > MAX_MICRO_BATCH or tokens_per_micro_batch(cfg, micro_batch * 2) > MAX_TOKENS_PER_MICRO_BATCH
+
+
+def largest_micro_batch(cfg, shape, strategy, world, gpu_mem_gib, **changes) -> int:
+    """The largest micro-batch that fits, doubling from 1 (0: not even one)."""
+    best, mb = 0, 1
+    while fits(job_estimate(cfg, shape, strategy, world, mb, **changes), gpu_mem_gib):
+        best = mb
+        if at_cap(cfg, mb):
+            break
+        mb *= 2
+    return best
 
 
 def checkpointing_pays(cfg, shape, strategy, world, gpu_mem_gib, micro_batch) -> tuple[bool, str]:
@@ -225,8 +232,7 @@ def checkpointing_pays(cfg, shape, strategy, world, gpu_mem_gib, micro_batch) ->
     if micro_batch == "auto":
         mb = largest_micro_batch(cfg, shape, strategy, world, gpu_mem_gib, gradient_checkpointing=False)
         tokens = tokens_per_micro_batch(cfg, mb)
-        if mb and (tokens >= CHECKPOINTING_OFF_MIN_TOKENS or mb == MAX_MICRO_BATCH
-                   or tokens_per_micro_batch(cfg, mb * 2) > MAX_TOKENS_PER_MICRO_BATCH):
+        if mb and (tokens >= CHECKPOINTING_OFF_MIN_TOKENS or at_cap(cfg, mb)):
             return False, f"off: micro_batch {mb} ({tokens} tokens) fits without it"
         return True, (f"on: without it only micro_batch {mb} ({tokens} tokens, under {CHECKPOINTING_OFF_MIN_TOKENS})"
                       " would fit")
@@ -235,11 +241,15 @@ def checkpointing_pays(cfg, shape, strategy, world, gpu_mem_gib, micro_batch) ->
     return True, f"on: micro_batch {micro_batch} does not fit without it"
 
 
-def checkpointing(cfg, shape, strategy, world, gpu_mem_gib, micro_batch) -> bool:
-    """The config's gradient_checkpointing, with auto decided for this strategy."""
-    if cfg["train"]["gradient_checkpointing"] == "auto":
-        return checkpointing_pays(cfg, shape, strategy, world, gpu_mem_gib, micro_batch)[0]
-    return bool(cfg["train"]["gradient_checkpointing"])
+def sized(cfg, shape, strategy, world, gpu_mem_gib, micro_batch) -> tuple[bool, int, Estimate]:
+    """(checkpointing, micro_batch, estimate) of this job under `strategy`, with each `auto` decided."""
+    gc = cfg["train"]["gradient_checkpointing"]
+    if gc == "auto":
+        gc = checkpointing_pays(cfg, shape, strategy, world, gpu_mem_gib, micro_batch)[0]
+    mb = micro_batch
+    if micro_batch == "auto":
+        mb = largest_micro_batch(cfg, shape, strategy, world, gpu_mem_gib, gradient_checkpointing=bool(gc))
+    return bool(gc), mb, job_estimate(cfg, shape, strategy, world, max(mb, 1), gradient_checkpointing=bool(gc))
 
 
 def candidates(cfg, deepspeed: bool = True) -> list[str]:
@@ -251,11 +261,7 @@ def candidates(cfg, deepspeed: bool = True) -> list[str]:
 def choose(cfg, shape, world, gpu_mem_gib, micro_batch, deepspeed: bool = True) -> tuple[str | None, int, str]:
     """(strategy, micro_batch, why): the fastest strategy that fits (micro_batch: an int, or 'auto')."""
     for strategy in sorted(candidates(cfg, deepspeed), key=lambda s: -RELATIVE_SPEED[s]):
-        gc = checkpointing(cfg, shape, strategy, world, gpu_mem_gib, micro_batch)
-        mb = micro_batch
-        if micro_batch == "auto":
-            mb = largest_micro_batch(cfg, shape, strategy, world, gpu_mem_gib, gradient_checkpointing=gc)
-        est = job_estimate(cfg, shape, strategy, world, max(mb, 1), gradient_checkpointing=gc)
+        _, mb, est = sized(cfg, shape, strategy, world, gpu_mem_gib, micro_batch)
         if mb and fits(est, gpu_mem_gib):
             return strategy, mb, (f"{strategy}: the fastest that fits ({est.total:.1f} GiB of {gpu_mem_gib:.0f} GiB "
                                   f"per GPU at micro_batch={mb}; relative speed {RELATIVE_SPEED[strategy]})")
@@ -293,11 +299,7 @@ def table(cfg, shape, world, gpu_mem_gib, micro_batch) -> str:
         if not supported(strategy, cfg["quant"]["bits"], cfg["lora"]["r"]):
             rows.append(f"{strategy:<14}  -- not with quant={cfg['quant']['name']} lora={cfg['lora']['name']}")
             continue
-        gc = checkpointing(cfg, shape, strategy, world, gpu_mem_gib, micro_batch)
-        mb = micro_batch
-        if micro_batch == "auto":
-            mb = largest_micro_batch(cfg, shape, strategy, world, gpu_mem_gib, gradient_checkpointing=gc)
-        e = job_estimate(cfg, shape, strategy, world, max(mb, 1), gradient_checkpointing=gc)
+        gc, mb, e = sized(cfg, shape, strategy, world, gpu_mem_gib, micro_batch)
         rows.append(f"{strategy:<14}{max(mb, 1):>4}{'on' if gc else 'off':>5}{e.weights:>9.2f}{e.gradients:>7.2f}"
                     f"{e.optimizer:>7.2f}{e.activations:>8.2f}{e.reference:>6.2f}{e.total:>8.2f}  "
                     f"{'yes' if mb and fits(e, gpu_mem_gib) else 'NO ':<5}  {RELATIVE_SPEED[strategy]:.2f}")

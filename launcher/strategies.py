@@ -182,7 +182,7 @@ def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16:
     if liger is True and not (on_gpu and liger_installed):
         raise ConfigError("train.liger", "train.liger=true needs CUDA GPUs and the liger-kernel package: "
                                          "pip install 'launcher[gpu]' (liger-kernel==0.8.5), or train.liger=auto.")
-    if liger is True or (liger == "auto" and on_gpu and liger_installed):
+    if liger:  # plan.size_the_job has turned auto into true or false
         settings["liger"] = True
         decisions.append("Liger kernels for RMSNorm, RoPE and SwiGLU: fused passes over the activations "
                          "(train.liger=false turns them off)")

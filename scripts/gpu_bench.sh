@@ -4,11 +4,7 @@
 #   CASES=ddp,zero3 STEPS=30 bash scripts/gpu_bench.sh     (default: the DPO matrix of launcher/bench.py)
 # Writes $OUT/bench.md, $OUT/bench.json and $OUT/bench-logs.tgz (every case's output and rank logs).
 set -uo pipefail
-OUT=${OUT:-gpu-logs}; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-[ -d /tmp/site/trl ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  ; export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
-export LAUNCHER_CACHE=/tmp/launcher-cache HF_DATASETS_CACHE=/tmp/hf-datasets
+. scripts/gpu_env.sh
 B=/tmp/bench
 timeout "${BUDGET_S:-540}" python3 -m launcher.bench --peer peer --gpus "${GPUS:-2}" --steps "${STEPS:-30}" --out $B \
   --assets /tmp/bench-assets ${CASES:+--cases "$CASES"} "$@"

@@ -3,10 +3,7 @@
 # machine, Qwen2.5-1.5B shape, DPO, LoRA r16 all-linear, micro_batch 4, ~380 tokens per sequence, no Liger.
 # Writes $OUT/memory.tsv. Usage (GPU machine, project root, wheels in .whl/): bash scripts/gpu_memory_check.sh
 set -uo pipefail
-OUT=${OUT:-gpu-logs}; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH || exit 1
+. scripts/gpu_env.sh
 A=/tmp/bench-assets
 python3 -m launcher.bench_assets $A qwen2.5-1.5b-instruct 400 > "$OUT/assets.log" 2>&1 || { cat "$OUT/assets.log"; exit 1; }
 printf 'case\tpredicted_gib\tmeasured_gib\ttokens_per_s_per_gpu\n' > "$OUT/memory.tsv"
