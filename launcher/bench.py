@@ -2,7 +2,7 @@
 table (seconds/step, pairs or tokens/s per GPU, MFU, peak GiB per GPU, reward accuracy).
 
     python -m launcher.bench --peer peer/ --gpus 2 --out bench-out            # the DPO matrix
-    python -m launcher.bench --peer peer/ --cases sft,peer-sft-bs4 --out ...  # any subset
+    python -m launcher.bench --peer peer/ --cases sft,peer-sft-bs4 --out ...  # any subset (or --cases all)
 
 The job is the peer's (../shared/peer/RESULTS.md): a random-init model of a preset's shape, LoRA r16 on all
 linear layers, 2000 synthetic preference pairs of ~700 tokens (launcher/bench_assets.py builds them once
@@ -218,9 +218,13 @@ def environment() -> str:
     return f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {where}; {' '.join(versions)}"
 
 
+def case_names(text: str) -> list[str]:
+    return list(CASES) if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m launcher.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"comma-separated, from: {', '.join(CASES)}")
+    p.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"all, or comma-separated from: {', '.join(CASES)}")
     p.add_argument("--peer", default="peer", help="folder of the plain-TRL peer (../shared/peer)")
     p.add_argument("--assets", default="/tmp/launcher-bench-assets", help="built once per preset, then reused")
     p.add_argument("--gpus", type=int, default=2, help="0: CPU processes (a smoke run of the benchmark itself)")
@@ -229,10 +233,10 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=int, default=TIMEOUT_S, help="seconds per case")
     p.add_argument("--out", default="bench-out")
     args = p.parse_args(argv)
-    names = [n.strip() for n in args.cases.split(",") if n.strip()]
+    names = case_names(args.cases)
     unknown = [n for n in names if n not in CASES]
     if unknown:
-        p.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+        p.error(f"--cases: unknown case(s) {', '.join(unknown)}; choose all or from {', '.join(CASES)}")
     if any(CASES[n].kind != "launcher" for n in names) and not (Path(args.peer) / "dpo_trl.py").exists():
         p.error(f"--peer {args.peer}: no dpo_trl.py there (copy ../shared/peer into the project, e.g. peer/)")
     out = Path(args.out)

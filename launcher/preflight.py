@@ -15,15 +15,35 @@ import yaml
 from launcher import checkpoints, data, modeling
 
 
+FSDP_SHARDS = "pytorch_model_fsdp_0"  # where accelerate puts an FSDP model's shards (SHARDED_STATE_DICT) in a checkpoint
+
+
+def saved_adapter(ckpt: Path) -> dict | None:
+    """The checkpoint's LoRA adapter settings (r, base model), or None when it holds no adapter.
+
+    Under FSDP the Trainer writes only the shards, no adapter_config.json: there the shapes in the shards'
+    metadata tell whether an adapter is in it and its rank (lora_A is r x in_features).
+    """
+    config = ckpt / "adapter_config.json"
+    if config.exists():
+        return json.loads(config.read_text())
+    if (ckpt / FSDP_SHARDS / ".metadata").exists():
+        from torch.distributed.checkpoint import FileSystemReader
+
+        tensors = FileSystemReader(str(ckpt / FSDP_SHARDS)).read_metadata().state_dict_metadata
+        ranks = [meta.size[0] for name, meta in tensors.items() if ".lora_A." in name]
+        return {"r": ranks[0]} if ranks else None
+    return None
+
+
 def checkpoint_mismatch(cfg: dict, ckpt: Path) -> str | None:
     """Why the checkpoint cannot be resumed with this config (another base model or adapter shape), or None."""
-    adapter = ckpt / "adapter_config.json"
+    saved = saved_adapter(ckpt)
     lora = cfg["lora"]
     if lora["r"] is None:
-        return "it holds a LoRA adapter, and this config trains every weight (lora=none)" if adapter.exists() else None
-    if not adapter.exists():
+        return "it holds a LoRA adapter, and this config trains every weight (lora=none)" if saved else None
+    if saved is None:
         return "it holds no LoRA adapter (a full fine-tune?), and this config trains one"
-    saved = json.loads(adapter.read_text())
     differ = []
     if saved.get("r") != lora["r"]:
         differ.append(f"LoRA r={saved.get('r')} there, lora.r={lora['r']} here")

@@ -17,6 +17,10 @@ def test_flops_per_token_counts_what_the_step_computes():
     assert bench.flops_per_token(n, "sft", lora=True, precomputed_ref=False) == 4
 
 
+def test_case_names_all_means_every_case_in_order():
+    assert bench.case_names("all") == list(bench.CASES) and bench.case_names(" ddp, zero3,") == ["ddp", "zero3"]
+
+
 def test_table_marks_failed_cases():
     rows = [dict(case="ddp", strategy="ddp", quant="none", micro_batch=32, checkpointing=False, liger=True,
                  step_s=0.5, per_s_per_gpu=64.0, tokens_per_s_per_gpu=44800, mfu=0.5, peak_gib=50.0,

@@ -125,13 +125,18 @@ def job_field(env, job: str, field: str) -> str:
 
 
 def wait_job(env, job: str, timeout=600, until=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")):
-    deadline = time.time() + timeout
+    deadline, seen, hurried = time.time() + timeout, [], False
     while (state := job_field(env, job, "JobState")) not in until:
-        if state == "PENDING" and job_field(env, job, "Reason") == "BeginTime":
-            # a requeued job waits two minutes before it may start again; the test does not
-            _run("scontrol", "update", f"JobId={job}", "StartTime=now", env=env)
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        if state == "PENDING" and job_field(env, job, "Reason") == "BeginTime" and not hurried:
+            # A requeued job waits two minutes before it may start again; the test waits 5 s. Not less:
+            # slurmd refuses a restart in the second its credential was revoked ("Job credential revoked").
+            _run("scontrol", "update", f"JobId={job}", "StartTime=now+5", env=env)
+            hurried = True
         assert time.time() < deadline, f"job {job} still {state} ({job_field(env, job, 'Reason')})"
-        time.sleep(1)
+        time.sleep(0.2)
+    print("job", job, "states:", " -> ".join(seen + [state]))
     return state
 
 
