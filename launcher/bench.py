@@ -57,6 +57,15 @@ CASES = {
     "ddp-mb64": Case("launcher", overrides=("strategy=ddp", "micro_batch=64")),  # checkpointing then turns on
     "ddp-mb4-ckpt": Case("launcher", overrides=("strategy=ddp", "micro_batch=4", "train.gradient_checkpointing=true",
                                                 "train.liger=false")),  # the launcher at the old defaults
+    # levers for the sharded strategies, which trail zero2 (docs/benchmarks.md); not measured yet.
+    # 2e6 lies between the granularity DeepSpeed computes for a Qwen2.5-1.5B decoder layer with LoRA r16 (1.44e6
+    # parameters per module) and its MLP's (3.2e6): ZeRO-3 then fetches a whole layer per hook, as FSDP wraps it.
+    "zero3-layer-fetch": Case("launcher", overrides=(
+        "strategy=zero3", "+strategy.deepspeed.zero_optimization.stage3_module_granularity_threshold=2000000")),
+    "fsdp_qlora-4bit-grad-op": Case("launcher", overrides=(  # weights stay gathered from forward to backward
+        "strategy=fsdp_qlora", "quant=4bit", "+strategy.fsdp.fsdp_sharding_strategy=SHARD_GRAD_OP")),
+    "fsdp_qlora-4bit-prefetch": Case("launcher", overrides=(
+        "strategy=fsdp_qlora", "quant=4bit", "+strategy.fsdp.fsdp_forward_prefetch=true")),
     # SFT on the same model and rows (prompt + chosen answer)
     "sft": Case("launcher", "sft", overrides=("strategy=ddp",)),
     "peer-sft-bs4": Case("peer_sft", "sft", env={"BS": "4", "GC": "1"}),

@@ -119,7 +119,7 @@ def size_the_job(cfg: dict, machine: Machine, world: int, on_gpu: bool, decision
         cfg["train"]["liger"] = on_gpu and machine.liger
     if not on_gpu or not gpu_mem:
         if auto_strategy:
-            cfg["strategy"] = {"name": "ddp"}
+            cfg["strategy"] = dict(cfg["strategy"], name="ddp")
             decisions.append("strategy=auto -> ddp: " + ("the GPU memory is unknown here (give gpu_mem_gib= to "
                                                          "choose by it)" if on_gpu else "the only strategy on the CPU"))
         if auto_mb:
@@ -154,7 +154,7 @@ def size_the_job(cfg: dict, machine: Machine, world: int, on_gpu: bool, decision
             raise ConfigError("strategy", f"strategy=auto: no strategy fits {gpu_mem:.0f} GiB per GPU with this "
                                           f"config; the smallest change that fits: "
                                           f"{memory.smallest_change(cfg, shape, world, gpu_mem)}")
-        cfg["strategy"] = {"name": name}
+        cfg["strategy"] = dict(cfg["strategy"], name=name)  # with any strategy.deepspeed / strategy.fsdp given
         decisions.append(f"strategy=auto -> {why}")
         if auto_mb:
             cfg["micro_batch"] = mb
@@ -215,10 +215,11 @@ def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: l
     run_dir = cfg["run_dir"]
     path = lambda name: os.path.join(run_dir, name)  # noqa: E731
 
-    ds_cfg = render_deepspeed_config(strategy)
+    ds_cfg = render_deepspeed_config(strategy, cfg["strategy"].get("deepspeed"))
     acc_cfg = render_accelerate_config(
         strategy, settings, procs_per_node=procs, nodes=nodes, master_addr=cfg["master_addr"],
         master_port=master_port, deepspeed_config_path=path(DEEPSPEED_FILE) if ds_cfg else None,
+        fsdp_overrides=cfg["strategy"].get("fsdp"),
     )
     if ds_cfg:
         settings["deepspeed_config"] = path(DEEPSPEED_FILE)

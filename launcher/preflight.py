@@ -13,6 +13,8 @@ from pathlib import Path
 import yaml
 
 from launcher import checkpoints, data, modeling
+from launcher.render import render_deepspeed_config
+from launcher.strategies import resolve_strategy
 
 
 FSDP_SHARDS = "pytorch_model_fsdp_0"  # where accelerate puts an FSDP model's shards (SHARDED_STATE_DICT) in a checkpoint
@@ -53,6 +55,24 @@ def checkpoint_mismatch(cfg: dict, ckpt: Path) -> str | None:
     return "; ".join(differ) or None
 
 
+def deepspeed_settings_error(cfg: dict) -> str | None:
+    """DeepSpeed's own check of the ZeRO settings given in strategy.deepspeed: a misspelt key or a bad value
+    stops the launch here, not after the ranks have loaded the model."""
+    if not (cfg["strategy"].get("deepspeed") or {}).get("zero_optimization"):
+        return None
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    ds = render_deepspeed_config(resolve_strategy(cfg["plan"]["strategy"]), cfg["strategy"]["deepspeed"])
+    zero = {k: v for k, v in ds["zero_optimization"].items() if v != "auto"}  # "auto" is filled in by transformers
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except ValidationError as err:
+        return "; ".join(f"strategy.deepspeed.zero_optimization.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                         for e in err.errors())
+    return None
+
+
 def main(config_path: str) -> int:
     import datasets
 
@@ -63,6 +83,10 @@ def main(config_path: str) -> int:
         _, _, report = data.prepare(cfg["data"], cfg["method"]["name"], tokenizer, cfg["seed"])
     except data.DataError as err:
         print(f"launcher: error: data error: {err}", file=sys.stderr)
+        return 2
+    if why := deepspeed_settings_error(cfg):
+        print(f"launcher: error: {why}. DeepSpeed's names: https://www.deepspeed.ai/docs/config-json/",
+              file=sys.stderr)
         return 2
     resume = cfg["resume"]
     ckpt = checkpoints.find_resume(cfg["run_dir"], resume) if resume else None

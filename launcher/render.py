@@ -31,6 +31,14 @@ def mixed_precision(dtype: str) -> str:
     return {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "no")
 
 
+def laid_over(base: dict, overrides: dict) -> dict:
+    """A copy of base with overrides laid over it, nested dicts key by key."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        out[key] = laid_over(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def render_accelerate_config(
     strategy: Strategy,
     settings: dict,
@@ -40,6 +48,7 @@ def render_accelerate_config(
     master_addr: str | None,
     master_port: int,
     deepspeed_config_path: str | None,
+    fsdp_overrides: dict | None = None,
 ) -> dict:
     cfg = copy.deepcopy(accelerate_template(strategy.name))
     cfg["num_processes"] = procs_per_node * nodes
@@ -54,15 +63,17 @@ def render_accelerate_config(
     if "deepspeed_config" in cfg:
         cfg["deepspeed_config"]["deepspeed_config_file"] = deepspeed_config_path
         cfg["deepspeed_config"]["zero3_init_flag"] = settings["zero3_init"]
-    if "fsdp_config" in cfg and settings.get("fsdp_cpu_offload"):
-        cfg["fsdp_config"]["fsdp_offload_params"] = True
+    if "fsdp_config" in cfg:
+        cfg["fsdp_config"] = laid_over(cfg["fsdp_config"], fsdp_overrides or {})
+        if settings.get("fsdp_cpu_offload"):
+            cfg["fsdp_config"]["fsdp_offload_params"] = True
     return cfg
 
 
-def render_deepspeed_config(strategy: Strategy) -> dict | None:
+def render_deepspeed_config(strategy: Strategy, overrides: dict | None = None) -> dict | None:
     if not strategy.deepspeed_template:
         return None
-    cfg = copy.deepcopy(deepspeed_template(strategy.deepspeed_template))
+    cfg = laid_over(deepspeed_template(strategy.deepspeed_template), overrides or {})
     if strategy.name.startswith("zero3"):
         cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     return cfg

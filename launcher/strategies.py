@@ -58,6 +58,14 @@ def resolve_backend(cfg, strategy: Strategy, on_gpu: bool) -> str:
     return backend
 
 
+def flat(settings: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    out = {}
+    for key, value in settings.items():
+        out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
 def compute_dtype(cfg, machine_bf16: bool, on_gpu: bool) -> str:
     if not on_gpu:
         return "float32"
@@ -154,6 +162,20 @@ def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16:
             f"optim={optim} -> adamw_torch: paged 8-bit optimizers manage their own memory and do not work "
             f"with {strategy.name}'s sharded optimizer states"
         )
+
+    user_ds, user_fsdp = cfg["strategy"].get("deepspeed") or {}, cfg["strategy"].get("fsdp") or {}
+    if user_ds and not strategy.deepspeed_template:
+        raise ConfigError("strategy.deepspeed", f"these are DeepSpeed settings, and this run uses strategy="
+                                                f"{strategy.name}. Name a DeepSpeed strategy (strategy=zero2, zero3 "
+                                                "or zero3_offload), or drop them.")
+    if user_fsdp and strategy.name != "fsdp_qlora":
+        raise ConfigError("strategy.fsdp", f"these are FSDP settings, and this run uses strategy={strategy.name}. "
+                                           "Use strategy=fsdp_qlora, or drop them.")
+    if bad := [k for k in user_fsdp if not k.startswith("fsdp_")]:
+        raise ConfigError("strategy.fsdp", f"strategy.fsdp.{bad[0]}: accelerate's FSDP settings are named fsdp_*, "
+                                           "as in accelerate_configs/fsdp_qlora.yaml (e.g. fsdp_sharding_strategy).")
+    for key, value in flat(user_ds).items() | flat(user_fsdp).items():
+        decisions.append(f"{key}={value}: yours, laid over the shipped config")
 
     if strategy.name == "fsdp_qlora":
         decisions.append("FSDP1 FULL_SHARD, SHARDED_STATE_DICT checkpoints, use_orig_params=false (PEFT under FSDP)")

@@ -21,6 +21,14 @@ def test_case_names_all_means_every_case_in_order():
     assert bench.case_names("all") == list(bench.CASES) and bench.case_names(" ddp, zero3,") == ["ddp", "zero3"]
 
 
+def test_every_launcher_case_plans_on_the_benchmark_machine():
+    h200 = replace(GPU_NODE, gpu_count=2, gpu_mem_gib=139.8, liger=True)
+    for name, case in bench.CASES.items():
+        if case.kind == "launcher":
+            plan = build_plan(compose_cfg(f"model={case.preset}", "gpus=2", "data.max_length=384", *case.overrides), h200)
+            assert plan.world_size == 2, name
+
+
 def test_table_marks_failed_cases():
     rows = [dict(case="ddp", strategy="ddp", quant="none", micro_batch=32, checkpointing=False, liger=True,
                  step_s=0.5, per_s_per_gpu=64.0, tokens_per_s_per_gpu=44800, mfu=0.5, peak_gib=50.0,

@@ -109,6 +109,21 @@ def test_fsdp_settings_for_the_trainer_are_the_accelerate_file_s():
     assert yaml.safe_load(plan.files["config.yaml"])["plan"]["fsdp_config"] == acc["fsdp_config"]
 
 
+def test_your_deepspeed_and_fsdp_settings_are_laid_over_the_shipped_files():
+    plan = plan_for("zero3", "deepspeed", 1, "+strategy.deepspeed.zero_optimization.stage3_prefetch_bucket_size=100000000",
+                    "+strategy.deepspeed.steps_per_print=10")
+    ds = json.loads(plan.files["ds_config.json"])
+    assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == 100000000 and ds["steps_per_print"] == 10
+    assert ds["zero_optimization"]["overlap_comm"] is True  # the shipped settings beside them stay
+    assert "zero_optimization.stage3_prefetch_bucket_size=100000000: yours, laid over the shipped config" in plan.decisions
+    auto = plan_for("auto", "deepspeed", 1, "+strategy.deepspeed.steps_per_print=10")
+    assert auto.strategy == "zero2" and json.loads(auto.files["ds_config.json"])["steps_per_print"] == 10
+    fsdp = plan_for("fsdp_qlora", "torchrun", 1, "quant=4bit", "+strategy.fsdp.fsdp_sharding_strategy=SHARD_GRAD_OP")
+    acc = yaml.safe_load(fsdp.files["accelerate.yaml"])["fsdp_config"]
+    assert acc["fsdp_sharding_strategy"] == "SHARD_GRAD_OP" and acc["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+    assert yaml.safe_load(fsdp.files["config.yaml"])["plan"]["fsdp_config"] == acc  # torchrun: the Trainer's too
+
+
 def test_strategy_auto_is_decided_by_the_memory_plan():
     from dataclasses import replace
 

@@ -65,3 +65,13 @@ def test_a_peft_checkpoint_names_its_base_model(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 16, "base_model_name_or_path": "/x/other"}))
     why = preflight.checkpoint_mismatch(run_config("lora.r=16"), tmp_path)
     assert why.startswith("base model /x/other there, ") and why.endswith(" here")
+
+
+def test_a_misspelt_deepspeed_setting_is_named_before_the_ranks_start():
+    typo = run_config("strategy=zero3", "+strategy.deepspeed.zero_optimization.stage3_prefetch_bucket=1")
+    assert preflight.deepspeed_settings_error(typo) == (
+        "strategy.deepspeed.zero_optimization.stage3_prefetch_bucket: Extra inputs are not permitted")
+    bad_value = run_config("strategy=zero2", "+strategy.deepspeed.zero_optimization.overlap_comm=often")
+    assert "zero_optimization.overlap_comm" in preflight.deepspeed_settings_error(bad_value)
+    fine = run_config("strategy=zero3", "+strategy.deepspeed.zero_optimization.stage3_prefetch_bucket_size=1")
+    assert preflight.deepspeed_settings_error(fine) is None

@@ -33,6 +33,9 @@ def refused(*overrides, machine=GPU_NODE) -> ConfigError:
     (["quant=8bit", "strategy=zero3"], "quant", "quant=4bit"),
     (["quant=4bit", "strategy=fsdp_qlora", "quant.storage_dtype=uint8"], "quant.storage_dtype", "auto"),
     (["cluster=slurm", "gpus=0"], "gpus", "GPUs per node"),
+    (["strategy=ddp", "+strategy.deepspeed.zero_optimization.stage=3"], "strategy.deepspeed", "strategy=zero2, zero3"),
+    (["strategy=zero2", "+strategy.fsdp.fsdp_version=2"], "strategy.fsdp", "Use strategy=fsdp_qlora"),
+    (["strategy=fsdp_qlora", "+strategy.fsdp.version=2"], "strategy.fsdp", "named fsdp_*"),
 ])
 def test_refused_with_key_and_advice(overrides, key, words):
     err = refused(*overrides)
