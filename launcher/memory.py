@@ -35,6 +35,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.strategies import STRATEGIES as RULES  # what each strategy shards, and where DeepSpeed runs
+
 GIB = 2**30
 ACT_PER_HIDDEN_LAYER = 71.3  # bytes per token, no gradient checkpointing
 ACT_PER_HIDDEN_LAYER_GC = 2.0  # bytes per token: the checkpointed layer inputs
@@ -53,7 +55,7 @@ SAFETY = 0.9  # a plan fits when its peak stays under this share of (GPU memory 
 # 49.7, zero2 57.5, fsdp_qlora 4-bit 28.7, zero3 17.6 and 19.7. ZeRO-3-offload was not measured there: the
 # tiny-model matrix (docs/gpu-runs.md) ran it 4.3x slower than ZeRO-3, hence 0.375 / 4.3.
 RELATIVE_SPEED = {"ddp": 1.0, "zero2": 1.16, "fsdp_qlora": 0.58, "zero3": 0.375, "zero3_offload": 0.09}
-STRATEGIES = ("ddp", "zero2", "fsdp_qlora", "zero3", "zero3_offload")
+STRATEGIES = ("ddp", "zero2", "fsdp_qlora", "zero3", "zero3_offload")  # the order of the plan's table
 
 
 @dataclass(frozen=True)
@@ -129,8 +131,8 @@ def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | Non
     base = shape.linear_params() * quant_linear + shape.other_params() * other_bytes
     lora = lora_r is not None
     trainable = shape.lora_params(lora_r, lora_targets) if lora else shape.total_params()
-    sharded_weights = strategy in ("fsdp_qlora", "zero3", "zero3_offload")
-    deepspeed = strategy.startswith("zero")
+    sharded_weights = RULES[strategy].shards_params
+    deepspeed = RULES[strategy].deepspeed_template is not None
     buckets = DEEPSPEED_BUFFERS_GIB.get(strategy, 0.0) * GIB
     if deepspeed:  # bf16 params, fp32 master weights + grads + 2 moments, sharded from ZeRO-2 on
         param_bytes, grad_bytes, opt_bytes = (4 if lora and strategy == "zero2" else 2), 4, 12
@@ -179,7 +181,7 @@ def fits(est: Estimate, gpu_mem_gib: float) -> bool:
 
 def supported(strategy: str, bits: int | None, lora_r: int | None) -> bool:
     """The combinations the planner accepts (launcher/strategies.py refuses the others)."""
-    if bits == 8 and strategy in ("fsdp_qlora", "zero3", "zero3_offload"):
+    if bits == 8 and RULES[strategy].shards_params:
         return False
     return not (bits and lora_r is None)
 
@@ -255,7 +257,7 @@ def sized(cfg, shape, strategy, world, gpu_mem_gib, micro_batch) -> tuple[bool, 
 def candidates(cfg, deepspeed: bool = True) -> list[str]:
     """The strategies this job can use (the DeepSpeed ones only where deepspeed is installed)."""
     return [s for s in STRATEGIES if supported(s, cfg["quant"]["bits"], cfg["lora"]["r"])
-            and (deepspeed or not s.startswith("zero"))]
+            and (deepspeed or RULES[s].deepspeed_template is None)]
 
 
 def choose(cfg, shape, world, gpu_mem_gib, micro_batch, deepspeed: bool = True) -> tuple[str | None, int, str]:
