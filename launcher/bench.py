@@ -62,6 +62,10 @@ CASES = {
     # parameters per module) and its MLP's (3.2e6): ZeRO-3 then fetches a whole layer per hook, as FSDP wraps it.
     "zero3-layer-fetch": Case("launcher", overrides=(
         "strategy=zero3", "+strategy.deepspeed.zero_optimization.stage3_module_granularity_threshold=2000000")),
+    "zero3-layer-fetch-prefetch": Case("launcher", overrides=(  # and four times the prefetch bucket, 2e8 parameters
+        "strategy=zero3", "+strategy.deepspeed.zero_optimization.stage3_module_granularity_threshold=2000000",
+        "+strategy.deepspeed.zero_optimization.stage3_prefetch_bucket_size=200000000")),
+    "fsdp_qlora": Case("launcher", overrides=("strategy=fsdp_qlora",)),  # FSDP over bf16 weights: no dequantizing
     "fsdp_qlora-4bit-grad-op": Case("launcher", overrides=(  # weights stay gathered from forward to backward
         "strategy=fsdp_qlora", "quant=4bit", "+strategy.fsdp.fsdp_sharding_strategy=SHARD_GRAD_OP")),
     "fsdp_qlora-4bit-prefetch": Case("launcher", overrides=(

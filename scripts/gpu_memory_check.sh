@@ -2,13 +2,15 @@
 # Predicted (memory plan) vs measured (torch peak allocated) GiB per GPU for each strategy, on a 2-GPU
 # machine, Qwen2.5-1.5B shape, DPO, LoRA r16 all-linear, micro_batch 4, ~380 tokens per sequence, no Liger.
 # Writes $OUT/memory.tsv. Usage (GPU machine, project root, wheels in .whl/): bash scripts/gpu_memory_check.sh
+# ONLY=zero3_offload,zero2 runs just those cases. Reuses the benchmark's assets when gpu_bench.sh built them.
 set -uo pipefail
 . scripts/gpu_env.sh
-A=/tmp/bench-assets
+A=/tmp/bench-assets/qwen2.5-1.5b-instruct
 python3 -m launcher.bench_assets $A qwen2.5-1.5b-instruct 400 > "$OUT/assets.log" 2>&1 || { cat "$OUT/assets.log"; exit 1; }
 printf 'case\tpredicted_gib\tmeasured_gib\ttokens_per_s_per_gpu\n' > "$OUT/memory.tsv"
 run() {  # name, overrides...
   name=$1; shift
+  [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]] && return
   timeout 150 python3 -m launcher model=qwen2.5-1.5b-instruct model.path=$A/model model.tokenizer=$A/tokenizer \
     data.path=$A/pref.jsonl data.max_length=380 micro_batch=4 gpus=2 train.max_steps=8 train.logging_steps=2 \
     save_steps=1000 train.liger=false run_dir=/tmp/runs/$name "$@" > "$OUT/$name.log" 2>&1
