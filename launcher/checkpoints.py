@@ -27,6 +27,17 @@ def is_complete(path: Path) -> bool:
     return (path / MARKER).is_file()
 
 
+def describe_adapter(ckpt: Path, model) -> None:
+    """Write the LoRA adapter's adapter_config.json into a checkpoint that lacks it.
+
+    Under FSDP the Trainer saves only accelerate's shards (pytorch_model_fsdp_0/); with the config beside
+    them the launcher's preflight can tell before any rank starts whether a resume fits (lora.r, base model).
+    """
+    peft_config = getattr(model, "peft_config", None)  # FSDP's wrapper hands attribute lookups to the PeftModel
+    if peft_config and not (ckpt / "adapter_config.json").exists():
+        next(iter(peft_config.values())).save_pretrained(str(ckpt))
+
+
 def complete_marker_callback():
     import torch.distributed as dist
     from transformers import TrainerCallback
@@ -38,6 +49,7 @@ def complete_marker_callback():
             if state.is_world_process_zero:
                 ckpt = Path(args.output_dir, f"checkpoint-{state.global_step}")
                 if ckpt.is_dir():
+                    describe_adapter(ckpt, kwargs.get("model"))
                     (ckpt / MARKER).write_text(f"{state.global_step}\n")
                     log.info("checkpoint %s complete", ckpt)
 

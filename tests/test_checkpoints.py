@@ -1,0 +1,28 @@
+"""The complete-checkpoint marker (launcher/checkpoints.py) as the Trainer calls it at each save."""
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, TrainerState, TrainingArguments
+
+from launcher import checkpoints, preflight
+
+
+def test_a_checkpoint_without_adapter_config_gets_one_beside_its_marker(tmp_path, tiny_dir):
+    # as under FSDP: the Trainer wrote only shards, so the preflight could not tell which adapter is in there
+    ckpt = tmp_path / "checkpoints" / "checkpoint-3"
+    (ckpt / preflight.FSDP_SHARDS).mkdir(parents=True)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir / "model"),
+                           LoraConfig(r=8, target_modules="all-linear"))
+    checkpoints.complete_marker_callback().on_save(
+        TrainingArguments(output_dir=str(tmp_path / "checkpoints"), report_to=[]), TrainerState(global_step=3),
+        None, model=model)
+    assert checkpoints.is_complete(ckpt)
+    assert preflight.saved_adapter(ckpt)["r"] == 8
+    assert checkpoints.find_resume(str(tmp_path), "auto") == str(ckpt)
+
+
+def test_a_full_fine_tune_checkpoint_gets_no_adapter_config(tmp_path, tiny_dir):
+    ckpt = tmp_path / "checkpoints" / "checkpoint-1"
+    ckpt.mkdir(parents=True)
+    checkpoints.complete_marker_callback().on_save(
+        TrainingArguments(output_dir=str(tmp_path / "checkpoints"), report_to=[]), TrainerState(global_step=1),
+        None, model=AutoModelForCausalLM.from_pretrained(tiny_dir / "model"))
+    assert checkpoints.is_complete(ckpt) and preflight.saved_adapter(ckpt) is None
