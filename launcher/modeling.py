@@ -103,3 +103,22 @@ def cast_trainable(model, dtype_name: str | None) -> None:
     for param in model.parameters():
         if param.requires_grad and param.dtype != dtype:
             param.data = param.data.to(dtype)
+
+
+def restore_adapter(model, ckpt: str) -> None:
+    """Load a checkpoint's adapter_model.safetensors into the (not yet wrapped) PeftModel.
+
+    Under FSDP1 the model state accelerate writes into a checkpoint for a PEFT model came back empty on the
+    GPU machine (docs/gpu-runs.md), so a resume restored the optimizer but left the adapter at its init.
+    The Trainer's FULL_STATE_DICT checkpoints also hold the adapter as PEFT saves it; it is loaded here.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(ckpt, "adapter_model.safetensors")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: an FSDP checkpoint of a LoRA run must hold the adapter to resume from")
+    result = set_peft_model_state_dict(model, load_file(str(path)))
+    if result.unexpected_keys:
+        raise ValueError(f"{path} does not fit this adapter: {result.unexpected_keys[:3]}")
+    log.info("adapter restored from %s", path)

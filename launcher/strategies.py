@@ -178,7 +178,8 @@ def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16:
         decisions.append(f"{key}={value}: yours, laid over the shipped config")
 
     if strategy.name == "fsdp_qlora":
-        decisions.append("FSDP1 FULL_SHARD, SHARDED_STATE_DICT checkpoints, use_orig_params=false (PEFT under FSDP)")
+        decisions.append("FSDP1 FULL_SHARD, use_orig_params=false (PEFT under FSDP); FULL_STATE_DICT checkpoints: "
+                         "they hold the adapter as PEFT saves it (sharded ones came back empty for PEFT under FSDP1)")
         if settings["fsdp_cpu_offload"]:
             decisions.append("fsdp_offload_params=true: parameters live in CPU memory between uses")
 

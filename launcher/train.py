@@ -165,6 +165,8 @@ def main(config_path: str) -> int:
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints a shorter line from rank 0
 
     resume_from = checkpoints.find_resume(run_dir, cfg["resume"])
+    if resume_from and trainer.is_fsdp_enabled and cfg["lora"]["r"] is not None:
+        modeling.restore_adapter(trainer.model, resume_from)  # before train() wraps it; see restore_adapter
     # No evaluate() before train(): in transformers 5.17 it marks the model as prepared, and training then
     # runs without the DDP wrapper (no gradient sync). StartupBanner stops such a run.
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -177,7 +179,7 @@ def main(config_path: str) -> int:
     metrics = trainer.evaluate()
 
     final = Path(run_dir, "final")
-    if trainer.is_fsdp_enabled:  # checkpoints stay sharded (fast, resumable); the final adapter must be whole
+    if trainer.is_fsdp_enabled:  # the final adapter must be whole, also where checkpoints were set to sharded
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(final))  # LoRA: the adapter only; ZeRO-3: gathered 16-bit weights
     if trainer.is_world_process_zero():

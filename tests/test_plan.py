@@ -120,7 +120,7 @@ def test_your_deepspeed_and_fsdp_settings_are_laid_over_the_shipped_files():
     assert auto.strategy == "zero2" and json.loads(auto.files["ds_config.json"])["steps_per_print"] == 10
     fsdp = plan_for("fsdp_qlora", "torchrun", 1, "quant=4bit", "+strategy.fsdp.fsdp_sharding_strategy=SHARD_GRAD_OP")
     acc = yaml.safe_load(fsdp.files["accelerate.yaml"])["fsdp_config"]
-    assert acc["fsdp_sharding_strategy"] == "SHARD_GRAD_OP" and acc["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+    assert acc["fsdp_sharding_strategy"] == "SHARD_GRAD_OP" and acc["fsdp_state_dict_type"] == "FULL_STATE_DICT"
     assert yaml.safe_load(fsdp.files["config.yaml"])["plan"]["fsdp_config"] == acc  # torchrun: the Trainer's too
 
 
