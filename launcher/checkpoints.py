@@ -30,8 +30,9 @@ def is_complete(path: Path) -> bool:
 def describe_adapter(ckpt: Path, model) -> None:
     """Write the LoRA adapter's adapter_config.json into a checkpoint that lacks it.
 
-    Under FSDP the Trainer saves only accelerate's shards (pytorch_model_fsdp_0/); with the config beside
-    them the launcher's preflight can tell before any rank starts whether a resume fits (lora.r, base model).
+    With sharded FSDP checkpoints (+strategy.fsdp.fsdp_state_dict_type=SHARDED_STATE_DICT) the Trainer saves
+    only accelerate's shards (pytorch_model_fsdp_0/); with the config beside them the launcher's preflight
+    can tell before any rank starts whether a resume fits (lora.r, base model).
     """
     peft_config = getattr(model, "peft_config", None)  # FSDP's wrapper hands attribute lookups to the PeftModel
     if peft_config and not (ckpt / "adapter_config.json").exists():

@@ -17,25 +17,14 @@ from launcher.render import render_deepspeed_config
 from launcher.strategies import resolve_strategy
 
 
-FSDP_SHARDS = "pytorch_model_fsdp_0"  # where accelerate puts an FSDP model's shards (SHARDED_STATE_DICT) in a checkpoint
-
-
 def saved_adapter(ckpt: Path) -> dict | None:
     """The checkpoint's LoRA adapter settings (r, base model), or None when it holds no adapter.
 
-    Under FSDP the Trainer writes only the shards, no adapter_config.json: there the shapes in the shards'
-    metadata tell whether an adapter is in it and its rank (lora_A is r x in_features).
+    PEFT writes adapter_config.json into a LoRA run's checkpoints; where the Trainer writes FSDP shards only
+    (fsdp_state_dict_type=SHARDED_STATE_DICT), the launcher's complete-marker callback does (launcher/checkpoints.py).
     """
     config = ckpt / "adapter_config.json"
-    if config.exists():
-        return json.loads(config.read_text())
-    if (ckpt / FSDP_SHARDS / ".metadata").exists():
-        from torch.distributed.checkpoint import FileSystemReader
-
-        tensors = FileSystemReader(str(ckpt / FSDP_SHARDS)).read_metadata().state_dict_metadata
-        ranks = [meta.size[0] for name, meta in tensors.items() if ".lora_A." in name]
-        return {"r": ranks[0]} if ranks else None
-    return None
+    return json.loads(config.read_text()) if config.exists() else None
 
 
 def checkpoint_mismatch(cfg: dict, ckpt: Path) -> str | None:

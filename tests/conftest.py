@@ -58,3 +58,15 @@ def tiny_tokenizer(tiny_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_dir / "tokenizer")
+
+
+def pytest_runtest_logreport(report):
+    """With TEST_REPORT_FILE set, write each failure there as it happens (scripts/gpu_tests.sh sets it).
+
+    On a lent GPU machine the command limit can stop pytest before its summary; under xdist the failure
+    texts would then be lost with it.
+    """
+    path = os.environ.get("TEST_REPORT_FILE")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when}, {report.duration:.0f} s)\n{report.longreprtext}\n\n")

@@ -6,9 +6,9 @@ from launcher import checkpoints, preflight
 
 
 def test_a_checkpoint_without_adapter_config_gets_one_beside_its_marker(tmp_path, tiny_dir):
-    # as under FSDP: the Trainer wrote only shards, so the preflight could not tell which adapter is in there
+    # as under FSDP with sharded checkpoints: the Trainer wrote only shards, no adapter_config.json
     ckpt = tmp_path / "checkpoints" / "checkpoint-3"
-    (ckpt / preflight.FSDP_SHARDS).mkdir(parents=True)
+    (ckpt / "pytorch_model_fsdp_0").mkdir(parents=True)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir / "model"),
                            LoraConfig(r=8, target_modules="all-linear"))
     checkpoints.complete_marker_callback().on_save(

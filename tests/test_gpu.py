@@ -6,7 +6,9 @@ from that checkpoint with resume=auto, learns (DPO reward accuracy, SFT held-out
 adapter that merges into a model that loads and generates.
 """
 import json
+import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -18,9 +20,19 @@ GPUS = min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 0
 WRAPPERS = {"ddp": "DistributedDataParallel", "fsdp_qlora": "FullyShardedDataParallel"}
 
 
+RUN_TIMEOUT_S = int(os.environ.get("GPU_RUN_TIMEOUT_S", 420))  # a tiny-model run takes under a minute
+
+
 def rank_log(run) -> str:
-    path = run / "logs" / "rank0.log"
-    return path.read_text()[-4000:] if path.exists() else "(no rank0.log)"
+    logs = sorted((run / "logs").glob("rank*.log"))
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in logs) or "(no rank logs)"
+
+
+def launch(run, *args) -> subprocess.CompletedProcess:
+    try:
+        return run_launcher(*args, timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"no exit within {RUN_TIMEOUT_S} s (GPU_RUN_TIMEOUT_S); the rank logs end:\n{rank_log(run)}")
 
 
 # strategy x quantization it supports x method; every backend a strategy supports appears at least once
@@ -46,7 +58,7 @@ def test_strategy_runs_learns_resumes_and_merges(tmp_path, tiny_dir, strategy, q
             f"method={method}", "save_steps=5", "train.save_total_limit=5", "train.lr=5e-4"]
     if method == "sft":
         base.append("data=demo_sft")
-    first = run_launcher(*base, "train.max_steps=10", timeout=900)
+    first = launch(run, *base, "train.max_steps=10")
     assert first.returncode == 0, rank_log(run) + first.stdout[-2000:]
     wrapper = WRAPPERS.get(strategy, "DeepSpeedEngine")
     assert f"wrapped in {wrapper if GPUS > 1 or strategy != 'ddp' else ''}" in first.stdout
@@ -54,7 +66,7 @@ def test_strategy_runs_learns_resumes_and_merges(tmp_path, tiny_dir, strategy, q
     after_10 = json.loads((run / "summary.json").read_text())
     shutil.rmtree(run / "final")
 
-    second = run_launcher(*base, "train.max_steps=20", "resume=auto", "merge=true", timeout=900)
+    second = launch(run, *base, "train.max_steps=20", "resume=auto", "merge=true")
     assert second.returncode == 0, rank_log(run) + second.stdout[-2000:]
     assert "(step 10)" in second.stdout  # resumed from the first run's checkpoint
     summary = json.loads((run / "summary.json").read_text())
