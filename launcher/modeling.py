@@ -84,7 +84,11 @@ def merge_adapter(cfg: dict, adapter_dir: str, out_dir: str) -> None:
     """Merge into the unquantized base in 16-bit (merging into 4-bit weights would round the adapter away)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+    # Only rank 0 merges. Under ZeRO-3 the run's DeepSpeed config is still registered in transformers, and
+    # from_pretrained would then build the base in zero.Init, which waits for the other ranks: a hang.
+    unset_hf_deepspeed_config()
     plan = cfg["plan"]
     dtype = torch.float32 if plan["device"] == "cpu" else torch.bfloat16 if plan["dtype"] == "bfloat16" else torch.float16
     base = AutoModelForCausalLM.from_pretrained(plan["model_path"], dtype=dtype,

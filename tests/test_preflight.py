@@ -33,6 +33,14 @@ def test_a_checkpoint_of_another_adapter_shape_or_kind_is_refused(tmp_path):
     assert "holds no LoRA adapter" in preflight.checkpoint_mismatch(run_config("lora.r=16"), full)
 
 
+def test_an_fsdp_resume_needs_the_adapter_weights_in_the_checkpoint(tmp_path):
+    fsdp = run_config("strategy=fsdp_qlora", "quant=4bit", "lora.r=16")
+    sharded = checkpoint(tmp_path / "c", r=16)  # what sharded FSDP checkpoints hold: config, no weights
+    assert "no adapter_model.safetensors" in preflight.checkpoint_mismatch(fsdp, sharded)
+    (sharded / "adapter_model.safetensors").write_bytes(b"")
+    assert preflight.checkpoint_mismatch(fsdp, sharded) is None
+
+
 def test_a_peft_checkpoint_names_its_base_model(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 16, "base_model_name_or_path": "/x/other"}))
     why = preflight.checkpoint_mismatch(run_config("lora.r=16"), tmp_path)
