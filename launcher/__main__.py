@@ -14,7 +14,7 @@ from launcher import ROOT, validate  # noqa: E402
 from launcher.config import register_resolvers, to_plain  # noqa: E402
 from launcher.errors import ConfigError  # noqa: E402
 from launcher.machine import detect_machine  # noqa: E402
-from launcher.plan import build_plan  # noqa: E402
+from launcher.plan import build_plan, with_liger  # noqa: E402
 
 register_resolvers()
 
@@ -32,9 +32,7 @@ def memory_plan_text(cfg: dict, machine) -> str:
         shape = memory.model_shape(cfg["model"])
     except ValueError as err:
         raise ConfigError("model.shape", str(err)) from None
-    liger = cfg["train"]["liger"]
-    if liger == "auto":  # as on a GPU of this machine; its kernels lower the activations
-        cfg = dict(cfg, train=dict(cfg["train"], liger=machine.liger))
+    cfg = with_liger(cfg, on_gpu=True, installed=machine.liger)  # as on a GPU of this machine
     text = memory.table(cfg, shape, world, gpu_mem, cfg["micro_batch"])
     text += f"\nLiger kernels: {'on' if cfg['train']['liger'] else 'off (train.liger=true if they will be installed)'}"
     name, mb, why = memory.choose(cfg, shape, world, gpu_mem, cfg["micro_batch"], machine.deepspeed)

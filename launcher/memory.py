@@ -122,6 +122,11 @@ class Estimate:
         return self.weights + self.gradients + self.optimizer + self.activations + self.reference
 
 
+def tokens_per_micro_batch(micro_batch: int, method: str, seq_len: int) -> int:
+    """DPO runs each pair's chosen and rejected sequences together."""
+    return micro_batch * (2 if method == "dpo" else 1) * seq_len
+
+
 def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | None, lora_targets, world: int,
              micro_batch: int, seq_len: int, method: str, gradient_checkpointing: bool,
              liger: bool = False) -> Estimate:
@@ -158,8 +163,7 @@ def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | Non
     gradients = trainable * grad_bytes / (world if (deepspeed or sharded_weights) else 1)
     if strategy == "zero3_offload":
         gradients = trainable * 2 / world
-    sequences = micro_batch * (2 if method == "dpo" else 1)
-    tokens = sequences * seq_len
+    tokens = tokens_per_micro_batch(micro_batch, method, seq_len)
     h_layers = shape.hidden * shape.layers
     in_layer = ACT_PER_HIDDEN_LAYER * (ACT_LIGER if liger else 1.0)
     if strategy == "ddp" and lora:
@@ -208,13 +212,10 @@ def job_estimate(cfg: dict, shape: Shape, strategy: str, world: int, micro_batch
     return estimate(shape, strategy=strategy, **args)
 
 
-def tokens_per_micro_batch(cfg, micro_batch: int) -> int:
-    return micro_batch * (2 if cfg["method"]["name"] == "dpo" else 1) * cfg["data"]["max_length"]
-
-
 def at_cap(cfg, micro_batch: int) -> bool:
     """micro_batch=auto goes no further than this micro-batch, whatever the memory."""
-    return micro_batch * 2 > MAX_MICRO_BATCH or tokens_per_micro_batch(cfg, micro_batch * 2) > MAX_TOKENS_PER_MICRO_BATCH
+    doubled = tokens_per_micro_batch(micro_batch * 2, cfg["method"]["name"], cfg["data"]["max_length"])
+    return micro_batch * 2 > MAX_MICRO_BATCH or doubled > MAX_TOKENS_PER_MICRO_BATCH
 
 
 def largest_micro_batch(cfg, shape, strategy, world, gpu_mem_gib, **changes) -> int:
@@ -233,7 +234,7 @@ def checkpointing_pays(cfg, shape, strategy, world, gpu_mem_gib, micro_batch) ->
     micro-batch to keep the GPU busy; `micro_batch` is an int or 'auto'."""
     if micro_batch == "auto":
         mb = largest_micro_batch(cfg, shape, strategy, world, gpu_mem_gib, gradient_checkpointing=False)
-        tokens = tokens_per_micro_batch(cfg, mb)
+        tokens = tokens_per_micro_batch(mb, cfg["method"]["name"], cfg["data"]["max_length"])
         if mb and (tokens >= CHECKPOINTING_OFF_MIN_TOKENS or at_cap(cfg, mb)):
             return False, f"off: micro_batch {mb} ({tokens} tokens) fits without it"
         return True, (f"on: without it only micro_batch {mb} ({tokens} tokens, under {CHECKPOINTING_OFF_MIN_TOKENS})"

@@ -108,15 +108,20 @@ def node_file(name: str, node_rank: int) -> str:
     return f"{stem}.node{node_rank}{ext}"
 
 
+def with_liger(cfg: dict, on_gpu: bool, installed: bool) -> dict:
+    """train.liger=auto made true or false: on where the job runs on GPUs and liger-kernel is installed."""
+    if cfg["train"]["liger"] != "auto":
+        return cfg
+    return dict(cfg, train=dict(cfg["train"], liger=on_gpu and installed))
+
+
 def size_the_job(cfg: dict, machine: Machine, world: int, on_gpu: bool, decisions: list[str]) -> dict:
     """strategy=auto, micro_batch=auto and train.gradient_checkpointing=auto from the memory plan
     (launcher/memory.py); a copy of cfg, resolved."""
     auto_strategy, auto_mb = cfg["strategy"]["name"] == "auto", cfg["micro_batch"] == "auto"
     auto_gc = cfg["train"]["gradient_checkpointing"] == "auto"
     gpu_mem = cfg["gpu_mem_gib"] or machine.gpu_mem_gib
-    cfg = copy.deepcopy(cfg)
-    if cfg["train"]["liger"] == "auto":  # decided here: it changes the memory the job needs
-        cfg["train"]["liger"] = on_gpu and machine.liger
+    cfg = with_liger(copy.deepcopy(cfg), on_gpu, machine.liger)  # decided first: it changes the memory needed
     if not on_gpu or not gpu_mem:
         if auto_strategy:
             cfg["strategy"] = dict(cfg["strategy"], name="ddp")

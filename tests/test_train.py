@@ -1,15 +1,18 @@
 """launcher.train end to end on the CPU: 2 processes under torchrun (gloo), real TRL/PEFT/Trainer runs."""
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import yaml
 
-from conftest import run_launcher
+from conftest import GPU_NODE, compose_cfg, run_launcher
 from launcher import ROOT
 from launcher.machine import find_free_port
+from launcher.plan import build_plan
 
 pytestmark = pytest.mark.slow
 
@@ -114,13 +117,6 @@ sys.exit(train.main(sys.argv[1]))
 
 
 def test_zero3_checkpoints_resumes_and_merges_on_deepspeeds_cpu_accelerator(tmp_path, tiny_dir):
-    import os
-
-    import yaml
-
-    from conftest import GPU_NODE, compose_cfg
-    from launcher.plan import build_plan
-
     run = tmp_path / "zero3"
     run.mkdir()
     plan = build_plan(compose_cfg("strategy=zero3", "gpus=2", "micro_batch=4", "save_steps=2", f"run_dir={run}",
