@@ -39,6 +39,24 @@ def describe_adapter(ckpt: Path, model) -> None:
         next(iter(peft_config.values())).save_pretrained(str(ckpt))
 
 
+def adapter_tensor_count(adapter_dir) -> int:
+    """How many tensors a saved adapter holds (read from the safetensors header only); 0 where none was saved."""
+    from safetensors import safe_open
+
+    path = Path(adapter_dir, "adapter_model.safetensors")
+    if not path.exists():
+        return 0
+    with safe_open(str(path), framework="pt") as f:
+        return len(list(f.keys()))
+
+
+def require_adapter_weights(adapter_dir: Path) -> None:
+    """Stop a run whose saved adapter came out empty: it would resume and merge as if it had never trained."""
+    if (Path(adapter_dir) / "adapter_model.safetensors").exists() and not adapter_tensor_count(adapter_dir):
+        raise RuntimeError(f"{adapter_dir}/adapter_model.safetensors was saved with no tensors: the adapter is lost "
+                           "(see modeling.find_adapter_weights_under_fsdp1 for the case known so far)")
+
+
 def complete_marker_callback():
     import torch.distributed as dist
     from transformers import TrainerCallback
@@ -51,6 +69,7 @@ def complete_marker_callback():
                 ckpt = Path(args.output_dir, f"checkpoint-{state.global_step}")
                 if ckpt.is_dir():
                     describe_adapter(ckpt, kwargs.get("model"))
+                    require_adapter_weights(ckpt)
                     (ckpt / MARKER).write_text(f"{state.global_step}\n")
                     log.info("checkpoint %s complete", ckpt)
 

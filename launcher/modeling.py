@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from launcher import checkpoints
+
 log = logging.getLogger("launcher")
 
 
@@ -109,20 +111,45 @@ def cast_trainable(model, dtype_name: str | None) -> None:
             param.data = param.data.to(dtype)
 
 
+def find_adapter_weights_under_fsdp1() -> None:
+    """Make PEFT see the adapter of a model that FSDP1 has wrapped layer by layer.
+
+    PEFT 0.21 picks the adapter's entries out of a state dict by the names of its LoRA modules and strips only a
+    leading "_fsdp_wrapped_module." from them; FSDP1's auto-wrap puts one inside every wrapped layer's name
+    ("layers.0._fsdp_wrapped_module.self_attn..."), while the state dict FSDP returns has none. Nothing matched, so
+    every adapter the Trainer saved under FSDP (checkpoints, final/) held 0 tensors: measured on the GPU machine,
+    reproduced on the CPU in tests/test_modeling.py. This drops the wrapper's name from every place in the names.
+    """
+    from peft.tuners import tuners_utils
+
+    find = tuners_utils._get_tuner_state_dict_key_prefixes
+    if getattr(find, "sees_fsdp1", False):
+        return
+
+    def prefixes(model, adapter_name=None):
+        return {p.replace("_fsdp_wrapped_module.", "") for p in find(model, adapter_name)}
+
+    prefixes.sees_fsdp1 = True
+    tuners_utils._get_tuner_state_dict_key_prefixes = prefixes
+
+
 def restore_adapter(model, ckpt: str) -> None:
     """Load a checkpoint's adapter_model.safetensors into the (not yet wrapped) PeftModel.
 
-    Under FSDP1 the model state accelerate writes into a checkpoint for a PEFT model came back empty on the
-    GPU machine (docs/gpu-runs.md), so a resume restored the optimizer but left the adapter at its init.
-    The Trainer's FULL_STATE_DICT checkpoints also hold the adapter as PEFT saves it; it is loaded here.
+    The Trainer's own FSDP reload (pytorch_model_fsdp.bin into the wrapped model) was only ever seen on the
+    GPU machine with the empty files of find_adapter_weights_under_fsdp1's bug; the file PEFT writes beside it
+    is the one proven to resume exactly (docs/gpu-runs.md: held-out loss equal to the last digit), so it is
+    loaded here, before FSDP wraps the model.
     """
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     path = Path(ckpt, "adapter_model.safetensors")
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: an FSDP checkpoint of a LoRA run must hold the adapter to resume from")
-    result = set_peft_model_state_dict(model, load_file(str(path)))
+    if not checkpoints.adapter_tensor_count(ckpt):
+        raise FileNotFoundError(f"{path}: missing or empty; an FSDP checkpoint of a LoRA run must hold the adapter "
+                                "to resume from (FSDP checkpoints of launcher versions before find_adapter_weights_under_fsdp1 hold none)")
+    state = load_file(str(path))
+    result = set_peft_model_state_dict(model, state)
     if result.unexpected_keys:
         raise ValueError(f"{path} does not fit this adapter: {result.unexpected_keys[:3]}")
-    log.info("adapter restored from %s", path)
+    log.info("adapter restored from %s (%d tensors)", path, len(state))

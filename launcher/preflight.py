@@ -35,9 +35,10 @@ def checkpoint_mismatch(cfg: dict, ckpt: Path) -> str | None:
         return "it holds a LoRA adapter, and this config trains every weight (lora=none)" if saved else None
     if saved is None:
         return "it holds no LoRA adapter (a full fine-tune?), and this config trains one"
-    if cfg["plan"]["strategy"] == "fsdp_qlora" and not (ckpt / "adapter_model.safetensors").exists():
-        return ("it holds no adapter_model.safetensors, which a resume under FSDP loads (sharded FSDP checkpoints "
-                "of an adapter come out empty: keep fsdp_state_dict_type=FULL_STATE_DICT)")
+    if cfg["plan"]["strategy"] == "fsdp_qlora" and not checkpoints.adapter_tensor_count(ckpt):
+        return ("its adapter_model.safetensors, which a resume under FSDP loads, is missing or holds no tensors "
+                "(keep fsdp_state_dict_type=FULL_STATE_DICT; FSDP checkpoints of launcher versions before the "
+                "PEFT 0.21 fix in launcher/modeling.py hold empty adapters and cannot be resumed)")
     differ = []
     if saved.get("r") != lora["r"]:
         differ.append(f"LoRA r={saved.get('r')} there, lora.r={lora['r']} here")

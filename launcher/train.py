@@ -159,6 +159,8 @@ def main(config_path: str) -> int:
     stop = checkpoints.stop_request_callback(run_dir)
     callbacks = [logs.MetricsCallback(run_dir, plan["world_size"]), checkpoints.complete_marker_callback(), banner,
                  stop]
+    if plan["fsdp_config"]:
+        modeling.find_adapter_weights_under_fsdp1()  # else PEFT 0.21 saves empty adapters under FSDP1
     trainer = build_trainer(cfg, args, model, tokenizer, train_ds, eval_ds, callbacks, local_rank)
     banner.trainer = trainer
     modeling.cast_trainable(trainer.model, plan["trainable_dtype"])
@@ -184,6 +186,7 @@ def main(config_path: str) -> int:
     trainer.save_model(str(final))  # LoRA: the adapter only; ZeRO-3: gathered 16-bit weights
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(final)
+        checkpoints.require_adapter_weights(final)
     if cfg["merge"] and cfg["lora"]["r"] is not None:
         trainer.accelerator.wait_for_everyone()
         if trainer.is_world_process_zero():

@@ -1,5 +1,8 @@
 """The complete-checkpoint marker (launcher/checkpoints.py) as the Trainer calls it at each save."""
+import pytest
+import torch
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, TrainerState, TrainingArguments
 
 from launcher import checkpoints, preflight
@@ -26,3 +29,19 @@ def test_a_full_fine_tune_checkpoint_gets_no_adapter_config(tmp_path, tiny_dir):
         TrainingArguments(output_dir=str(tmp_path / "checkpoints"), report_to=[]), TrainerState(global_step=1),
         None, model=AutoModelForCausalLM.from_pretrained(tiny_dir / "model"))
     assert checkpoints.is_complete(ckpt) and preflight.saved_adapter(ckpt) is None
+
+
+def test_a_checkpoint_whose_adapter_came_out_empty_stops_the_run_unmarked(tmp_path, tiny_dir):
+    ckpt = tmp_path / "checkpoints" / "checkpoint-4"
+    ckpt.mkdir(parents=True)
+    save_file({}, str(ckpt / "adapter_model.safetensors"))  # what PEFT 0.21 wrote under FSDP1
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir / "model"),
+                           LoraConfig(r=8, target_modules="all-linear"))
+    marker = checkpoints.complete_marker_callback()
+    args, state = TrainingArguments(output_dir=str(tmp_path / "checkpoints"), report_to=[]), TrainerState(global_step=4)
+    with pytest.raises(RuntimeError, match="checkpoint-4/adapter_model.safetensors was saved with no tensors"):
+        marker.on_save(args, state, None, model=model)
+    assert not checkpoints.is_complete(ckpt)
+    save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(8, 4)}, str(ckpt / "adapter_model.safetensors"))
+    marker.on_save(args, state, None, model=model)
+    assert checkpoints.is_complete(ckpt)

@@ -1,10 +1,14 @@
 """Model helpers (launcher/modeling.py) on the embedded tiny model."""
+import os
+import socket
+
 import pytest
 import torch
+import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from launcher import modeling
+from launcher import checkpoints, modeling
 
 
 def lora_model(tiny_dir):
@@ -27,6 +31,54 @@ def test_restore_adapter_brings_back_the_checkpointed_weights(tmp_path, tiny_dir
     assert want.keys() == got.keys() and all(torch.equal(want[n], got[n]) for n in want)
 
 
-def test_restore_adapter_says_which_file_is_missing(tmp_path, tiny_dir):
-    with pytest.raises(FileNotFoundError, match="checkpoint-5/adapter_model.safetensors"):
+def test_restore_adapter_says_which_file_is_missing_or_empty(tmp_path, tiny_dir):
+    from safetensors.torch import save_file
+
+    with pytest.raises(FileNotFoundError, match="checkpoint-5/adapter_model.safetensors: missing or empty"):
         modeling.restore_adapter(lora_model(tiny_dir), str(tmp_path / "checkpoint-5"))
+    (tmp_path / "checkpoint-5").mkdir()
+    save_file({}, str(tmp_path / "checkpoint-5" / "adapter_model.safetensors"))
+    with pytest.raises(FileNotFoundError, match="missing or empty"):
+        modeling.restore_adapter(lora_model(tiny_dir), str(tmp_path / "checkpoint-5"))
+
+
+def save_adapter_under_fsdp1(rank, tiny_dir, out, port, fixed):
+    """One of 2 CPU ranks: wrap a LoRA model in FSDP1 as accelerate does for fsdp_qlora (layer by layer, PEFT's
+    wrap policy, use_orig_params=False) and save the adapter as the Trainer does (full state dict -> rank 0)."""
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    if fixed:
+        modeling.find_adapter_weights_under_fsdp1()
+    model = lora_model(tiny_dir)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.5)  # lora_B starts at zero: a saved adapter must carry these
+    wrapped = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), device_id=torch.device("cpu"),
+                   use_orig_params=False)
+    with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True)):
+        state = wrapped.state_dict()
+    if rank == 0:
+        model.save_pretrained(out, state_dict=state)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["peft-alone", "with-launcher-fix"])
+def test_an_adapter_saved_under_fsdp1_holds_its_weights(tmp_path, tiny_dir, fixed):
+    from safetensors.torch import load_file
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(save_adapter_under_fsdp1, args=(tiny_dir, tmp_path, port, fixed), nprocs=2)
+    lora_tensors = sum("lora_" in n for n, _ in lora_model(tiny_dir).named_parameters())
+    if not fixed:  # PEFT 0.21's own save: fails once PEFT finds the adapter itself, and the fix can go
+        assert checkpoints.adapter_tensor_count(tmp_path) == 0
+        return
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert len(saved) == lora_tensors
+    assert all(torch.all(t == 0.5) for k, t in saved.items() if "lora_B" in k)

@@ -1,7 +1,9 @@
 """The preflight's resume check (launcher/preflight.py) on checkpoints as the engines write them."""
 import json
 
+import torch
 import yaml
+from safetensors.torch import save_file
 
 from conftest import GPU_NODE, compose_cfg
 from launcher import preflight
@@ -35,10 +37,13 @@ def test_a_checkpoint_of_another_adapter_shape_or_kind_is_refused(tmp_path):
 
 def test_an_fsdp_resume_needs_the_adapter_weights_in_the_checkpoint(tmp_path):
     fsdp = run_config("strategy=fsdp_qlora", "quant=4bit", "lora.r=16")
-    sharded = checkpoint(tmp_path / "c", r=16)  # what sharded FSDP checkpoints hold: config, no weights
-    assert "no adapter_model.safetensors" in preflight.checkpoint_mismatch(fsdp, sharded)
-    (sharded / "adapter_model.safetensors").write_bytes(b"")
-    assert preflight.checkpoint_mismatch(fsdp, sharded) is None
+    ckpt = checkpoint(tmp_path / "c", r=16)  # what sharded FSDP checkpoints hold: config, no weights
+    assert "adapter_model.safetensors, which a resume under FSDP loads, is missing" in preflight.checkpoint_mismatch(
+        fsdp, ckpt)
+    save_file({}, str(ckpt / "adapter_model.safetensors"))  # what PEFT 0.21 saved under FSDP1 without the fix
+    assert "holds no tensors" in preflight.checkpoint_mismatch(fsdp, ckpt)
+    save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(16, 8)}, str(ckpt / "adapter_model.safetensors"))
+    assert preflight.checkpoint_mismatch(fsdp, ckpt) is None
 
 
 def test_a_peft_checkpoint_names_its_base_model(tmp_path):
