@@ -138,7 +138,7 @@ def restore_adapter(model, ckpt: str) -> None:
 
     The Trainer's own FSDP reload (pytorch_model_fsdp.bin into the wrapped model) was only ever seen on the
     GPU machine with the empty files of find_adapter_weights_under_fsdp1's bug; the file PEFT writes beside it
-    is the one proven to resume exactly (docs/gpu-runs.md: held-out loss equal to the last digit), so it is
+    is the one proven to resume exactly (docs/gpu-runs.md: the same held-out loss to 4 decimals), so it is
     loaded here, before FSDP wraps the model.
     """
     from peft import set_peft_model_state_dict
