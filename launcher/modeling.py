@@ -147,7 +147,7 @@ def restore_adapter(model, ckpt: str) -> None:
     path = Path(ckpt, "adapter_model.safetensors")
     if not checkpoints.adapter_tensor_count(ckpt):
         raise FileNotFoundError(f"{path}: missing or empty; an FSDP checkpoint of a LoRA run must hold the adapter "
-                                "to resume from (FSDP checkpoints of launcher versions before find_adapter_weights_under_fsdp1 hold none)")
+                                "to resume from (those written before find_adapter_weights_under_fsdp1 hold none)")
     state = load_file(str(path))
     result = set_peft_model_state_dict(model, state)
     if result.unexpected_keys:
