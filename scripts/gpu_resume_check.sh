@@ -3,7 +3,8 @@
 # CASE (strategy:quant:method): A trains 10 steps; B resumes A's checkpoint-10 with no step left, so its held-out
 # loss must equal A's (the same weights); C resumes it to step 20, so its held-out loss must be below A's. Prints
 # one line per case with the train loss by step and what the checkpoint's adapter files hold; logs in $OUT.
-# Exits 1 if any case misses. (Used on the CPU too: it needs no GPU of its own.)
+# Exits 1 if any case misses. (Used on the CPU too: it needs no GPU of its own.) B is "no step" because the Trainer
+# (transformers 5.17) takes one step before it checks max_steps, at learning rate 0 under the default cosine schedule.
 #   CASES="fsdp_qlora:4bit:sft zero3:none:sft" bash scripts/gpu_resume_check.sh
 set -uo pipefail
 . scripts/gpu_env.sh
