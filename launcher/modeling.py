@@ -10,8 +10,6 @@ from pathlib import Path
 
 import torch
 
-from launcher import checkpoints
-
 log = logging.getLogger("launcher")
 
 
@@ -145,10 +143,10 @@ def restore_adapter(model, ckpt: str) -> None:
     from safetensors.torch import load_file
 
     path = Path(ckpt, "adapter_model.safetensors")
-    if not checkpoints.adapter_tensor_count(ckpt):
+    state = load_file(str(path)) if path.exists() else {}
+    if not state:
         raise FileNotFoundError(f"{path}: missing or empty; an FSDP checkpoint of a LoRA run must hold the adapter "
                                 "to resume from (those written before find_adapter_weights_under_fsdp1 hold none)")
-    state = load_file(str(path))
     result = set_peft_model_state_dict(model, state)
     if result.unexpected_keys:
         raise ValueError(f"{path} does not fit this adapter: {result.unexpected_keys[:3]}")

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 
 import pytest
+from safetensors.torch import load_file
 
 from conftest import run_launcher
 
@@ -76,8 +77,6 @@ def test_strategy_runs_learns_resumes_and_merges(tmp_path, tiny_dir, strategy, q
     else:
         assert summary["eval_loss"] < after_10["eval_loss"]
     assert (run / "final" / "adapter_config.json").exists()
-    from safetensors.torch import load_file
-
     adapter = load_file(str(run / "final" / "adapter_model.safetensors"))  # trained: lora_B moved from its zeros
     assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k), f"{len(adapter)} tensors, lora_B all 0"
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from launcher import checkpoints, modeling
@@ -32,8 +33,6 @@ def test_restore_adapter_brings_back_the_checkpointed_weights(tmp_path, tiny_dir
 
 
 def test_restore_adapter_says_which_file_is_missing_or_empty(tmp_path, tiny_dir):
-    from safetensors.torch import save_file
-
     with pytest.raises(FileNotFoundError, match="checkpoint-5/adapter_model.safetensors: missing or empty"):
         modeling.restore_adapter(lora_model(tiny_dir), str(tmp_path / "checkpoint-5"))
     (tmp_path / "checkpoint-5").mkdir()
@@ -69,8 +68,6 @@ def save_adapter_under_fsdp1(rank, tiny_dir, out, port, fixed):
 
 @pytest.mark.parametrize("fixed", [False, True], ids=["peft-alone", "with-launcher-fix"])
 def test_an_adapter_saved_under_fsdp1_holds_its_weights(tmp_path, tiny_dir, fixed):
-    from safetensors.torch import load_file
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
