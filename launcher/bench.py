@@ -57,14 +57,10 @@ CASES = {
     "ddp-mb64": Case("launcher", overrides=("strategy=ddp", "micro_batch=64")),  # checkpointing then turns on
     "ddp-mb4-ckpt": Case("launcher", overrides=("strategy=ddp", "micro_batch=4", "train.gradient_checkpointing=true",
                                                 "train.liger=false")),  # the launcher at the old defaults
-    # levers for the sharded strategies, which trail zero2 (docs/benchmarks.md); not measured yet.
-    # 2e6 lies between the granularity DeepSpeed computes for a Qwen2.5-1.5B decoder layer with LoRA r16 (1.44e6
-    # parameters per module) and its MLP's (3.2e6): ZeRO-3 then fetches a whole layer per hook, as FSDP wraps it.
-    "zero3-layer-fetch": Case("launcher", overrides=(
-        "strategy=zero3", "+strategy.deepspeed.zero_optimization.stage3_module_granularity_threshold=2000000")),
-    "zero3-layer-fetch-prefetch": Case("launcher", overrides=(  # and four times the prefetch bucket, 2e8 parameters
-        "strategy=zero3", "+strategy.deepspeed.zero_optimization.stage3_module_granularity_threshold=2000000",
-        "+strategy.deepspeed.zero_optimization.stage3_prefetch_bucket_size=200000000")),
+    # levers for the sharded strategies, which trail zero2 (docs/benchmarks.md)
+    "zero3-per-module": Case("launcher", overrides=("strategy=zero3", "strategy.fetch_whole_layers=false")),
+    "zero3-prefetch": Case("launcher", overrides=(  # four times the shipped prefetch bucket: 2e8 parameters
+        "strategy=zero3", "+strategy.deepspeed.zero_optimization.stage3_prefetch_bucket_size=200000000")),
     "fsdp_qlora": Case("launcher", overrides=("strategy=fsdp_qlora",)),  # FSDP over bf16 weights: no dequantizing
     "fsdp_qlora-4bit-grad-op": Case("launcher", overrides=(  # weights stay gathered from forward to backward
         "strategy=fsdp_qlora", "quant=4bit", "+strategy.fsdp.fsdp_sharding_strategy=SHARD_GRAD_OP")),

@@ -99,6 +99,7 @@ def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16:
         "checkpoint_on_signal": bool(cfg.get("checkpoint_on_signal")),
         "trainable_dtype": None,
         "liger": False,
+        "zero3_whole_layers": False,
     }
     if on_gpu and dtype != "bfloat16":
         decisions.append(f"dtype={dtype}: these GPUs lack bf16 (compute capability < 8.0)")
@@ -189,6 +190,12 @@ def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16:
                 "stage3_gather_16bit_weights_on_model_save=true: without it a ZeRO-3 save holds only this rank's shard"
             )
             settings["zero3_init"] = not bits
+            if cfg["strategy"].get("fetch_whole_layers", True):
+                settings["zero3_whole_layers"] = True
+                decisions.append(
+                    "ZeRO-3 fetches each decoder layer whole (DeepSpeed leaf modules): one gather and one set of "
+                    "hooks per layer, not per LoRA sub-module (strategy.fetch_whole_layers=false: per module)"
+                )
             if bits:
                 decisions.append("zero3_init_flag=false: bitsandbytes cannot quantize weights created under zero.Init")
         if strategy.name == "zero3_offload":

@@ -79,3 +79,11 @@ def test_an_adapter_saved_under_fsdp1_holds_its_weights(tmp_path, tiny_dir, fixe
     saved = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert len(saved) == lora_tensors
     assert all(torch.all(t == 0.5) for k, t in saved.items() if "lora_B" in k)
+
+
+def test_zero3_whole_layer_fetch_marks_the_decoder_layers_and_nothing_else(tiny_dir):
+    model = lora_model(tiny_dir)
+    assert modeling.fetch_whole_layers_under_zero3(model) == ["Qwen2DecoderLayer"]
+    leaves = [name for name, m in model.named_modules() if getattr(m, "_z3_leaf", False)]
+    layers = [f"base_model.model.model.layers.{i}" for i in range(model.config.num_hidden_layers)]
+    assert leaves == layers  # each layer once; its LoRA sub-modules are fetched with it, not on their own

@@ -146,3 +146,11 @@ def test_golden_slurm_submission():
     plan = build_plan(compose_cfg(*overrides), GPU_NODE, cwd="/work/project", overrides=overrides)
     text = plan.files["job.sbatch"].replace(str(ROOT), "<root>")
     check_golden("slurm-4node.txt", f"# argv\n{json.dumps(plan.argv)}\n# job.sbatch\n{text}")
+
+
+def test_zero3_fetches_whole_layers_unless_told_not_to():
+    on = yaml.safe_load(plan_for("zero3", "deepspeed", 1).files["config.yaml"])["plan"]
+    off = yaml.safe_load(plan_for("zero3", "deepspeed", 1, "strategy.fetch_whole_layers=false").files["config.yaml"])
+    ddp = yaml.safe_load(plan_for("ddp", "accelerate", 1).files["config.yaml"])["plan"]
+    assert (on["zero3_whole_layers"], off["plan"]["zero3_whole_layers"], ddp["zero3_whole_layers"]) == (True, False, False)
+    assert not any("fetches each decoder layer whole" in d for d in off["plan"]["decisions"])
