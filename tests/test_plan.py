@@ -11,6 +11,7 @@ import yaml
 from conftest import CPU_NODE, GPU_NODE, compose_cfg
 from launcher import ROOT
 from launcher.plan import build_plan
+from launcher.errors import ConfigError
 from launcher.strategies import STRATEGIES
 
 GOLDEN = ROOT / "tests" / "golden"
@@ -148,9 +149,13 @@ def test_golden_slurm_submission():
     check_golden("slurm-4node.txt", f"# argv\n{json.dumps(plan.argv)}\n# job.sbatch\n{text}")
 
 
-def test_zero3_fetches_whole_layers_unless_told_not_to():
-    on = yaml.safe_load(plan_for("zero3", "deepspeed", 1).files["config.yaml"])["plan"]
-    off = yaml.safe_load(plan_for("zero3", "deepspeed", 1, "strategy.fetch_whole_layers=false").files["config.yaml"])
-    ddp = yaml.safe_load(plan_for("ddp", "accelerate", 1).files["config.yaml"])["plan"]
-    assert (on["zero3_whole_layers"], off["plan"]["zero3_whole_layers"], ddp["zero3_whole_layers"]) == (True, False, False)
-    assert not any("fetches each decoder layer whole" in d for d in off["plan"]["decisions"])
+def test_zero3_fetches_whole_layers_for_dpo_with_lora_only():
+    def whole(*extra, strategy="zero3"):
+        return yaml.safe_load(plan_for(strategy, "deepspeed" if "zero" in strategy else "accelerate", 1,
+                                       *extra).files["config.yaml"])["plan"]["zero3_whole_layers"]
+
+    assert whole() and whole(strategy="zero3_offload")  # the defaults: DPO with LoRA
+    assert not whole("strategy.fetch_whole_layers=false")
+    assert not whole("method=sft", "data=demo_sft") and not whole(strategy="ddp")
+    with pytest.raises(ConfigError, match="strategy.fetch_whole_layers=true is proven only for DPO with LoRA"):
+        whole("method=sft", "data=demo_sft", "strategy.fetch_whole_layers=true")
