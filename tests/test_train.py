@@ -130,7 +130,10 @@ def test_zero3_checkpoints_resumes_and_merges_on_deepspeeds_cpu_accelerator(tmp_
 
     def train(max_steps, **changes):
         cfg = yaml.safe_load((run / "config.yaml").read_text())
-        cfg["plan"].update(device="cpu", dtype="float32", deepspeed_config=str(run / "ds_config.json"))
+        # zero3_whole_layers off: DeepSpeed 0.19.8's leaf-module step calls grad.record_stream, which CPU tensors
+        # refuse ("unknown parameter type"); the whole-layer fetch is proven on the GPUs (docs/gpu-runs.md)
+        cfg["plan"].update(device="cpu", dtype="float32", deepspeed_config=str(run / "ds_config.json"),
+                           zero3_whole_layers=False)
         cfg["train"]["max_steps"] = max_steps
         cfg.update(changes)
         (run / "config.yaml").write_text(yaml.safe_dump(cfg))
