@@ -117,8 +117,7 @@ def fetch_whole_layers_under_zero3(model) -> list[str]:
     makes ZeRO-3 drop its prefetch trace twice a step. Returns the names of the classes it marked."""
     from deepspeed.utils import set_z3_leaf_modules
 
-    names = list(getattr(model, "_no_split_modules", None) or [])
-    marked = set_z3_leaf_modules(model, names, raise_if_not_found=False) if names else []
+    marked = set_z3_leaf_modules(model, list(model._no_split_modules or []), raise_if_not_found=False)
     classes = sorted({type(m).__name__ for m in marked})
     log.info("ZeRO-3 fetches whole layers: %d %s modules", len(marked), "/".join(classes) or "(none found)")
     return classes

@@ -155,7 +155,7 @@ def main(config_path: str) -> int:
     log.info(report.line(cfg["data"]["max_length"]))
 
     model = modeling.load_model(cfg, local_rank)
-    if plan.get("zero3_whole_layers"):
+    if plan["zero3_whole_layers"]:
         modeling.fetch_whole_layers_under_zero3(model)  # before the Trainer hands the model to DeepSpeed
     banner = StartupBanner(cfg, report)
     stop = checkpoints.stop_request_callback(run_dir)
