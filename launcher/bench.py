@@ -66,7 +66,10 @@ CASES = {
         "strategy=fsdp_qlora", "quant=4bit", "+strategy.fsdp.fsdp_sharding_strategy=SHARD_GRAD_OP")),
     "fsdp_qlora-4bit-prefetch": Case("launcher", overrides=(
         "strategy=fsdp_qlora", "quant=4bit", "+strategy.fsdp.fsdp_forward_prefetch=true")),
+    # 64 pairs (49k tokens) without checkpointing, as micro_batch=auto gives zero3 and fsdp_qlora: +2% for zero2
+    "zero2-mb64": Case("launcher", overrides=("strategy=zero2", "micro_batch=64", "train.gradient_checkpointing=false")),
     # SFT on the same model and rows (prompt + chosen answer)
+    "sft-defaults": Case("launcher", "sft"),
     "sft": Case("launcher", "sft", overrides=("strategy=ddp",)),
     "peer-sft-bs4": Case("peer_sft", "sft", env={"BS": "4", "GC": "1"}),
     "peer-sft-bs32": Case("peer_sft", "sft", env={"BS": "32", "GC": "0"}),
@@ -87,14 +90,16 @@ def flops_per_token(n_params: float, method: str, lora: bool, precomputed_ref: b
     return flops
 
 
-def launcher_argv(name: str, case: Case, assets: Path, out: Path, gpus: int, steps: int) -> list[str]:
+def launcher_argv(name: str, case: Case, assets: Path, out: Path, gpus: int, steps: int,
+                  profile_steps: str | None = None) -> list[str]:
     data = (["data=demo_sft", f"data.path={assets}/sft.jsonl"] if case.method == "sft"
             else [f"data.path={assets}/pref.jsonl"])
     return [sys.executable, "-m", "launcher", f"model={case.preset}", f"model.path={assets}/model",
             f"model.tokenizer={assets}/tokenizer", f"method={case.method}", *data, "data.max_length=384",
             "data.conversational=false",  # the peer's rows are plain strings: no chat template, the same tokens
             f"gpus={gpus}" if gpus else "cpu_procs=2", f"train.max_steps={steps}", "train.logging_steps=1", "save_steps=100000",
-            f"run_dir={out}/runs/{name}", "overwrite=true", *case.overrides]
+            f"run_dir={out}/runs/{name}", "overwrite=true", *case.overrides,
+            *([f"train.profile_steps=[{profile_steps}]"] if profile_steps else [])]
 
 
 def peer_argv(case: Case, peer: Path, gpus: int, port: int) -> list[str]:
@@ -106,7 +111,8 @@ def peer_argv(case: Case, peer: Path, gpus: int, port: int) -> list[str]:
 def read_launcher_run(run: Path, case: Case, n_params: float) -> dict:
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steady = [r for r in rows if "step_seconds" in r and r["step"] > WARMUP_STEPS]
+    first, last = cfg["train"].get("profile_steps") or (0, -1)
+    steady = [r for r in rows if "step_seconds" in r and r["step"] > WARMUP_STEPS and not first <= r["step"] <= last]
     step_s = statistics.median(r["step_seconds"] for r in steady)
     tokens = statistics.median(r["tokens_per_sec_per_gpu"] for r in steady)
     per_step = cfg["micro_batch"] * cfg["train"]["grad_accum"]
@@ -173,7 +179,7 @@ def run_case(name: str, case: Case, args) -> dict:
     n_params = memory.Shape.from_config(shape).total_params()
     out = Path(args.out)
     if case.kind == "launcher":
-        argv, env = launcher_argv(name, case, assets, out, args.gpus, args.steps), dict(os.environ)
+        argv, env = launcher_argv(name, case, assets, out, args.gpus, args.steps, args.profile_steps), dict(os.environ)
     else:
         argv = peer_argv(case, Path(args.peer), args.gpus, find_free_port())
         env = dict(os.environ, ASSETS=str(assets), STEPS=str(args.steps), **case.env)
@@ -240,6 +246,8 @@ def main(argv=None) -> int:
     p.add_argument("--preset", help="one model preset for every case instead of each case's own (e.g. tiny)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--timeout", type=int, default=TIMEOUT_S, help="seconds per case")
+    p.add_argument("--profile-steps", help="A,B: profile steps A..B of each launcher case (runs/<case>/profile.txt); "
+                                           "the median leaves them out")
     p.add_argument("--out", default="bench-out")
     args = p.parse_args(argv)
     names = case_names(args.cases)

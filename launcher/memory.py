@@ -194,8 +194,11 @@ def supported(strategy: str, bits: int | None, lora_r: int | None) -> bool:
 
 MAX_MICRO_BATCH = 64
 # micro_batch=auto stops here: 24.6k tokens per micro-batch already reached 47% MFU on an H200 (docs/benchmarks.md);
-# larger micro-batches mostly cut the number of optimizer steps
+# larger micro-batches mostly cut the number of optimizer steps (zero2 at 49k tokens: +2%)
 MAX_TOKENS_PER_MICRO_BATCH = 32768
+# ... except where the weights are sharded: ZeRO-3 and FSDP gather every layer in each pass, a cost per step that
+# more tokens amortize (zero3 at 49k tokens: 1.49 s per 64 pairs against 1.00 s per 32, same run)
+MAX_TOKENS_PER_MICRO_BATCH_SHARDED = 65536
 # Gradient checkpointing costs one more forward per step (about a third more compute). Without it the
 # plain-TRL peer ran fastest (2x H200, 1.5B: 37.1 pairs/s at batch 32 without, 31.5 at 64 with it), as long
 # as the micro-batch left without it still holds this many tokens.
@@ -212,10 +215,11 @@ def job_estimate(cfg: dict, shape: Shape, strategy: str, world: int, micro_batch
     return estimate(shape, strategy=strategy, **args)
 
 
-def at_cap(cfg, micro_batch: int) -> bool:
+def at_cap(cfg, micro_batch: int, strategy: str) -> bool:
     """micro_batch=auto goes no further than this micro-batch, whatever the memory."""
     doubled = tokens_per_micro_batch(micro_batch * 2, cfg["method"]["name"], cfg["data"]["max_length"])
-    return micro_batch * 2 > MAX_MICRO_BATCH or doubled > MAX_TOKENS_PER_MICRO_BATCH
+    cap = MAX_TOKENS_PER_MICRO_BATCH_SHARDED if RULES[strategy].shards_params else MAX_TOKENS_PER_MICRO_BATCH
+    return micro_batch * 2 > MAX_MICRO_BATCH or doubled > cap
 
 
 def largest_micro_batch(cfg, shape, strategy, world, gpu_mem_gib, **changes) -> int:
@@ -223,7 +227,7 @@ def largest_micro_batch(cfg, shape, strategy, world, gpu_mem_gib, **changes) -> 
     best, mb = 0, 1
     while fits(job_estimate(cfg, shape, strategy, world, mb, **changes), gpu_mem_gib):
         best = mb
-        if at_cap(cfg, mb):
+        if at_cap(cfg, mb, strategy):
             break
         mb *= 2
     return best
@@ -235,7 +239,7 @@ def checkpointing_pays(cfg, shape, strategy, world, gpu_mem_gib, micro_batch) ->
     if micro_batch == "auto":
         mb = largest_micro_batch(cfg, shape, strategy, world, gpu_mem_gib, gradient_checkpointing=False)
         tokens = tokens_per_micro_batch(mb, cfg["method"]["name"], cfg["data"]["max_length"])
-        if mb and (tokens >= CHECKPOINTING_OFF_MIN_TOKENS or at_cap(cfg, mb)):
+        if mb and (tokens >= CHECKPOINTING_OFF_MIN_TOKENS or at_cap(cfg, mb, strategy)):
             return False, f"off: micro_batch {mb} ({tokens} tokens) fits without it"
         return True, (f"on: without it only micro_batch {mb} ({tokens} tokens, under {CHECKPOINTING_OFF_MIN_TOKENS})"
                       " would fit")

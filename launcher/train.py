@@ -19,7 +19,7 @@ from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from launcher import checkpoints, data, logs, modeling, postmortem
+from launcher import checkpoints, data, logs, modeling, postmortem, profiling
 
 log = logging.getLogger("launcher")
 
@@ -161,6 +161,8 @@ def main(config_path: str) -> int:
     stop = checkpoints.stop_request_callback(run_dir)
     callbacks = [logs.MetricsCallback(run_dir, plan["world_size"]), checkpoints.complete_marker_callback(), banner,
                  stop]
+    if cfg["train"]["profile_steps"]:
+        callbacks.append(profiling.ProfileSteps(run_dir, *cfg["train"]["profile_steps"]))
     if plan["fsdp_config"]:
         modeling.find_adapter_weights_under_fsdp1()  # else PEFT 0.21 saves empty adapters under FSDP1
     trainer = build_trainer(cfg, args, model, tokenizer, train_ds, eval_ds, callbacks, local_rank)

@@ -86,6 +86,12 @@ def check_values(cfg, machine: Machine) -> None:
     lr = cfg["train"]["lr"]
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
         raise ConfigError("train.lr", f"train.lr={lr!r} must be a positive number.")
+    steps = cfg["train"]["profile_steps"]
+    if steps is not None and not (isinstance(steps, list) and len(steps) == 2
+                                  and all(isinstance(s, int) and not isinstance(s, bool) for s in steps)
+                                  and 1 <= steps[0] <= steps[1]):
+        raise ConfigError("train.profile_steps", f"train.profile_steps={steps!r}: give the first and last step to "
+                                                 "profile, e.g. train.profile_steps=[6,8], or null.")
     max_length = cfg["data"]["max_length"]
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 8:
         raise ConfigError("data.max_length", f"data.max_length={max_length!r} must be a whole number >= 8.")

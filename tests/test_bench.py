@@ -54,7 +54,7 @@ def test_the_benchmark_job_with_defaults_is_the_measured_zero2_plan():
 def test_bench_runs_a_case_through_the_launcher_on_the_cpu(tmp_path):
     out = tmp_path / "out"
     res = subprocess.run([sys.executable, "-m", "launcher.bench", "--cases", "ddp", "--preset", "tiny", "--gpus", "0",
-                          "--steps", "7", "--assets", str(tmp_path / "assets"), "--out", str(out)],
+                          "--steps", "7", "--assets", str(tmp_path / "assets"), "--out", str(out), "--profile-steps", "7,7"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     row = json.loads((out / "bench.json").read_text())["results"][0]
@@ -62,3 +62,7 @@ def test_bench_runs_a_case_through_the_launcher_on_the_cpu(tmp_path):
     assert row["step_s"] > 0 and abs(row["per_s_per_gpu"] - 4 / row["step_s"]) < 1e-6
     assert 0 <= row["train_metric"] <= 1  # DPO reward accuracy
     assert "| ddp | ddp | none | 4 |" in (out / "bench.md").read_text()
+    # step 7 was profiled: the median is step 6 alone
+    metrics = [json.loads(line) for line in (out / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert row["step_s"] == next(m["step_seconds"] for m in metrics if m.get("step") == 6 and "step_seconds" in m)
+    assert (out / "runs" / "ddp" / "profile.txt").read_text().startswith("steps 7-7 on rank 0")

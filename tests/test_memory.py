@@ -1,4 +1,6 @@
 """The memory plan: hand-computed bytes per parameter, the peer's recorded GPU peaks, and the choices."""
+from dataclasses import replace
+
 import pytest
 
 from conftest import CPU_NODE, GPU_NODE, compose_cfg, run_launcher
@@ -77,6 +79,10 @@ MEASURED = [
     (QWEN_1_5B, "fsdp_qlora", 4, "dpo", 32, 384, False, True, 45.5),
     (QWEN_1_5B, "ddp", None, "dpo", 64, 384, True, True, 13.0),
     (QWEN_1_5B, "ddp", None, "sft", 64, 384, False, True, 65.9),
+    (QWEN_1_5B, "zero2", None, "dpo", 64, 384, False, True, 91.85),  # 2026-11-24 (docs/benchmarks.md)
+    (QWEN_1_5B, "zero3", None, "dpo", 64, 384, False, True, 91.92),
+    (QWEN_1_5B, "fsdp_qlora", 4, "dpo", 64, 384, False, True, 89.91),
+    (QWEN_1_5B, "zero2", None, "sft", 64, 384, False, True, 64.4),
     (QWEN_7B, "fsdp_qlora", 4, "dpo", 16, 384, False, True, 53.1),
     (QWEN_7B, "zero3", 4, "dpo", 16, 384, False, True, 55.1),
 ]
@@ -112,6 +118,10 @@ def test_checkpointing_auto_is_off_only_when_enough_work_fits_without_it():
                                    "data.max_length=384"), GPU_NODE)
     assert roomy.settings["gradient_checkpointing"] is False
     assert "micro_batch: 32\n" in roomy.files["config.yaml"]  # 32 x 2 x 384 tokens: the peer's hand-tuned batch
+    for sharded in ("zero3", "fsdp_qlora"):  # they gather every layer per pass: twice the tokens amortize that
+        plan = build_plan(compose_cfg("model=qwen2.5-1.5b-instruct", "gpus=2", "gpu_mem_gib=139.8",
+                                      "data.max_length=384", f"strategy={sharded}"), replace(GPU_NODE, liger=True))
+        assert "micro_batch: 64\n" in plan.files["config.yaml"] and plan.settings["gradient_checkpointing"] is False
     tight = build_plan(compose_cfg("model=qwen2.5-7b-instruct", "quant=4bit", "gpus=2", "gpu_mem_gib=24",
                                    "data.max_length=2048"), GPU_NODE)
     assert tight.settings["gradient_checkpointing"] is True

@@ -26,6 +26,8 @@ def refused(*overrides, machine=GPU_NODE) -> ConfigError:
     (["train.max_steps=0"], "train.max_steps", ">= 1, or -1"),
     (["train.lr=-1"], "train.lr", "positive"),
     (["data.max_length=2"], "data.max_length", ">= 8"),
+    (["train.profile_steps=[8,6]"], "train.profile_steps", "first and last step"),
+    (["train.profile_steps=6"], "train.profile_steps", "train.profile_steps=[6,8]"),
     (["master_port=70000"], "master_port", "1-65535"),
     (["strategy=ddp", "backend=deepspeed"], "backend", "backend=accelerate or backend=torchrun"),
     (["backend=mpirun"], "backend", "not one of"),
