@@ -109,6 +109,19 @@ def cast_trainable(model, dtype_name: str | None) -> None:
             param.data = param.data.to(dtype)
 
 
+def feed_adapters_the_activations_as_they_are(model) -> int:
+    """Under DDP, PEFT keeps LoRA weights in float32 and, before each adapter, copies its bf16 input to float32;
+    autocast then copies it back to bf16 for the matmul and keeps that copy for the backward. The matmul sees the
+    same bf16 values either way, so the two copies per adapter only cost time and memory: turn PEFT's cast off
+    (its own `cast_input_dtype_enabled` switch). Returns the number of adapter layers changed."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    return len(layers)
+
+
 def fetch_whole_layers_under_zero3(model) -> list[str]:
     """Mark each decoder layer (the classes transformers lists in `_no_split_modules`) a DeepSpeed ZeRO-3 leaf
     module: ZeRO-3 then gathers a layer's weights, LoRA's included, in one fetch and hooks the layer alone,

@@ -118,6 +118,7 @@ def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16:
         "trainable_dtype": None,
         "liger": False,
         "zero3_whole_layers": False,
+        "adapter_input_cast": True,
     }
     if on_gpu and dtype != "bfloat16":
         decisions.append(f"dtype={dtype}: these GPUs lack bf16 (compute capability < 8.0)")
@@ -234,6 +235,11 @@ def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16:
         settings["liger"] = True
         decisions.append("Liger kernels for RMSNorm, RoPE and SwiGLU: fused passes over the activations "
                          "(train.liger=false turns them off)")
+
+    if strategy.name == "ddp" and lora["r"] is not None and on_gpu:
+        settings["adapter_input_cast"] = False
+        decisions.append(f"LoRA's float32 weights take the {dtype} activations as they are: autocast multiplies in "
+                         f"{dtype} either way, PEFT's float32 copy of each adapter input only costs time and memory")
 
     if world_size == 1 and strategy.name == "ddp":
         settings["expected_wrapper"] = None

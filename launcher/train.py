@@ -168,6 +168,8 @@ def main(config_path: str) -> int:
     trainer = build_trainer(cfg, args, model, tokenizer, train_ds, eval_ds, callbacks, local_rank)
     banner.trainer = trainer
     modeling.cast_trainable(trainer.model, plan["trainable_dtype"])
+    if not plan["adapter_input_cast"]:
+        modeling.feed_adapters_the_activations_as_they_are(trainer.model)
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints a shorter line from rank 0
 
     resume_from = checkpoints.find_resume(run_dir, cfg["resume"])
@@ -226,7 +228,12 @@ if __name__ == "__main__":
     if len(argv) != 1:
         sys.exit("usage: python -m launcher.train <run_dir>/config.yaml")
     try:
-        sys.exit(main(argv[0]))
+        code = main(argv[0])
     except Exception:
         log.exception(postmortem.FAILED)  # into this rank's log file too, not only stderr
         raise
+    if torch.distributed.is_initialized():
+        # Left to the interpreter's exit, gloo's threads can abort a rank that finishes before the others
+        # ("terminate called without an active exception", seen in CI while rank 0 closed wandb)
+        torch.distributed.destroy_process_group()
+    sys.exit(code)

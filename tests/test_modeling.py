@@ -87,3 +87,30 @@ def test_zero3_whole_layer_fetch_marks_the_decoder_layers_and_nothing_else(tiny_
     leaves = [name for name, m in model.named_modules() if getattr(m, "_z3_leaf", False)]
     layers = [f"base_model.model.model.layers.{i}" for i in range(model.config.num_hidden_layers)]
     assert leaves == layers  # each layer once; its LoRA sub-modules are fetched with it, not on their own
+
+
+def test_adapters_fed_bf16_activations_compute_what_peft_computes_under_autocast(tiny_dir):
+    """DDP's float32 LoRA weights under bf16 autocast: without PEFT's float32 copy of each adapter input, the loss
+    and the adapter gradients are the same (autocast multiplies in bf16 either way)."""
+    def loss_and_grads(cast: bool):
+        model = lora_model(tiny_dir)
+        model.base_model.model.to(torch.bfloat16)
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.float()  # as PEFT keeps them under DDP
+                if "lora_B" in name:
+                    param.data += 0.01  # lora_B starts at zero, which would hide any difference
+        if not cast:
+            assert modeling.feed_adapters_the_activations_as_they_are(model) == 7 * model.config.num_hidden_layers
+        ids = torch.arange(2, 34).reshape(2, 16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    loss_cast, grads_cast = loss_and_grads(cast=True)
+    loss_as_is, grads_as_is = loss_and_grads(cast=False)
+    assert torch.equal(loss_cast, loss_as_is)
+    assert grads_cast.keys() == grads_as_is.keys() and all(g.dtype == torch.float32 for g in grads_as_is.values())
+    assert all(torch.equal(grads_cast[n], grads_as_is[n]) for n in grads_cast)
+    assert any(grads_as_is[n].abs().sum() > 0 for n in grads_as_is if "lora_A" in n)

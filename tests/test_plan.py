@@ -159,3 +159,17 @@ def test_zero3_fetches_whole_layers_for_dpo_with_lora_only():
     assert not whole("method=sft", "data=demo_sft") and not whole(strategy="ddp")
     with pytest.raises(ConfigError, match="strategy.fetch_whole_layers=true is proven only for DPO with LoRA"):
         whole("method=sft", "data=demo_sft", "strategy.fetch_whole_layers=true")
+
+
+def test_ddp_feeds_its_float32_adapters_the_bf16_activations_on_gpus_only():
+    def plan(strategy, *extra):
+        return yaml.safe_load(plan_for(strategy, "deepspeed" if "zero" in strategy else "accelerate", 1,
+                                       *extra).files["config.yaml"])["plan"]
+
+    ddp = plan("ddp")
+    assert ddp["adapter_input_cast"] is False
+    assert any(d.startswith("LoRA's float32 weights take the bfloat16 activations as they are") for d in ddp["decisions"])
+    assert plan("zero2")["adapter_input_cast"] is True  # DeepSpeed trains bf16 adapters: nothing is cast
+    assert plan("ddp", "lora=none")["adapter_input_cast"] is True  # no adapter
+    cpu = build_plan(compose_cfg("cpu_procs=2"), CPU_NODE)
+    assert yaml.safe_load(cpu.files["config.yaml"])["plan"]["adapter_input_cast"] is True  # float32 throughout
