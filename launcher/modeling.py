@@ -127,10 +127,18 @@ def fetch_whole_layers_under_zero3(model) -> list[str]:
     module: ZeRO-3 then gathers a layer's weights, LoRA's included, in one fetch and hooks the layer alone,
     instead of hooking each of its ~40 sub-modules. It also keeps the module order the same in DPO's reference
     pass, which runs with the adapter disabled and so skips every lora_A/lora_B: per module, that order change
-    makes ZeRO-3 drop its prefetch trace twice a step. Returns the names of the classes it marked."""
+    makes ZeRO-3 drop its prefetch trace twice a step. Returns the names of the classes it marked.
+
+    ZeRO-3 reduces a leaf module's gradients in the module's full backward hook. Where no input of the module
+    needs a gradient, as for the first layer over frozen embeddings, that hook fires as the layer's backward
+    starts, before its weights' gradients exist: DeepSpeed 0.19.8 then reduces zeros, the first layer's adapter
+    does not train (DPO) or the late gradient meets a released weight ("size of tensor a (0) must match ... (16)",
+    SFT). So the embeddings' output is made to require a gradient: one more input gradient, for the first layer."""
     from deepspeed.utils import set_z3_leaf_modules
 
     marked = set_z3_leaf_modules(model, list(model._no_split_modules or []), raise_if_not_found=False)
+    if marked:
+        model.enable_input_require_grads()
     classes = sorted({type(m).__name__ for m in marked})
     log.info("ZeRO-3 fetches whole layers: %d %s modules", len(marked), "/".join(classes) or "(none found)")
     return classes

@@ -76,19 +76,19 @@ def compute_dtype(cfg, machine_bf16: bool, on_gpu: bool) -> str:
 
 
 def fetch_whole_layers(cfg) -> bool:
-    """ZeRO-3 leaf modules (launcher/modeling.py): measured 2.2x faster for DPO with LoRA on 2x H200; SFT with them
-    failed in its first backward (a released LoRA weight: "size of tensor a (0) must match ... (16)")."""
+    """ZeRO-3 leaf modules (launcher/modeling.py): measured 2.2x faster for DPO with LoRA on 2x H200, so `auto`
+    there. SFT with LoRA failed on the GPUs before the first layer's input was made to need a gradient (the cause,
+    found on the CPU); with that it trains every adapter on DeepSpeed's CPU accelerator, not yet re-run on GPUs."""
     wanted = cfg["strategy"].get("fetch_whole_layers", "auto")
-    proven = cfg["method"]["name"] == "dpo" and cfg["lora"]["r"] is not None
     if wanted == "auto":
-        return proven
+        return cfg["method"]["name"] == "dpo" and cfg["lora"]["r"] is not None
     if wanted not in (True, False):
         raise ConfigError("strategy.fetch_whole_layers", f"strategy.fetch_whole_layers={wanted}: use auto, true or false.")
-    if wanted and not proven:
+    if wanted and cfg["lora"]["r"] is None:
         raise ConfigError(
             "strategy.fetch_whole_layers",
-            "strategy.fetch_whole_layers=true is proven only for DPO with LoRA: with method=sft (or without LoRA) "
-            "DeepSpeed 0.19.8 failed in the first backward on 2x H200. Use strategy.fetch_whole_layers=auto.",
+            "strategy.fetch_whole_layers=true is tested only with LoRA (lora=none gathers and reduces every weight "
+            "of a layer at once, untested). Use strategy.fetch_whole_layers=auto.",
         )
     return wanted
 

@@ -87,6 +87,8 @@ def test_zero3_whole_layer_fetch_marks_the_decoder_layers_and_nothing_else(tiny_
     leaves = [name for name, m in model.named_modules() if getattr(m, "_z3_leaf", False)]
     layers = [f"base_model.model.model.layers.{i}" for i in range(model.config.num_hidden_layers)]
     assert leaves == layers  # each layer once; its LoRA sub-modules are fetched with it, not on their own
+    # the first layer's input needs a gradient, else ZeRO-3 reduces that layer's before they exist
+    assert model.get_input_embeddings()(torch.tensor([[1, 2]])).requires_grad
 
 
 def test_adapters_fed_bf16_activations_compute_what_peft_computes_under_autocast(tiny_dir):

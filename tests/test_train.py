@@ -110,19 +110,23 @@ def test_full_finetune_dpo_with_wandb_offline(tmp_path, tiny_dir):
 
 # ZeRO-3 for real on DeepSpeed's CPU accelerator (gloo). The launcher refuses DeepSpeed on a CPU machine (it
 # is not for training there), so the test takes the plan it makes for GPUs and turns it to the CPU by hand.
+# DeepSpeed 0.19.8's leaf-module step (the whole-layer fetch) calls grad.record_stream, a CUDA allocator call
+# that CPU tensors refuse; on the CPU there is no stream to record, so the shim makes it a no-op.
 ZERO3_ON_CPU = """
-import sys, deepspeed
+import sys, deepspeed, torch
+torch.Tensor.record_stream = lambda self, stream: None
 deepspeed.init_distributed(dist_backend="gloo")  # the Trainer, told use_cpu, does not start DeepSpeed's comm
 from launcher import train
 sys.exit(train.main(sys.argv[1]))
 """
 
 
-def test_zero3_checkpoints_resumes_and_merges_on_deepspeeds_cpu_accelerator(tmp_path, tiny_dir):
+def zero3_on_cpu(tmp_path, tiny_dir, *overrides):
+    """A run directory planned for ZeRO-3 on 2 GPUs, and a function that trains it on the CPU."""
     run = tmp_path / "zero3"
     run.mkdir()
     plan = build_plan(compose_cfg("strategy=zero3", "gpus=2", "micro_batch=4", "save_steps=2", f"run_dir={run}",
-                                  f"model.cache_dir={tiny_dir.parent}"), GPU_NODE)
+                                  f"model.cache_dir={tiny_dir.parent}", *overrides), GPU_NODE)
     for name, text in plan.files.items():
         (run / name).write_text(text)
     ds = json.loads((run / "ds_config.json").read_text())
@@ -132,10 +136,7 @@ def test_zero3_checkpoints_resumes_and_merges_on_deepspeeds_cpu_accelerator(tmp_
 
     def train(max_steps, **changes):
         cfg = yaml.safe_load((run / "config.yaml").read_text())
-        # zero3_whole_layers off: DeepSpeed 0.19.8's leaf-module step calls grad.record_stream, which CPU tensors
-        # refuse ("unknown parameter type"); the whole-layer fetch is proven on the GPUs (docs/gpu-runs.md)
-        cfg["plan"].update(device="cpu", dtype="float32", deepspeed_config=str(run / "ds_config.json"),
-                           zero3_whole_layers=False)
+        cfg["plan"].update(device="cpu", dtype="float32", deepspeed_config=str(run / "ds_config.json"))
         cfg["train"]["max_steps"] = max_steps
         cfg.update(changes)
         (run / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -144,9 +145,24 @@ def test_zero3_checkpoints_resumes_and_merges_on_deepspeeds_cpu_accelerator(tmp_
                                "--master_port", str(find_free_port()), str(tmp_path / "zero3_on_cpu.py"),
                                str(run / "config.yaml")], capture_output=True, text=True, timeout=300, env=env)
 
+    return run, train
+
+
+def untrained_adapters(final):
+    """The LoRA B matrices still at their initial zeros: an adapter whose gradients never arrived."""
+    from safetensors.torch import load_file
+
+    weights = load_file(final / "adapter_model.safetensors")
+    assert any("lora_B" in name for name in weights)
+    return sorted(name for name, w in weights.items() if "lora_B" in name and not w.abs().sum())
+
+
+def test_zero3_checkpoints_resumes_and_merges_on_deepspeeds_cpu_accelerator(tmp_path, tiny_dir):
+    run, train = zero3_on_cpu(tmp_path, tiny_dir)
     first = train(4)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "wrapped in DeepSpeedEngine" in (run / "logs" / "rank0.log").read_text()
+    log = (run / "logs" / "rank0.log").read_text()
+    assert "wrapped in DeepSpeedEngine" in log and "ZeRO-3 fetches whole layers: 2 Qwen2DecoderLayer" in log
     # The merge runs on rank 0 alone; it used to hang there (from_pretrained inside ZeRO-3's zero.Init).
     second = train(6, resume="auto", merge=True)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -154,3 +170,14 @@ def test_zero3_checkpoints_resumes_and_merges_on_deepspeeds_cpu_accelerator(tmp_
     assert "continuing from" in log and "checkpoint-4" in log
     assert json.loads((run / "summary.json").read_text())["global_step"] == 6
     assert (run / "merged" / "config.json").exists()
+    # With whole layers, the first layer's adapter once got no gradient (launcher/modeling.py says why)
+    assert untrained_adapters(run / "final") == []
+
+
+def test_zero3_whole_layers_train_every_sft_adapter_on_the_cpu(tmp_path, tiny_dir):
+    """SFT failed in its first backward with whole layers on 2x H200; the cause reproduced here (see
+    modeling.fetch_whole_layers_under_zero3)."""
+    run, train = zero3_on_cpu(tmp_path, tiny_dir, "method=sft", "data=demo_sft", "strategy.fetch_whole_layers=true")
+    res = train(3)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert untrained_adapters(run / "final") == []
