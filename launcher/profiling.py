@@ -50,8 +50,15 @@ class ProfileSteps(TrainerCallback):
         self.started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.prof is None or state.global_step != self.last:
-            return
+        if self.prof is not None and state.global_step == self.last:
+            self.finish()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.prof is not None:  # training ended inside the profiled steps: summarize the ones it ran
+            self.last = state.global_step
+            self.finish()
+
+    def finish(self) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - self.started) * 1e3
