@@ -53,7 +53,10 @@ SAFETY = 0.9  # a plan fits when its peak stays under this share of (GPU memory 
 # Expected speed relative to DDP (pairs/s per GPU), measured by `python -m launcher.bench` on 2x H200 with
 # the defaults (docs/benchmarks.md: Qwen2.5-1.5B shape, DPO, micro_batch 32, no checkpointing, Liger): ddp
 # 49.7, zero2 57.5, fsdp_qlora 4-bit 28.7, zero3 17.6 and 19.7. ZeRO-3-offload was not measured there: the
-# tiny-model matrix (docs/gpu-runs.md) ran it 4.3x slower than ZeRO-3, hence 0.375 / 4.3.
+# tiny-model matrix (docs/gpu-runs.md) ran it 4.3x slower than ZeRO-3, hence 0.375 / 4.3. On 2026-11-24, at
+# micro_batch=auto (64 where the weights are sharded), zero3 ran 42.9 and fsdp_qlora over 4-bit weights 39.4
+# against zero2's 50.3; their order between each other only matters where neither zero2 nor ddp fits, and no run
+# has compared the two over the same weights yet, so the values above stay.
 RELATIVE_SPEED = {"ddp": 1.0, "zero2": 1.16, "fsdp_qlora": 0.58, "zero3": 0.375, "zero3_offload": 0.09}
 STRATEGIES = ("ddp", "zero2", "fsdp_qlora", "zero3", "zero3_offload")  # the order of the plan's table
 
