@@ -15,7 +15,7 @@ log = logging.getLogger("launcher")
 FILE = "profile.txt"
 
 
-def busy_ms(spans: list[tuple[float, float]]) -> float:
+def busy_time(spans: list[tuple[float, float]]) -> float:
     """Length of the union of (start, end) intervals, in the units given (kernels on several streams overlap)."""
     total, end = 0.0, float("-inf")
     for start, stop in sorted(spans):
@@ -66,13 +66,12 @@ class ProfileSteps(TrainerCallback):
         steps = self.last - self.first + 1
         spans, compute = gpu_spans(self.prof)
         lines = [f"steps {self.first}-{self.last} on rank 0: {wall_ms / steps:.1f} ms per step (wall clock)"]
-        if spans:
-            lines.append(f"GPU busy {busy_ms(spans) / 1e3 / steps:.1f} ms per step "
-                         f"({busy_ms(spans) / 1e3 / wall_ms:.0%} of the wall clock); without NCCL kernels "
-                         f"{busy_ms(compute) / 1e3 / steps:.1f} ms ({busy_ms(compute) / 1e3 / wall_ms:.0%})")
         averages = self.prof.key_averages()
         if spans:
-            lines += ["", "by GPU time:", averages.table(sort_by="self_cuda_time_total", row_limit=30)]
+            busy, busy_compute = busy_time(spans) / 1e3, busy_time(compute) / 1e3  # us -> ms
+            lines += [f"GPU busy {busy / steps:.1f} ms per step ({busy / wall_ms:.0%} of the wall clock); without "
+                      f"NCCL kernels {busy_compute / steps:.1f} ms ({busy_compute / wall_ms:.0%})",
+                      "", "by GPU time:", averages.table(sort_by="self_cuda_time_total", row_limit=30)]
         lines += ["", "by CPU time:", averages.table(sort_by="self_cpu_time_total", row_limit=30)]
         self.path.write_text("\n".join(lines) + "\n")
         log.info("profile of steps %d-%d: %s", self.first, self.last, self.path)
