@@ -68,6 +68,9 @@ CASES = {
         "strategy=fsdp_qlora", "quant=4bit", "+strategy.fsdp.fsdp_forward_prefetch=true")),
     # 64 pairs (49k tokens) without checkpointing, as micro_batch=auto gives zero3 and fsdp_qlora: +2% for zero2
     "zero2-mb64": Case("launcher", overrides=("strategy=zero2", "micro_batch=64", "train.gradient_checkpointing=false")),
+    # PEFT's own LoRA forward: the scaling and the sum as passes of their own over each layer's output
+    "zero2-unfused": Case("launcher", overrides=("strategy=zero2", "train.fuse_lora_sum=false")),
+    "ddp-unfused": Case("launcher", overrides=("strategy=ddp", "train.fuse_lora_sum=false")),
     # SFT on the same model and rows (prompt + chosen answer)
     "sft-defaults": Case("launcher", "sft"),
     "sft": Case("launcher", "sft", overrides=("strategy=ddp",)),

@@ -122,6 +122,38 @@ def feed_adapters_the_activations_as_they_are(model) -> int:
     return len(layers)
 
 
+def add_adapter_outputs_inside_the_matmul(model) -> int:
+    """PEFT computes each LoRA layer as `result + lora_B(lora_A(dropout(x))) * scaling`: the scaling and the sum
+    are two passes over the layer's whole output, and the scaling's backward a third. One GEMM does both:
+    addmm(result, lora_A(dropout(x)), lora_B.weight.T, alpha=scaling), beta 1, accumulating into the base output.
+    The weights are read directly, so this is only for strategies where they are whole at forward (DDP, ZeRO-2:
+    ZeRO-3 and FSDP gather them in module hooks). Any case it does not cover (adapter disabled, as in DPO's
+    reference pass; merged; several adapters; LoRA variants; a bias on lora_B) runs PEFT's own forward.
+    Returns the number of layers changed."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    def forward(self, x, *args, **kwargs):
+        names = self.active_adapters
+        if (args or kwargs or self.disable_adapters or self.merged or len(names) != 1 or names[0] not in self.lora_A
+                or names[0] in self.lora_variant or self.lora_B[names[0]].bias is not None):
+            return LoraLinear.forward(self, x, *args, **kwargs)
+        name = names[0]
+        result = self.base_layer(x)
+        down = self.lora_A[name](self.lora_dropout[name](self._cast_input_dtype(x, self.lora_A[name].weight.dtype)))
+        up = self.lora_B[name].weight.t()
+        if not (result.dtype == down.dtype == up.dtype or torch.is_autocast_enabled(result.device.type)):
+            return result + self.lora_B[name](down) * self.scaling[name]  # mixed dtypes: PEFT's sum promotes them
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]), up,
+                          alpha=self.scaling[name])
+        return out.view(result.shape)
+
+    layers = [m for m in model.modules() if type(m) is LoraLinear]
+    for layer in layers:
+        layer.forward = forward.__get__(layer)
+    log.info("LoRA sums in the lora_B matmul: %d layers", len(layers))
+    return len(layers)
+
+
 def fetch_whole_layers_under_zero3(model) -> list[str]:
     """Mark each decoder layer (the classes transformers lists in `_no_split_modules`) a DeepSpeed ZeRO-3 leaf
     module: ZeRO-3 then gathers a layer's weights, LoRA's included, in one fetch and hooks the layer alone,

@@ -77,11 +77,11 @@ def compute_dtype(cfg, machine_bf16: bool, on_gpu: bool) -> str:
 
 def fetch_whole_layers(cfg) -> bool:
     """ZeRO-3 leaf modules (launcher/modeling.py): measured 2.2x faster for DPO with LoRA on 2x H200, so `auto`
-    there. SFT with LoRA failed on the GPUs before the first layer's input was made to need a gradient (the cause,
-    found on the CPU); with that it trains every adapter on DeepSpeed's CPU accelerator, not yet re-run on GPUs."""
+    with LoRA. SFT failed on the GPUs until the first layer's input was made to need a gradient (the cause was
+    found on the CPU, docs/gpu-runs.md)."""
     wanted = cfg["strategy"].get("fetch_whole_layers", "auto")
     if wanted == "auto":
-        return cfg["method"]["name"] == "dpo" and cfg["lora"]["r"] is not None
+        return cfg["lora"]["r"] is not None
     if wanted not in (True, False):
         raise ConfigError("strategy.fetch_whole_layers", f"strategy.fetch_whole_layers={wanted}: use auto, true or false.")
     if wanted and cfg["lora"]["r"] is None:
@@ -119,6 +119,7 @@ def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16:
         "liger": False,
         "zero3_whole_layers": False,
         "adapter_input_cast": True,
+        "fuse_lora_sum": False,
     }
     if on_gpu and dtype != "bfloat16":
         decisions.append(f"dtype={dtype}: these GPUs lack bf16 (compute capability < 8.0)")
@@ -240,6 +241,17 @@ def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16:
         settings["adapter_input_cast"] = False
         decisions.append(f"LoRA's float32 weights take the {dtype} activations as they are: autocast multiplies in "
                          f"{dtype} either way, PEFT's float32 copy of each adapter input only costs time and memory")
+
+    fuse = cfg["train"].get("fuse_lora_sum", "auto")
+    fusable = strategy.name in ("ddp", "zero2") and lora["r"] is not None and not bits
+    if fuse is True and not fusable:
+        raise ConfigError("train.fuse_lora_sum", "train.fuse_lora_sum=true needs LoRA on unquantized weights under "
+                                                 "strategy=ddp or zero2 (elsewhere the weights are gathered in module "
+                                                 "hooks, or PEFT's bitsandbytes layers run). Use train.fuse_lora_sum=auto.")
+    if fuse and fusable:
+        settings["fuse_lora_sum"] = True
+        decisions.append("each LoRA output is scaled and added to its layer's inside the lora_B matmul (one addmm), "
+                         "not in two more passes over the layer's output (train.fuse_lora_sum=false: PEFT's forward)")
 
     if world_size == 1 and strategy.name == "ddp":
         settings["expected_wrapper"] = None

@@ -170,6 +170,8 @@ def main(config_path: str) -> int:
     modeling.cast_trainable(trainer.model, plan["trainable_dtype"])
     if not plan["adapter_input_cast"]:
         modeling.feed_adapters_the_activations_as_they_are(trainer.model)
+    if plan["fuse_lora_sum"]:
+        modeling.add_adapter_outputs_inside_the_matmul(trainer.model)
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints a shorter line from rank 0
 
     resume_from = checkpoints.find_resume(run_dir, cfg["resume"])

@@ -69,7 +69,7 @@ def check_values(cfg, machine: Machine) -> None:
             raise ConfigError("master_port", f"master_port={port} is not a TCP port (1-65535).")
     _whole(cfg, "micro_batch", 1, allow=("auto",))
     _whole(cfg, "save_steps", 1)
-    for key in ("gradient_checkpointing", "liger"):
+    for key in ("gradient_checkpointing", "liger", "fuse_lora_sum"):
         value = cfg["train"][key]
         if not (isinstance(value, bool) or value == "auto"):
             raise ConfigError(f"train.{key}", f"train.{key}={value!r}: give true, false or auto.")

@@ -116,3 +116,49 @@ def test_adapters_fed_bf16_activations_compute_what_peft_computes_under_autocast
     assert grads_cast.keys() == grads_as_is.keys() and all(g.dtype == torch.float32 for g in grads_as_is.values())
     assert all(torch.equal(grads_cast[n], grads_as_is[n]) for n in grads_cast)
     assert any(grads_as_is[n].abs().sum() > 0 for n in grads_as_is if "lora_A" in n)
+
+
+def lora_loss_and_grads(tiny_dir, fused: bool, autocast: bool = False, bf16_base: bool = False):
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir / "model"),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data += 0.01  # lora_B starts at zero, which would hide any difference
+        elif "lora_" not in name and bf16_base:  # the bf16 base of DDP, kept in float32 or stored in bf16
+            param.data = param.data.bfloat16() if autocast else param.data.bfloat16().float()
+    if fused:
+        assert modeling.add_adapter_outputs_inside_the_matmul(model) == 7 * model.config.num_hidden_layers
+    ids = torch.arange(2, 34).reshape(2, 16)
+    torch.manual_seed(1)  # the same dropout masks, drawn in the same order
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, labels=ids).loss
+        with model.disable_adapter():
+            ref = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach().float(), ref.detach(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_lora_sum_inside_the_matmul_computes_what_peft_computes(tiny_dir):
+    """One addmm in place of PEFT's `result + lora_B(lora_A(dropout(x))) * scaling`: in float32 the same loss and
+    adapter gradients, with dropout on; where the adapter is disabled (DPO's reference pass), PEFT's forward."""
+    loss, ref, grads = lora_loss_and_grads(tiny_dir, fused=False)
+    fused_loss, fused_ref, fused_grads = lora_loss_and_grads(tiny_dir, fused=True)
+    assert loss != ref and torch.equal(ref, fused_ref)
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-5, atol=0)
+    assert grads.keys() == fused_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(fused_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_lora_sum_inside_the_matmul_under_bf16_autocast_is_as_close_to_float32_as_peft(tiny_dir):
+    """DDP's case: bf16 base, float32 adapters, bf16 autocast. bf16 rounding moves both from the float32 result
+    (on the same weights) by about 2% in some gradient; the fused sum may not move it further than PEFT's."""
+    def error(fused):
+        loss, _, grads = lora_loss_and_grads(tiny_dir, fused, autocast=True, bf16_base=True)
+        return abs(loss - loss32) / loss32, max(((grads[n] - grads32[n]).norm() / grads32[n].norm()).item() for n in grads)
+
+    loss32, _, grads32 = lora_loss_and_grads(tiny_dir, fused=False, bf16_base=True)
+    (peft_loss_err, peft_grad_err), (fused_loss_err, fused_grad_err) = error(False), error(True)
+    assert 0 < peft_grad_err < 0.1  # the comparison sees bf16's rounding, and nothing worse
+    assert fused_loss_err <= 1.5 * peft_loss_err + 1e-5 and fused_grad_err <= 1.5 * peft_grad_err

@@ -149,15 +149,13 @@ def test_golden_slurm_submission():
     check_golden("slurm-4node.txt", f"# argv\n{json.dumps(plan.argv)}\n# job.sbatch\n{text}")
 
 
-def test_zero3_fetches_whole_layers_for_dpo_with_lora_by_default():
+def test_zero3_fetches_whole_layers_with_lora_by_default():
     def whole(*extra, strategy="zero3"):
         return yaml.safe_load(plan_for(strategy, "deepspeed" if "zero" in strategy else "accelerate", 1,
                                        *extra).files["config.yaml"])["plan"]["zero3_whole_layers"]
 
-    assert whole() and whole(strategy="zero3_offload")  # the defaults: DPO with LoRA
-    assert not whole("strategy.fetch_whole_layers=false")
-    assert not whole("method=sft", "data=demo_sft") and not whole(strategy="ddp")
-    assert whole("method=sft", "data=demo_sft", "strategy.fetch_whole_layers=true")  # asked for: CPU-tested only
+    assert whole() and whole(strategy="zero3_offload") and whole("method=sft", "data=demo_sft")  # with LoRA
+    assert not whole("strategy.fetch_whole_layers=false") and not whole("lora=none") and not whole(strategy="ddp")
     with pytest.raises(ConfigError, match="strategy.fetch_whole_layers=true is tested only with LoRA"):
         whole("lora=none", "strategy.fetch_whole_layers=true")
 
@@ -174,3 +172,18 @@ def test_ddp_feeds_its_float32_adapters_the_bf16_activations_on_gpus_only():
     assert plan("ddp", "lora=none")["adapter_input_cast"] is True  # no adapter
     cpu = build_plan(compose_cfg("cpu_procs=2"), CPU_NODE)
     assert yaml.safe_load(cpu.files["config.yaml"])["plan"]["adapter_input_cast"] is True  # float32 throughout
+
+
+def test_lora_sum_is_fused_where_the_adapter_weights_are_whole_at_forward():
+    def fused(strategy, *extra):
+        backend = "deepspeed" if "zero" in strategy else "accelerate"
+        return yaml.safe_load(plan_for(strategy, backend, 1, *extra).files["config.yaml"])["plan"]["fuse_lora_sum"]
+
+    assert fused("ddp") and fused("zero2")
+    assert not fused("zero3") and not fused("fsdp_qlora")  # weights gathered in module hooks
+    assert not fused("ddp", "quant=4bit") and not fused("ddp", "lora=none")  # bitsandbytes' LoRA layers; no LoRA
+    assert not fused("zero2", "train.fuse_lora_sum=false")
+    with pytest.raises(ConfigError, match="train.fuse_lora_sum=true needs LoRA on unquantized weights"):
+        fused("zero3", "train.fuse_lora_sum=true")
+    with pytest.raises(ConfigError, match=r"train.fuse_lora_sum='yes': give true, false or auto"):
+        fused("ddp", "train.fuse_lora_sum=yes")
