@@ -7,8 +7,9 @@ table (seconds/step, pairs or tokens/s per GPU, MFU, peak GiB per GPU, reward ac
 The job is the peer's (../shared/peer/RESULTS.md): a random-init model of a preset's shape, LoRA r16 on all
 linear layers, 2000 synthetic preference pairs of ~700 tokens (launcher/bench_assets.py builds them once
 under --assets). Every launcher case runs with the launcher's defaults plus the case's own overrides; the
-peer runs its own script with its stock accelerate config. Times are the median over the steps after
-WARMUP_STEPS. Results: <out>/bench.json and <out>/bench.md. scripts/gpu_bench.sh runs it on a GPU machine.
+peer runs its own script with its stock accelerate config. Both log every 5 steps (their defaults): the
+peer's time is the median over single steps after WARMUP_STEPS, a launcher case's the median over the logged
+intervals after them (wall clock between two logs / 5 steps). Results: <out>/bench.json and <out>/bench.md. scripts/gpu_bench.sh runs it on a GPU machine.
 """
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def launcher_argv(name: str, case: Case, assets: Path, out: Path, gpus: int, ste
     return [sys.executable, "-m", "launcher", f"model={case.preset}", f"model.path={assets}/model",
             f"model.tokenizer={assets}/tokenizer", f"method={case.method}", *data, "data.max_length=384",
             "data.conversational=false",  # the peer's rows are plain strings: no chat template, the same tokens
-            f"gpus={gpus}" if gpus else "cpu_procs=2", f"train.max_steps={steps}", "train.logging_steps=1", "save_steps=100000",
+            f"gpus={gpus}" if gpus else "cpu_procs=2", f"train.max_steps={steps}", "save_steps=100000",
             f"run_dir={out}/runs/{name}", "overwrite=true", *case.overrides,
             *([f"train.profile_steps=[{profile_steps}]"] if profile_steps else [])]
 
@@ -115,7 +116,11 @@ def read_launcher_run(run: Path, case: Case, n_params: float) -> dict:
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     first, last = cfg["train"].get("profile_steps") or (0, -1)
-    steady = [r for r in rows if "step_seconds" in r and r["step"] > WARMUP_STEPS and not first <= r["step"] <= last]
+    steady, before = [], 0
+    for r in (r for r in rows if "step_seconds" in r):  # each row: the mean over the steps since the previous log
+        if before >= WARMUP_STEPS and not (before < last and r["step"] >= first):  # past warm-up, none profiled
+            steady.append(r)
+        before = r["step"]
     step_s = statistics.median(r["step_seconds"] for r in steady)
     tokens = statistics.median(r["tokens_per_sec_per_gpu"] for r in steady)
     per_step = cfg["micro_batch"] * cfg["train"]["grad_accum"]

@@ -43,7 +43,8 @@ ACT_PER_HIDDEN_LAYER_GC = 2.0  # bytes per token: the checkpointed layer inputs
 ACT_PER_VOCAB = 0.47  # bytes per token per vocabulary entry
 # Factors on the in-layer activations, each from one pair of runs in docs/benchmarks.md (peak GiB per GPU):
 ACT_LIGER = 0.79  # ddp with Liger 54.8 against 68.9 without
-ACT_BF16_ADAPTERS = 0.86  # zero2 47.4 against ddp 54.8 (PEFT runs float32 adapters on float32 copies of inputs)
+ACT_BF16_ADAPTERS = 0.86  # zero2 47.4 against ddp 54.8 when PEFT still ran DDP's adapters on float32 copies of
+# their inputs; without those copies (modeling.feed_adapters_the_activations_as_they_are) ddp measured 47.6
 ACT_KBIT_DDP = 1.46  # ddp 4-bit 77.4 against ddp bf16 54.8
 BYTES_4BIT = 0.53
 DEEPSPEED_BUFFERS_GIB = {"zero2": 0.0, "zero3": 0.8, "zero3_offload": 0.8}
@@ -51,13 +52,15 @@ ZERO3_MAX_LIVE_PARAMS = 1e9
 CONTEXT_GIB = 1.0  # CUDA context and allocator slack, not counted by torch's peak
 SAFETY = 0.9  # a plan fits when its peak stays under this share of (GPU memory - context)
 # Expected speed relative to DDP (pairs/s per GPU), measured by `python -m launcher.bench` on 2x H200 with
-# the defaults (docs/benchmarks.md: Qwen2.5-1.5B shape, DPO, micro_batch 32, no checkpointing, Liger): ddp
-# 49.7, zero2 57.5, fsdp_qlora 4-bit 28.7, zero3 17.6 and 19.7. ZeRO-3-offload was not measured there: the
-# tiny-model matrix (docs/gpu-runs.md) ran it 4.3x slower than ZeRO-3, hence 0.375 / 4.3. On 2026-11-24, at
-# micro_batch=auto (64 where the weights are sharded), zero3 ran 42.9 and fsdp_qlora over 4-bit weights 39.4
-# against zero2's 50.3; their order between each other only matters where neither zero2 nor ddp fits, and no run
-# has compared the two over the same weights yet, so the values above stay.
-RELATIVE_SPEED = {"ddp": 1.0, "zero2": 1.16, "fsdp_qlora": 0.58, "zero3": 0.375, "zero3_offload": 0.09}
+# the defaults (docs/benchmarks.md: Qwen2.5-1.5B shape, DPO, micro_batch 32, no checkpointing, Liger). On
+# 2026-11-24, in one run: ddp 58.5, zero2 54.5 (ddp without float32 adapter inputs and with LoRA's sum in the
+# matmul; zero2 is bound by DeepSpeed's Python gradient hooks, docs/benchmarks.md). The sharded ones, against
+# the ddp of 2026-11-23 (49.7): fsdp_qlora 4-bit 28.7, zero3 17.6 and 19.7 at micro_batch 32; ZeRO-3-offload
+# was not measured there: the tiny-model matrix (docs/gpu-runs.md) ran it 4.3x slower than ZeRO-3, hence
+# 0.375 / 4.3. At micro_batch=auto (64 where the weights are sharded) zero3 ran 42.9 and fsdp_qlora over 4-bit
+# weights 39.4; their order between each other only matters where neither ddp nor zero2 fits, and no run has
+# compared the two over the same weights yet, so those values stay.
+RELATIVE_SPEED = {"ddp": 1.0, "zero2": 0.93, "fsdp_qlora": 0.58, "zero3": 0.375, "zero3_offload": 0.09}
 STRATEGIES = ("ddp", "zero2", "fsdp_qlora", "zero3", "zero3_offload")  # the order of the plan's table
 
 
@@ -169,10 +172,7 @@ def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | Non
     tokens = tokens_per_micro_batch(micro_batch, method, seq_len)
     h_layers = shape.hidden * shape.layers
     in_layer = ACT_PER_HIDDEN_LAYER * (ACT_LIGER if liger else 1.0)
-    if strategy == "ddp" and lora:
-        in_layer *= ACT_KBIT_DDP if bits else 1.0
-    else:
-        in_layer *= ACT_BF16_ADAPTERS
+    in_layer *= ACT_KBIT_DDP if strategy == "ddp" and lora and bits else ACT_BF16_ADAPTERS
     per_token = (ACT_PER_HIDDEN_LAYER_GC * h_layers + in_layer * shape.hidden if gradient_checkpointing
                  else in_layer * h_layers) + ACT_PER_VOCAB * shape.vocab
     activations = tokens * per_token
@@ -262,15 +262,18 @@ def sized(cfg, shape, strategy, world, gpu_mem_gib, micro_batch) -> tuple[bool, 
     return bool(gc), mb, job_estimate(cfg, shape, strategy, world, max(mb, 1), gradient_checkpointing=bool(gc))
 
 
-def candidates(cfg, deepspeed: bool = True) -> list[str]:
-    """The strategies this job can use (the DeepSpeed ones only where deepspeed is installed)."""
+def candidates(cfg, deepspeed: bool = True, deepspeed_only: bool = False) -> list[str]:
+    """The strategies this job can use (the DeepSpeed ones only where deepspeed is installed; only those where
+    backend=deepspeed or DeepSpeed settings were given)."""
     return [s for s in STRATEGIES if supported(s, cfg["quant"]["bits"], cfg["lora"]["r"])
-            and (deepspeed or RULES[s].deepspeed_template is None)]
+            and (deepspeed or RULES[s].deepspeed_template is None)
+            and (not deepspeed_only or RULES[s].deepspeed_template is not None)]
 
 
-def choose(cfg, shape, world, gpu_mem_gib, micro_batch, deepspeed: bool = True) -> tuple[str | None, int, str]:
+def choose(cfg, shape, world, gpu_mem_gib, micro_batch, deepspeed: bool = True,
+           deepspeed_only: bool = False) -> tuple[str | None, int, str]:
     """(strategy, micro_batch, why): the fastest strategy that fits (micro_batch: an int, or 'auto')."""
-    for strategy in sorted(candidates(cfg, deepspeed), key=lambda s: -RELATIVE_SPEED[s]):
+    for strategy in sorted(candidates(cfg, deepspeed, deepspeed_only), key=lambda s: -RELATIVE_SPEED[s]):
         _, mb, est = sized(cfg, shape, strategy, world, gpu_mem_gib, micro_batch)
         if mb and fits(est, gpu_mem_gib):
             return strategy, mb, (f"{strategy}: the fastest that fits ({est.total:.1f} GiB of {gpu_mem_gib:.0f} GiB "

@@ -145,22 +145,26 @@ def size_the_job(cfg: dict, machine: Machine, world: int, on_gpu: bool, decision
             cfg["train"]["gradient_checkpointing"] = True
             decisions.append(f"train.gradient_checkpointing=auto -> on: {err}")
         return cfg
+    # backend=deepspeed, or DeepSpeed settings given: strategy=auto chooses among the DeepSpeed strategies
+    ds_only = cfg["backend"] == "deepspeed" or bool(cfg["strategy"].get("deepspeed"))
     if auto_gc:  # decided for the strategy asked for, or the fastest that fits without checkpointing
         name = cfg["strategy"]["name"]
         if auto_strategy:
             without = dict(cfg, train=dict(cfg["train"], gradient_checkpointing=False))
-            name = memory.choose(without, shape, world, gpu_mem, cfg["micro_batch"], machine.deepspeed)[0] or "ddp"
+            name = memory.choose(without, shape, world, gpu_mem, cfg["micro_batch"], machine.deepspeed,
+                                 ds_only)[0] or "ddp"
         on, why = memory.checkpointing_pays(cfg, shape, name, world, gpu_mem, cfg["micro_batch"])
         cfg["train"]["gradient_checkpointing"] = on
         decisions.append(f"train.gradient_checkpointing=auto -> {why}")
     if auto_strategy:
-        name, mb, why = memory.choose(cfg, shape, world, gpu_mem, cfg["micro_batch"], machine.deepspeed)
+        name, mb, why = memory.choose(cfg, shape, world, gpu_mem, cfg["micro_batch"], machine.deepspeed, ds_only)
         if name is None:
             raise ConfigError("strategy", f"strategy=auto: no strategy fits {gpu_mem:.0f} GiB per GPU with this "
                                           f"config; the smallest change that fits: "
                                           f"{memory.smallest_change(cfg, shape, world, gpu_mem)}")
         cfg["strategy"] = dict(cfg["strategy"], name=name)  # with any strategy.deepspeed / strategy.fsdp given
-        decisions.append(f"strategy=auto -> {why}")
+        decisions.append(f"strategy=auto -> {why}" + (" among the DeepSpeed ones (backend=deepspeed or strategy."
+                                                       "deepspeed settings)" if ds_only else ""))
         if auto_mb:
             cfg["micro_batch"] = mb
             decisions.append(f"micro_batch=auto -> {mb}: the largest that fits under {name}")

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import pytest
+
 from conftest import GPU_NODE, compose_cfg
 from launcher import ROOT, bench
 from launcher.plan import build_plan
@@ -39,22 +41,23 @@ def test_table_marks_failed_cases():
     assert "failed: RuntimeError: boom" in text.splitlines()[-1]
 
 
-def test_the_benchmark_job_with_defaults_is_the_measured_zero2_plan():
-    """docs/benchmarks.md measured strategy=zero2; the defaults (strategy=auto) must plan exactly that run."""
+def test_the_benchmark_job_with_defaults_is_the_measured_ddp_plan():
+    """docs/benchmarks.md measured strategy=ddp fastest; the defaults (strategy=auto) must plan exactly that run."""
     h200 = replace(GPU_NODE, gpu_count=2, gpu_mem_gib=139.8, liger=True)
     job = ["model=qwen2.5-1.5b-instruct", "gpus=2", "data.max_length=384"]
-    auto, zero2 = (build_plan(compose_cfg(*job, *extra), h200) for extra in ([], ["strategy=zero2"]))
-    assert auto.strategy == "zero2"
-    for plan in (auto, zero2):
+    auto, ddp = (build_plan(compose_cfg(*job, *extra), h200) for extra in ([], ["strategy=ddp"]))
+    assert auto.strategy == "ddp"
+    for plan in (auto, ddp):
         assert plan.settings["gradient_checkpointing"] is False and plan.settings["liger"] is True
+        assert plan.settings["fuse_lora_sum"] is True and plan.settings["adapter_input_cast"] is False
         assert "micro_batch: 32\n" in plan.files["config.yaml"]
-    assert auto.files["ds_config.json"] == zero2.files["ds_config.json"]
+    assert auto.files["accelerate.yaml"] == ddp.files["accelerate.yaml"]
 
 
 def test_bench_runs_a_case_through_the_launcher_on_the_cpu(tmp_path):
     out = tmp_path / "out"
     res = subprocess.run([sys.executable, "-m", "launcher.bench", "--cases", "ddp", "--preset", "tiny", "--gpus", "0",
-                          "--steps", "7", "--assets", str(tmp_path / "assets"), "--out", str(out), "--profile-steps", "7,7"],
+                          "--steps", "20", "--assets", str(tmp_path / "assets"), "--out", str(out), "--profile-steps", "16,17"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     row = json.loads((out / "bench.json").read_text())["results"][0]
@@ -62,7 +65,9 @@ def test_bench_runs_a_case_through_the_launcher_on_the_cpu(tmp_path):
     assert row["step_s"] > 0 and abs(row["per_s_per_gpu"] - 4 / row["step_s"]) < 1e-6
     assert 0 <= row["train_metric"] <= 1  # DPO reward accuracy
     assert "| ddp | ddp | none | 4 |" in (out / "bench.md").read_text()
-    # step 7 was profiled: the median is step 6 alone
+    # logged every 5 steps: 1-5 warm up, 16-17 were profiled (in 16-20), so the median is of 6-10 and 11-15
     metrics = [json.loads(line) for line in (out / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()]
-    assert row["step_s"] == next(m["step_seconds"] for m in metrics if m.get("step") == 6 and "step_seconds" in m)
-    assert (out / "runs" / "ddp" / "profile.txt").read_text().startswith("steps 7-7 on rank 0")
+    timed = {m["step"]: m["step_seconds"] for m in metrics if "step_seconds" in m}
+    assert sorted(timed) == [5, 10, 15, 20]
+    assert row["step_s"] == pytest.approx((timed[10] + timed[15]) / 2)
+    assert (out / "runs" / "ddp" / "profile.txt").read_text().startswith("steps 16-17 on rank 0")

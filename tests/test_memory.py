@@ -62,23 +62,20 @@ def test_dpo_doubles_sequences_and_a_full_fine_tune_adds_the_reference():
 
 # Peak allocated GiB per GPU measured through the launcher on 2x H200 (docs/memory.md, 2026-11-23), LoRA r16
 # all-linear: (model, strategy, bits, method, micro_batch, max_length, checkpointing, liger, measured GiB).
-# The first seven: micro_batch 4, no Liger; the rest: the benchmark at the new defaults (docs/benchmarks.md).
+# The first five: micro_batch 4, no Liger; the rest: the benchmark at the new defaults (docs/benchmarks.md).
+# DDP's bf16 rows measured before 2026-11-24 are left out: PEFT then ran its adapters on float32 copies of
+# their inputs, which the launcher no longer lets it do (ddp at micro_batch 32 went from 54.8 to 47.6 GiB).
 MEASURED = [
-    (QWEN_1_5B, "ddp", None, "dpo", 4, 380, True, False, 3.92),
-    (QWEN_1_5B, "ddp", None, "dpo", 4, 380, False, False, 11.56),
     (QWEN_1_5B, "ddp", 4, "dpo", 4, 380, True, False, 2.83),
     (QWEN_1_5B, "zero2", None, "dpo", 4, 380, True, False, 3.68),
     (QWEN_1_5B, "zero3", None, "dpo", 4, 380, True, False, 4.94),
     (QWEN_1_5B, "fsdp_qlora", 4, "dpo", 4, 380, True, False, 1.77),
     (QWEN_1_5B, "zero3_offload", None, "dpo", 4, 380, True, False, 3.33),  # measured in a later session
-    (QWEN_1_5B, "ddp", None, "dpo", 32, 384, False, True, 54.8),
-    (QWEN_1_5B, "ddp", None, "dpo", 32, 384, False, False, 68.9),
+    (QWEN_1_5B, "ddp", None, "dpo", 32, 384, False, True, 47.65),  # 2026-11-24
     (QWEN_1_5B, "ddp", 4, "dpo", 32, 384, False, True, 77.4),
     (QWEN_1_5B, "zero2", None, "dpo", 32, 384, False, True, 47.4),
     (QWEN_1_5B, "zero3", None, "dpo", 32, 384, False, True, 46.5),
     (QWEN_1_5B, "fsdp_qlora", 4, "dpo", 32, 384, False, True, 45.5),
-    (QWEN_1_5B, "ddp", None, "dpo", 64, 384, True, True, 13.0),
-    (QWEN_1_5B, "ddp", None, "sft", 64, 384, False, True, 65.9),
     (QWEN_1_5B, "zero2", None, "dpo", 64, 384, False, True, 91.85),  # 2026-11-24 (docs/benchmarks.md)
     (QWEN_1_5B, "zero3", None, "dpo", 64, 384, False, True, 91.92),
     (QWEN_1_5B, "fsdp_qlora", 4, "dpo", 64, 384, False, True, 89.91),
@@ -98,15 +95,15 @@ def test_within_20_percent_of_recorded_gpu_peaks(shape, strategy, bits, method, 
 def test_auto_picks_the_fastest_that_fits_and_sizes_the_batch():
     roomy = build_plan(compose_cfg("model=qwen2.5-7b-instruct", "strategy=auto", "micro_batch=auto", "gpus=2",
                                    "gpu_mem_gib=80"), GPU_NODE)
-    assert roomy.strategy == "zero2" and roomy.settings  # zero2 is the fastest measured, and it fits
-    assert any(d.startswith("strategy=auto -> zero2: the fastest that fits") for d in roomy.decisions)
+    assert roomy.strategy == "ddp" and roomy.settings  # ddp is the fastest measured, and it fits
+    assert any(d.startswith("strategy=auto -> ddp: the fastest that fits") for d in roomy.decisions)
     mb = [d for d in roomy.decisions if d.startswith("micro_batch=auto -> ")][0]
     chosen = int(mb.split()[2].rstrip(":"))
     cfg = compose_cfg("model=qwen2.5-7b-instruct", "gpus=2", "gpu_mem_gib=80")
     shape = memory.model_shape(cfg["model"])
     gc = roomy.settings["gradient_checkpointing"]
-    assert memory.fits(memory.job_estimate(cfg, shape, "zero2", 2, chosen, gradient_checkpointing=gc), 80)
-    assert not memory.fits(memory.job_estimate(cfg, shape, "zero2", 2, chosen * 2, gradient_checkpointing=gc), 80)
+    assert memory.fits(memory.job_estimate(cfg, shape, "ddp", 2, chosen, gradient_checkpointing=gc), 80)
+    assert not memory.fits(memory.job_estimate(cfg, shape, "ddp", 2, chosen * 2, gradient_checkpointing=gc), 80)
     tight = build_plan(compose_cfg("model=llama-3.1-8b-instruct", "lora=none", "strategy=auto", "gpus=8",
                                    "gpu_mem_gib=80", "micro_batch=1"), GPU_NODE)
     assert tight.strategy != "ddp"  # a full fine-tune of 8B with a reference copy does not fit DDP on 80 GiB

@@ -129,8 +129,13 @@ def test_strategy_auto_is_decided_by_the_memory_plan():
     from dataclasses import replace
 
     plan = plan_for("auto", "accelerate", 1)
-    assert plan.strategy == "zero2"  # measured fastest (docs/benchmarks.md) and it fits
-    assert any(d.startswith("strategy=auto -> zero2: the fastest that fits") for d in plan.decisions)
+    assert plan.strategy == "ddp"  # measured fastest (docs/benchmarks.md) and it fits
+    assert any(d.startswith("strategy=auto -> ddp: the fastest that fits") for d in plan.decisions)
+    deepspeed = plan_for("auto", "deepspeed", 1)  # the deepspeed launcher: the fastest DeepSpeed strategy
+    assert deepspeed.strategy == "zero2"
+    assert any(d.startswith("strategy=auto -> zero2: the fastest that fits") and d.endswith(
+        "among the DeepSpeed ones (backend=deepspeed or strategy.deepspeed settings)") for d in deepspeed.decisions)
+    assert plan_for("auto", "accelerate", 1, "+strategy.deepspeed.steps_per_print=10").strategy == "zero2"
     without_deepspeed = plan_for("auto", "accelerate", 1, machine=replace(GPU_NODE, deepspeed=False))
     assert without_deepspeed.strategy == "ddp"
 

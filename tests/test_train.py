@@ -28,7 +28,7 @@ def test_dpo_default_learns_and_logs_per_rank(tmp_path, tiny_dir):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["eval_rewards/accuracies"] >= 0.8  # chance is 0.5 (and 0 before training: margins are 0)
     assert summary["eval_rewards/margins"] > 0
-    assert "wrapped in DistributedDataParallel" in res.stdout
+    assert "wrapped in DistributedDataParallel (gradient_as_bucket_view=True, broadcast_buffers=False)" in res.stdout
     assert "held-out reward accuracy" in res.stdout
     assert res.stdout.count("world size 2") == 1  # the banner comes from rank 0 only
     assert (run / "logs" / "rank0.log").exists() and (run / "logs" / "rank1.log").exists()
