@@ -53,14 +53,14 @@ CONTEXT_GIB = 1.0  # CUDA context and allocator slack, not counted by torch's pe
 SAFETY = 0.9  # a plan fits when its peak stays under this share of (GPU memory - context)
 # Expected speed relative to DDP (pairs/s per GPU), measured by `python -m launcher.bench` on 2x H200 with
 # the defaults (docs/benchmarks.md: Qwen2.5-1.5B shape, DPO, micro_batch 32, no checkpointing, Liger). On
-# 2026-11-24, in one run: ddp 58.5, zero2 54.5 (ddp without float32 adapter inputs and with LoRA's sum in the
-# matmul; zero2 is bound by DeepSpeed's Python gradient hooks, docs/benchmarks.md). The sharded ones, against
-# the ddp of 2026-11-23 (49.7): fsdp_qlora 4-bit 28.7, zero3 17.6 and 19.7 at micro_batch 32; ZeRO-3-offload
-# was not measured there: the tiny-model matrix (docs/gpu-runs.md) ran it 4.3x slower than ZeRO-3, hence
-# 0.375 / 4.3. At micro_batch=auto (64 where the weights are sharded) zero3 ran 42.9 and fsdp_qlora over 4-bit
-# weights 39.4; their order between each other only matters where neither ddp nor zero2 fits, and no run has
-# compared the two over the same weights yet, so those values stay.
-RELATIVE_SPEED = {"ddp": 1.0, "zero2": 0.93, "fsdp_qlora": 0.58, "zero3": 0.375, "zero3_offload": 0.09}
+# 2026-11-24, ddp (bf16 adapter inputs, LoRA's sum in the matmul) against zero2 in two runs: 58.5 and 54.5,
+# then 56.6 and 57.6: within the runs' noise, so 0.97, and ddp first on a tie: it needs no DeepSpeed. The
+# sharded ones, against the ddp of 2026-11-23 (49.7): fsdp_qlora 4-bit 28.7, zero3 17.6 and 19.7 at
+# micro_batch 32; ZeRO-3-offload was not measured there: the tiny-model matrix (docs/gpu-runs.md) ran it 4.3x
+# slower than ZeRO-3, hence 0.375 / 4.3. At micro_batch=auto (64 where the weights are sharded) zero3 ran 42.9
+# and fsdp_qlora over 4-bit weights 39.4; their order between each other only matters where neither ddp nor
+# zero2 fits, and no run has compared the two over the same weights yet, so those values stay.
+RELATIVE_SPEED = {"ddp": 1.0, "zero2": 0.97, "fsdp_qlora": 0.58, "zero3": 0.375, "zero3_offload": 0.09}
 STRATEGIES = ("ddp", "zero2", "fsdp_qlora", "zero3", "zero3_offload")  # the order of the plan's table
 
 

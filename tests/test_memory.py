@@ -72,6 +72,8 @@ MEASURED = [
     (QWEN_1_5B, "fsdp_qlora", 4, "dpo", 4, 380, True, False, 1.77),
     (QWEN_1_5B, "zero3_offload", None, "dpo", 4, 380, True, False, 3.33),  # measured in a later session
     (QWEN_1_5B, "ddp", None, "dpo", 32, 384, False, True, 47.65),  # 2026-11-24
+    (QWEN_1_5B, "ddp", None, "sft", 64, 384, False, True, 64.53),
+    (QWEN_1_5B, "fsdp_qlora", None, "dpo", 64, 384, False, True, 105.09),
     (QWEN_1_5B, "ddp", 4, "dpo", 32, 384, False, True, 77.4),
     (QWEN_1_5B, "zero2", None, "dpo", 32, 384, False, True, 47.4),
     (QWEN_1_5B, "zero3", None, "dpo", 32, 384, False, True, 46.5),
