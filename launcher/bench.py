@@ -9,7 +9,8 @@ linear layers, 2000 synthetic preference pairs of ~700 tokens (launcher/bench_as
 under --assets). Every launcher case runs with the launcher's defaults plus the case's own overrides; the
 peer runs its own script with its stock accelerate config. Both log every 5 steps (their defaults): the
 peer's time is the median over single steps after WARMUP_STEPS, a launcher case's the median over the logged
-intervals after them (wall clock between two logs / 5 steps). Results: <out>/bench.json and <out>/bench.md. scripts/gpu_bench.sh runs it on a GPU machine.
+intervals after them (wall clock between two logs / 5 steps). Results: <out>/bench.json and <out>/bench.md.
+scripts/gpu_bench.sh runs it on a GPU machine.
 """
 from __future__ import annotations
 

@@ -247,7 +247,8 @@ def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16:
     if fuse is True and not fusable:
         raise ConfigError("train.fuse_lora_sum", "train.fuse_lora_sum=true needs LoRA on unquantized weights under "
                                                  "strategy=ddp or zero2 (elsewhere the weights are gathered in module "
-                                                 "hooks, or PEFT's bitsandbytes layers run). Use train.fuse_lora_sum=auto.")
+                                                 "hooks, or PEFT's bitsandbytes layers run). "
+                                                 "Use train.fuse_lora_sum=auto.")
     if fuse and fusable:
         settings["fuse_lora_sum"] = True
         decisions.append("each LoRA output is scaled and added to its layer's inside the lora_B matmul (one addmm), "

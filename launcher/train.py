@@ -59,7 +59,7 @@ def training_args(cfg: dict, report_to: list[str]):
         report_to=report_to or "none",
         include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False,
-        ddp_broadcast_buffers=False,  # a causal LM's buffers (rotary frequencies) never change: no broadcast per forward
+        ddp_broadcast_buffers=False,  # a causal LM's buffers (rotary frequencies) never change: no broadcasts
         max_length=method["max_length"],
         dataset_num_proc=None,
         disable_tqdm=True,  # rank 0 prints a line per log instead: readable in files and Slurm logs
@@ -112,7 +112,8 @@ class StartupBanner(TrainerCallback):
         effective = args.per_device_train_batch_size * args.gradient_accumulation_steps * plan["world_size"]
         ddp = trainer.model_wrapped
         if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
-            wrapped += f" (gradient_as_bucket_view={ddp.gradient_as_bucket_view}, broadcast_buffers={ddp.broadcast_buffers})"
+            wrapped += (f" (gradient_as_bucket_view={ddp.gradient_as_bucket_view}, "
+                        f"broadcast_buffers={ddp.broadcast_buffers})")
         lines = [
             f"world size {plan['world_size']} ({plan['backend']}), strategy {plan['strategy']}, wrapped in {wrapped}",
             f"model {plan['model_path']}: dtype {plan['dtype']}, quant {self.cfg['quant']['name']}"
@@ -176,7 +177,7 @@ def main(config_path: str) -> int:
         modeling.feed_adapters_the_activations_as_they_are(trainer.model)
     if plan["fuse_lora_sum"]:
         modeling.add_adapter_outputs_inside_the_matmul(trainer.model)
-    if trainer.accelerator.ddp_handler is not None:  # DDP: gradients live in its all-reduce buckets, not copied in and out
+    if trainer.accelerator.ddp_handler is not None:  # DDP: gradients live in its all-reduce buckets, no copies
         trainer.accelerator.ddp_handler.gradient_as_bucket_view = True
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints a shorter line from rank 0
 
