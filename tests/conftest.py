@@ -30,6 +30,16 @@ def run_launcher(*args: str, cwd=None, timeout=120, env=None) -> subprocess.Comp
                           timeout=timeout, cwd=cwd or ROOT, env={**os.environ, **(env or {})})
 
 
+def untrained_adapters(final: Path) -> list[str]:
+    """The LoRA B matrices of a saved adapter still at their initial zeros: an adapter whose gradients never
+    arrived. Fails if the adapter holds no LoRA B matrix at all."""
+    from safetensors.torch import load_file
+
+    weights = load_file(Path(final, "adapter_model.safetensors"))
+    assert any("lora_B" in name for name in weights), f"{final}: no lora_B among {len(weights)} tensors"
+    return sorted(name for name, w in weights.items() if "lora_B" in name and not w.abs().sum())
+
+
 @pytest.fixture
 def cache_dir() -> Path:
     """The shared cache of built-in models (built once per machine, reused by every test)."""

@@ -9,7 +9,7 @@ import time
 import pytest
 import yaml
 
-from conftest import GPU_NODE, compose_cfg, run_launcher
+from conftest import GPU_NODE, compose_cfg, run_launcher, untrained_adapters
 from launcher import ROOT
 from launcher.machine import find_free_port
 from launcher.plan import build_plan
@@ -148,15 +148,6 @@ def zero3_on_cpu(tmp_path, tiny_dir, *overrides):
     return run, train
 
 
-def untrained_adapters(final):
-    """The LoRA B matrices still at their initial zeros: an adapter whose gradients never arrived."""
-    from safetensors.torch import load_file
-
-    weights = load_file(final / "adapter_model.safetensors")
-    assert any("lora_B" in name for name in weights)
-    return sorted(name for name, w in weights.items() if "lora_B" in name and not w.abs().sum())
-
-
 def test_zero3_checkpoints_resumes_and_merges_on_deepspeeds_cpu_accelerator(tmp_path, tiny_dir):
     run, train = zero3_on_cpu(tmp_path, tiny_dir)
     first = train(4)
@@ -175,9 +166,9 @@ def test_zero3_checkpoints_resumes_and_merges_on_deepspeeds_cpu_accelerator(tmp_
 
 
 def test_zero3_whole_layers_train_every_sft_adapter_on_the_cpu(tmp_path, tiny_dir):
-    """SFT failed in its first backward with whole layers on 2x H200; the cause reproduced here (see
-    modeling.fetch_whole_layers_under_zero3)."""
-    run, train = zero3_on_cpu(tmp_path, tiny_dir, "method=sft", "data=demo_sft", "strategy.fetch_whole_layers=true")
+    """SFT failed in its first backward with whole layers on 2x H200 until the fix; the cause reproduced here (see
+    modeling.fetch_whole_layers_under_zero3). Whole layers are the default with LoRA."""
+    run, train = zero3_on_cpu(tmp_path, tiny_dir, "method=sft", "data=demo_sft")
     res = train(3)
     assert res.returncode == 0, res.stderr[-3000:]
     assert untrained_adapters(run / "final") == []
