@@ -9,7 +9,9 @@ linear layers, 2000 synthetic preference pairs of ~700 tokens (launcher/bench_as
 under --assets). Every launcher case runs with the launcher's defaults plus the case's own overrides; the
 peer runs its own script with its stock accelerate config. Both log every 5 steps (their defaults): the
 peer's time is the median over single steps after WARMUP_STEPS, a launcher case's the median over the logged
-intervals after them (wall clock between two logs / 5 steps). Results: <out>/bench.json and <out>/bench.md.
+intervals after them (wall clock between two logs / 5 steps), which counts the batch fetch and the logging the
+peer's clock leaves out. A case with train.step_clock=true (defaults-clocked) is timed by the peer's clock; the
+table's clock column says which a row used. Results: <out>/bench.json and <out>/bench.md.
 scripts/gpu_bench.sh runs it on a GPU machine.
 """
 from __future__ import annotations
@@ -46,6 +48,8 @@ class Case:
 
 CASES = {
     "defaults": Case("launcher"),  # what a user gets without choosing anything (strategy=auto)
+    # the same run timed by the peer's clock (train.step_clock): single steps, GPU synced at start and end
+    "defaults-clocked": Case("launcher", overrides=("train.step_clock=true",)),
     "peer-ddp-bs32": Case("peer", env={"STRATEGY": "ddp", "BS": "32", "GC": "0"}),  # the peer, hand-tuned
     "peer-ddp-bs4": Case("peer", env={"STRATEGY": "ddp", "BS": "4", "GC": "1"}),  # the tutorials' defaults
     "ddp": Case("launcher", overrides=("strategy=ddp",)),
@@ -124,9 +128,15 @@ def read_launcher_run(run: Path, case: Case, n_params: float) -> dict:
         before = r["step"]
     step_s = statistics.median(r["step_seconds"] for r in steady)
     tokens = statistics.median(r["tokens_per_sec_per_gpu"] for r in steady)
+    clock = "between logs"
+    if (run / "step_clock.txt").exists():  # train.step_clock: single steps timed as the peer times them
+        steps = [line.split() for line in (run / "step_clock.txt").read_text().splitlines() if line.strip()]
+        timed = [float(t) for n, t in steps if int(n) > WARMUP_STEPS and not first <= int(n) <= last]
+        tokens *= step_s / statistics.median(timed)  # the same tokens per step, over the clocked step time
+        step_s, clock = statistics.median(timed), "per step, synced"
     per_step = cfg["micro_batch"] * cfg["train"]["grad_accum"]
     precomputed = bool(cfg["method"].get("precompute_ref_log_probs"))
-    res = dict(micro_batch=cfg["micro_batch"], checkpointing=cfg["plan"]["gradient_checkpointing"],
+    res = dict(clock=clock, micro_batch=cfg["micro_batch"], checkpointing=cfg["plan"]["gradient_checkpointing"],
                liger=cfg["plan"]["liger"], strategy=cfg["plan"]["strategy"], quant=cfg["quant"]["name"],
                step_s=step_s, per_s_per_gpu=per_step / step_s, tokens_per_s_per_gpu=tokens,
                mfu=tokens * flops_per_token(n_params, case.method, cfg["lora"]["r"] is not None, precomputed)
@@ -169,7 +179,7 @@ def read_peer_output(text: str, case: Case, assets: Path, n_params: float) -> di
     else:
         tokens = r["tokens_per_s_per_gpu"]
         metric = (r["last_log"] or [{}])[0].get("loss")
-    return dict(micro_batch=r["bs"], checkpointing=case.env.get("GC") == "1", liger=False,
+    return dict(clock="per step, synced", micro_batch=r["bs"], checkpointing=case.env.get("GC") == "1", liger=False,
                 strategy=case.env.get("STRATEGY", "ddp"), quant=case.env.get("QUANT", "none"), step_s=step_s,
                 per_s_per_gpu=r["bs"] / step_s, tokens_per_s_per_gpu=tokens,
                 mfu=tokens * flops_per_token(n_params, case.method, True, False) / PEAK_BF16_FLOPS,
@@ -211,11 +221,11 @@ def run_case(name: str, case: Case, args) -> dict:
 
 
 COLUMNS = [("case", "{}"), ("strategy", "{}"), ("quant", "{}"), ("micro_batch", "{}"), ("checkpointing", "{}"),
-           ("liger", "{}"), ("step_s", "{:.3f}"), ("per_s_per_gpu", "{:.1f}"), ("tokens_per_s_per_gpu", "{:.0f}"),
-           ("mfu", "{:.1%}"), ("peak_gib", "{:.1f}"), ("train_metric", "{:.3f}"), ("eval_metric", "{:.3f}"),
+           ("liger", "{}"), ("clock", "{}"), ("step_s", "{:.3f}"), ("per_s_per_gpu", "{:.1f}"),
+           ("tokens_per_s_per_gpu", "{:.0f}"), ("mfu", "{:.1%}"), ("peak_gib", "{:.1f}"), ("train_metric", "{:.3f}"), ("eval_metric", "{:.3f}"),
            ("wall_s", "{:.0f}")]
-HEADERS = ["case", "strategy", "quant", "mb", "ckpt", "liger", "s/step", "pairs|seqs/s/GPU", "tokens/s/GPU", "MFU",
-           "peak GiB/GPU", "train acc|loss", "eval acc|loss", "wall s"]
+HEADERS = ["case", "strategy", "quant", "mb", "ckpt", "liger", "clock", "s/step", "pairs|seqs/s/GPU", "tokens/s/GPU",
+           "MFU", "peak GiB/GPU", "train acc|loss", "eval acc|loss", "wall s"]
 
 
 def table(results: list[dict]) -> str:

@@ -80,13 +80,13 @@ class MetricsCallback(TrainerCallback):
         self.last = None  # (time, tokens seen, step)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.last = (time.perf_counter(), state.num_input_tokens_seen, state.global_step)
+        self.last = (time.perf_counter(), 0, state.global_step)  # TRL counts num_tokens from 0 in each process
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         import torch
 
         logs = logs if logs is not None else {}
-        now, tokens = time.perf_counter(), state.num_input_tokens_seen
+        now, tokens = time.perf_counter(), logs.get("num_tokens", 0)  # TRL's: non-padding tokens of all ranks
         if self.last and "loss" in logs and tokens > self.last[1] and state.global_step > self.last[2]:
             logs["tokens_per_sec_per_gpu"] = round((tokens - self.last[1]) / (now - self.last[0]) / self.world_size, 1)
             logs["step_seconds"] = round((now - self.last[0]) / (state.global_step - self.last[2]), 4)
@@ -101,6 +101,34 @@ class MetricsCallback(TrainerCallback):
                      if (k in SHOWN or k.startswith("eval_rewards/accuracies")) and not (dpo and "token_acc" in k)}
             if shown:
                 log.info("step %d: %s", state.global_step, " ".join(f"{k}={v}" for k, v in shown.items()))
+
+
+class StepClock(TrainerCallback):
+    """train.step_clock: each step timed as the plain-TRL peer times it (../shared/peer/dpo_trl.py), from the
+    GPU synchronized at the step's start to the GPU synchronized at its end, so the batch fetch and the logging
+    fall outside. Rank 0 appends "<step> <seconds>" per step to <run_dir>/step_clock.txt. The two waits for the
+    GPU cost the step some speed; the benchmark runs such a case beside one without them."""
+
+    def __init__(self, run_dir: str):
+        self.path = Path(run_dir, "step_clock.txt")
+        self.started = 0.0
+
+    @staticmethod
+    def _sync() -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._sync()
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._sync()
+        if state.is_world_process_zero:
+            with open(self.path, "a") as f:
+                f.write(f"{state.global_step} {time.perf_counter() - self.started:.6f}\n")
 
 
 SHOWN = ("loss", "eval_loss", "rewards/accuracies", "rewards/margins", "mean_token_accuracy", "learning_rate",

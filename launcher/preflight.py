@@ -66,6 +66,17 @@ def deepspeed_settings_error(cfg: dict) -> str | None:
     return None
 
 
+def optimizer_error(cfg: dict) -> str | None:
+    """train.optim as transformers knows it; a misspelt name would otherwise stop every rank after it starts."""
+    from transformers.training_args import OptimizerNames
+
+    names = [o.value for o in OptimizerNames]
+    if cfg["plan"]["optim"] in names:
+        return None
+    return (f"train.optim={cfg['train']['optim']}: not an optimizer transformers knows. Give auto, or one of: "
+            + ", ".join(names))
+
+
 def main(config_path: str) -> int:
     import datasets
 
@@ -76,6 +87,9 @@ def main(config_path: str) -> int:
         _, _, report = data.prepare(cfg["data"], cfg["method"]["name"], tokenizer, cfg["seed"])
     except data.DataError as err:
         print(f"launcher: error: data error: {err}", file=sys.stderr)
+        return 2
+    if why := optimizer_error(cfg):
+        print(f"launcher: error: {why}", file=sys.stderr)
         return 2
     if why := deepspeed_settings_error(cfg):
         print(f"launcher: error: {why}. DeepSpeed's names: https://www.deepspeed.ai/docs/config-json/",

@@ -175,9 +175,13 @@ def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16:
             f"float32, and {strategy.name} flattens parameters that must share one dtype"
         )
 
-    # Optimizer.
+    # Optimizer. auto: torch's fused AdamW (one kernel over all the adapters; transformers' own default, which
+    # the peer runs) where the optimizer steps on the GPU; on the CPU and under offloading, the foreach one.
     optim = settings["optim"]
-    if "paged" in optim and strategy.name != "ddp":
+    if optim == "auto":
+        offloaded = strategy.name == "zero3_offload" or settings["fsdp_cpu_offload"]
+        settings["optim"] = "adamw_torch_fused" if on_gpu and not offloaded else "adamw_torch"
+    elif "paged" in optim and strategy.name != "ddp":
         settings["optim"] = "adamw_torch"
         decisions.append(
             f"optim={optim} -> adamw_torch: paged 8-bit optimizers manage their own memory and do not work "

@@ -57,7 +57,10 @@ def training_args(cfg: dict, report_to: list[str]):
         liger_kernel_config={"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
                              "fused_linear_cross_entropy": False} if plan["liger"] else None,
         report_to=report_to or "none",
-        include_num_input_tokens_seen="non_padding",
+        # Neither reads a value back from the GPU each step (a sync that idles it while the host fetches the next
+        # batch): tokens are counted from TRL's own num_tokens metric, and a nan loss is logged as nan.
+        include_num_input_tokens_seen="no",
+        logging_nan_inf_filter=False,
         ddp_find_unused_parameters=False,
         ddp_broadcast_buffers=False,  # a causal LM's buffers (rotary frequencies) never change: no broadcasts
         max_length=method["max_length"],
@@ -166,6 +169,8 @@ def main(config_path: str) -> int:
     stop = checkpoints.stop_request_callback(run_dir)
     callbacks = [logs.MetricsCallback(run_dir, plan["world_size"]), checkpoints.complete_marker_callback(), banner,
                  stop]
+    if cfg["train"]["step_clock"]:
+        callbacks.append(logs.StepClock(run_dir))
     if cfg["train"]["profile_steps"]:
         callbacks.append(profiling.ProfileSteps(run_dir, *cfg["train"]["profile_steps"]))
     if plan["fsdp_config"]:

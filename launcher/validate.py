@@ -73,6 +73,8 @@ def check_values(cfg, machine: Machine) -> None:
         value = cfg["train"][key]
         if not (isinstance(value, bool) or value == "auto"):
             raise ConfigError(f"train.{key}", f"train.{key}={value!r}: give true, false or auto.")
+    if not isinstance(cfg["train"]["step_clock"], bool):
+        raise ConfigError("train.step_clock", f"train.step_clock={cfg['train']['step_clock']!r}: give true or false.")
     mem = cfg["gpu_mem_gib"]
     if mem is not None and (isinstance(mem, bool) or not isinstance(mem, (int, float)) or mem <= 0):
         raise ConfigError("gpu_mem_gib", f"gpu_mem_gib={mem!r}: give the GPU memory in GiB, e.g. gpu_mem_gib=80.")

@@ -12,5 +12,5 @@ timeout "${BUDGET_S:-540}" python3 -m launcher.bench --peer peer --gpus "${GPUS:
 rc=$?
 cp $B/bench.md $B/bench.json "$OUT"/ 2>/dev/null
 tar czf "$OUT/bench-logs.tgz" -C $B --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' \
-  $(cd $B && ls *.log 2>/dev/null) $(cd $B && ls -d runs/*/logs runs/*/metrics.jsonl runs/*/plan.json runs/*/summary.json runs/*/profile.txt 2>/dev/null)
+  $(cd $B && ls *.log 2>/dev/null) $(cd $B && ls -d runs/*/logs runs/*/metrics.jsonl runs/*/plan.json runs/*/summary.json runs/*/profile.txt runs/*/step_clock.txt 2>/dev/null)
 exit $rc

@@ -54,6 +54,7 @@ CASES = [
     (["data.path={d}/empty.jsonl"], 2, "empty.jsonl"),
     (["data.path={d}/garbage.jsonl"], 2, "garbage.jsonl: cannot be read"),
     (["data.path={d}/corrupt.jsonl"], 2, "Line 3 is not valid JSON"),
+    (["train.optim=adamw_fused"], 2, "train.optim=adamw_fused: not an optimizer transformers knows"),
     (["data.path={d}/missing.jsonl"], 2, "data.path: data.path={d}/missing.jsonl does not exist"),
     (["model.path={d}/weights.bin"], 2, "is a file; give the directory that holds config.json"),
     (["method=sft", "data=demo_sft"], 2, "holds a different run (method.name: 'dpo' there, 'sft' now"),

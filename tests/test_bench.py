@@ -5,6 +5,7 @@ import sys
 from dataclasses import replace
 
 import pytest
+import yaml
 
 from conftest import GPU_NODE, compose_cfg
 from launcher import ROOT, bench
@@ -36,8 +37,9 @@ def test_table_marks_failed_cases():
                  step_s=0.5, per_s_per_gpu=64.0, tokens_per_s_per_gpu=44800, mfu=0.5, peak_gib=50.0,
                  train_metric=0.6, eval_metric=0.55, wall_s=60),
             dict(case="zero3", wall_s=12, error="RuntimeError: boom")]
+    rows[0]["clock"] = "between logs"
     text = bench.table(rows)
-    assert "| ddp | ddp | none | 32 | off | on | 0.500 | 64.0 | 44800 | 50.0% | 50.0 |" in text
+    assert "| ddp | ddp | none | 32 | off | on | between logs | 0.500 | 64.0 | 44800 | 50.0% | 50.0 |" in text
     assert "failed: RuntimeError: boom" in text.splitlines()[-1]
 
 
@@ -71,3 +73,21 @@ def test_bench_runs_a_case_through_the_launcher_on_the_cpu(tmp_path):
     assert sorted(timed) == [5, 10, 15, 20]
     assert row["step_s"] == pytest.approx((timed[10] + timed[15]) / 2)
     assert (out / "runs" / "ddp" / "profile.txt").read_text().startswith("steps 16-17 on rank 0")
+
+
+def test_a_clocked_case_is_timed_by_single_steps_as_the_peer_is(tmp_path):
+    """train.step_clock: the median of the single synced steps past warm-up, the profiled ones left out."""
+    cfg = {"train": {"profile_steps": [9, 10], "grad_accum": 1}, "micro_batch": 32, "method": {},
+           "plan": {"gradient_checkpointing": False, "liger": True, "strategy": "ddp"}, "quant": {"name": "none"},
+           "lora": {"r": 16}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    logged = [{"step": s, "loss": 0.69, "step_seconds": 0.6, "tokens_per_sec_per_gpu": 1000.0} for s in (5, 10, 15)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged))
+    clocked = {1: 2.0, 2: 0.9, 3: 0.9, 4: 0.9, 5: 0.9, 6: 0.50, 7: 0.52, 8: 0.54, 9: 3.0, 10: 3.0, 11: 0.56}
+    (tmp_path / "step_clock.txt").write_text("".join(f"{n} {t}\n" for n, t in clocked.items()))
+    row = bench.read_launcher_run(tmp_path, bench.CASES["defaults-clocked"], n_params=1.5e9)
+    assert row["clock"] == "per step, synced" and row["step_s"] == pytest.approx(0.53)  # of 6, 7, 8, 11
+    assert row["per_s_per_gpu"] == pytest.approx(32 / 0.53)
+    assert row["tokens_per_s_per_gpu"] == pytest.approx(1000.0 * 0.6 / 0.53)  # the logged tokens per step
+    (tmp_path / "step_clock.txt").unlink()
+    assert bench.read_launcher_run(tmp_path, bench.CASES["defaults"], 1.5e9)["clock"] == "between logs"

@@ -192,3 +192,5 @@ def test_lora_sum_is_fused_where_the_adapter_weights_are_whole_at_forward():
         fused("zero3", "train.fuse_lora_sum=true")
     with pytest.raises(ConfigError, match=r"train.fuse_lora_sum='yes': give true, false or auto"):
         fused("ddp", "train.fuse_lora_sum=yes")
+    with pytest.raises(ConfigError, match=r"train.step_clock='auto': give true or false"):
+        plan_for("ddp", "accelerate", 1, "train.step_clock=auto")

@@ -60,3 +60,17 @@ def test_a_misspelt_deepspeed_setting_is_named_before_the_ranks_start():
     assert "zero_optimization.overlap_comm" in preflight.deepspeed_settings_error(bad_value)
     fine = run_config("strategy=zero3", "+strategy.deepspeed.zero_optimization.stage3_prefetch_bucket_size=1")
     assert preflight.deepspeed_settings_error(fine) is None
+
+
+def test_train_optim_auto_is_fused_adamw_where_the_optimizer_steps_on_the_gpu():
+    assert run_config("strategy=ddp")["plan"]["optim"] == "adamw_torch_fused"
+    assert run_config("strategy=zero3")["plan"]["optim"] == "adamw_torch_fused"
+    assert run_config("strategy=zero3_offload")["plan"]["optim"] == "adamw_torch"  # it steps on the CPU
+    assert run_config("strategy=ddp", "train.optim=adafactor")["plan"]["optim"] == "adafactor"
+
+
+def test_a_misspelt_optimizer_is_named_before_the_ranks_start():
+    assert preflight.optimizer_error(run_config("strategy=ddp")) is None
+    why = preflight.optimizer_error(run_config("strategy=ddp", "train.optim=adamw_fused"))
+    assert why.startswith("train.optim=adamw_fused: not an optimizer transformers knows. Give auto, or one of: ")
+    assert "adamw_torch_fused" in why
