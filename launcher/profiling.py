@@ -1,6 +1,7 @@
 """`train.profile_steps=[A,B]`: torch.profiler over training steps A..B on rank 0, summarized in
-<run_dir>/profile.txt. It answers the first question about a slow step: is the GPU busy (the union of its
-kernels' time against the wall clock), and which ops take the GPU's and the CPU's time.
+<run_dir>/profile.txt. It answers the first questions about a slow step: is the GPU busy (the union of its
+kernels' time against the wall clock), where it waits (its idle gaps, each with what the host ran meanwhile),
+and which ops take the GPU's and the CPU's time.
 """
 from __future__ import annotations
 
@@ -23,6 +24,33 @@ def busy_time(spans: list[tuple[float, float]]) -> float:
             total += stop - max(start, end)
             end = stop
     return total
+
+
+def idle_gaps(kernels: list[tuple[float, float]], host_ops: list[tuple[str, float, float]], min_gap: float,
+              top: int | None = None) -> list[tuple[float, float, list[tuple[str, float]]]]:
+    """The GPU's idle gaps between kernels of at least `min_gap`, longest first, as (start, length, host ops):
+    the outermost host ops (name, start, end) that overlap the gap, with how much of it each covers, most first."""
+    gaps, end = [], None
+    for start, stop in sorted(kernels):
+        if end is not None and start - end >= min_gap:
+            gaps.append((end, start - end))
+        end = stop if end is None else max(end, stop)
+    gaps.sort(key=lambda g: -g[1])
+    found = []
+    for start, length in gaps[:top]:
+        overlap: dict[str, float] = {}
+        for name, s, e in host_ops:
+            inside = min(e, start + length) - max(s, start)
+            if inside > 0:
+                overlap[name] = overlap.get(name, 0.0) + inside
+        found.append((start, length, sorted(overlap.items(), key=lambda kv: -kv[1])))
+    return found
+
+
+def outermost_host_ops(events) -> list[tuple[str, float, float]]:
+    """(name, start_us, end_us) of the profiled host ops that no other op encloses, on every thread."""
+    return [(e.name, e.time_range.start, e.time_range.end) for e in events
+            if e.device_type == torch.autograd.DeviceType.CPU and e.cpu_parent is None]
 
 
 def gpu_spans(prof) -> tuple[list, list]:
@@ -71,8 +99,21 @@ class ProfileSteps(TrainerCallback):
             busy, busy_compute = busy_time(spans) / 1e3, busy_time(compute) / 1e3  # us -> ms
             lines += [f"GPU busy {busy / steps:.1f} ms per step ({busy / wall_ms:.0%} of the wall clock); without "
                       f"NCCL kernels {busy_compute / steps:.1f} ms ({busy_compute / wall_ms:.0%})",
-                      "", "by GPU time:", averages.table(sort_by="self_cuda_time_total", row_limit=30)]
+                      *self.gap_lines(spans, steps), "", "by GPU time:",
+                      averages.table(sort_by="self_cuda_time_total", row_limit=30)]
         lines += ["", "by CPU time:", averages.table(sort_by="self_cpu_time_total", row_limit=30)]
         self.path.write_text("\n".join(lines) + "\n")
         log.info("profile of steps %d-%d: %s", self.first, self.last, self.path)
         self.prof = None
+
+    def gap_lines(self, spans: list[tuple[float, float]], steps: int) -> list[str]:
+        """The GPU's idle gaps of 1 ms or more and the outermost host ops running meanwhile (a metric read back
+        from the GPU shows as aten::item, a batch fetch as enumerate(DataLoader)#...)."""
+        gaps = idle_gaps(spans, outermost_host_ops(self.prof.events()), min_gap=1000.0)  # us
+        t0 = min(s for s, _ in spans)
+        lines = ["", f"GPU idle in gaps of 1 ms or more: {sum(g[1] for g in gaps) / 1e3 / steps:.1f} ms per step "
+                     f"({len(gaps)} gaps); the longest, with the outermost host ops in them (ms of the gap each):"]
+        for start, length, ops in gaps[:12]:
+            shown = ", ".join(f"{name[:60]} {ms / 1e3:.1f}" for name, ms in ops[:4])
+            lines.append(f"  {length / 1e3:6.1f} ms at +{(start - t0) / 1e3:.1f} ms: {shown or '(no host op)'}")
+        return lines
