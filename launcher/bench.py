@@ -77,6 +77,10 @@ CASES = {
     # PEFT's own LoRA forward: the scaling and the sum as passes of their own over each layer's output
     "zero2-unfused": Case("launcher", overrides=("strategy=zero2", "train.fuse_lora_sum=false")),
     "ddp-unfused": Case("launcher", overrides=("strategy=ddp", "train.fuse_lora_sum=false")),
+    # a user's choice, not a default (it changes the training): what LoRA's dropout costs, one kernel over each
+    # adapter's input and a saved copy of it, forward and backward (about 28 ms of a 464 ms GPU step, profiled)
+    "ddp-workers2": Case("launcher", overrides=("strategy=ddp", "train.dataloader_workers=2")),  # batches collated aside
+    "ddp-no-dropout": Case("launcher", overrides=("strategy=ddp", "lora.dropout=0")),
     # SFT on the same model and rows (prompt + chosen answer)
     "sft-defaults": Case("launcher", "sft"),
     "sft": Case("launcher", "sft", overrides=("strategy=ddp",)),

@@ -40,6 +40,8 @@ def training_args(cfg: dict, report_to: list[str]):
         weight_decay=train["weight_decay"],
         max_grad_norm=train["max_grad_norm"],
         optim=plan["optim"],
+        dataloader_num_workers=train["dataloader_workers"],
+        dataloader_persistent_workers=train["dataloader_workers"] > 0,
         logging_steps=train["logging_steps"],
         save_strategy="steps",
         save_steps=cfg["save_steps"],

@@ -78,7 +78,8 @@ def check_values(cfg, machine: Machine) -> None:
     mem = cfg["gpu_mem_gib"]
     if mem is not None and (isinstance(mem, bool) or not isinstance(mem, (int, float)) or mem <= 0):
         raise ConfigError("gpu_mem_gib", f"gpu_mem_gib={mem!r}: give the GPU memory in GiB, e.g. gpu_mem_gib=80.")
-    for key, minimum in (("grad_accum", 1), ("epochs", 1), ("logging_steps", 1), ("save_total_limit", 1)):
+    for key, minimum in (("grad_accum", 1), ("epochs", 1), ("logging_steps", 1), ("save_total_limit", 1),
+                         ("dataloader_workers", 0)):
         value = cfg["train"][key]
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ConfigError(f"train.{key}", f"train.{key}={value!r} must be a whole number >= {minimum}.")
