@@ -70,6 +70,10 @@ CASES = {
     "fsdp_qlora": Case("launcher", overrides=("strategy=fsdp_qlora",)),  # FSDP over bf16 weights: no dequantizing
     "fsdp_qlora-4bit-grad-op": Case("launcher", overrides=(  # weights stay gathered from forward to backward
         "strategy=fsdp_qlora", "quant=4bit", "+strategy.fsdp.fsdp_sharding_strategy=SHARD_GRAD_OP")),
+    # each decoder layer one FSDP unit with its adapters inside, not PEFT's unit per LoRA matrix (392 here)
+    "fsdp_qlora-layer-units": Case("launcher", overrides=("strategy=fsdp_qlora", "strategy.adapters_in_layer_units=true")),
+    "fsdp_qlora-4bit-layer-units": Case("launcher", overrides=(
+        "strategy=fsdp_qlora", "quant=4bit", "strategy.adapters_in_layer_units=true")),
     "fsdp_qlora-4bit-prefetch": Case("launcher", overrides=(
         "strategy=fsdp_qlora", "quant=4bit", "+strategy.fsdp.fsdp_forward_prefetch=true")),
     # 64 pairs (49k tokens) without checkpointing, as micro_batch=auto gives zero3 and fsdp_qlora: +2% for zero2

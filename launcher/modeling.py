@@ -198,6 +198,26 @@ def find_adapter_weights_under_fsdp1() -> None:
     tuners_utils._get_tuner_state_dict_key_prefixes = prefixes
 
 
+def keep_adapters_in_layer_units() -> None:
+    """strategy.adapters_in_layer_units: FSDP wraps decoder layers only, as accelerate.yaml says, with each
+    layer's LoRA matrices inside its unit. transformers 5.17 swaps in PEFT's wrap policy (a unit per LoRA matrix,
+    which use_orig_params=false needs) when train() prepares a PEFT model; this keeps the rest of what it does
+    there (the 4-bit storage dtype as FSDP's mixed precision) and puts accelerate's policy back."""
+    import transformers.trainer as trainer_module
+
+    update = trainer_module.update_fsdp_plugin_peft
+    if getattr(update, "keeps_layer_units", False):
+        return
+
+    def update_but_keep_the_wrap_policy(model, accelerator):
+        policy = accelerator.state.fsdp_plugin.auto_wrap_policy
+        update(model, accelerator)
+        accelerator.state.fsdp_plugin.auto_wrap_policy = policy
+
+    update_but_keep_the_wrap_policy.keeps_layer_units = True
+    trainer_module.update_fsdp_plugin_peft = update_but_keep_the_wrap_policy
+
+
 def restore_adapter(model, ckpt: str) -> None:
     """Load a checkpoint's adapter_model.safetensors into the (not yet wrapped) PeftModel.
 

@@ -67,6 +67,8 @@ def render_accelerate_config(
         cfg["fsdp_config"] = laid_over(cfg["fsdp_config"], fsdp_overrides or {})
         if settings.get("fsdp_cpu_offload"):
             cfg["fsdp_config"]["fsdp_offload_params"] = True
+        if settings.get("fsdp_adapters_in_layers"):  # frozen and trainable weights in one flat parameter
+            cfg["fsdp_config"]["fsdp_use_orig_params"] = True
     return cfg
 
 

@@ -93,6 +93,21 @@ def fetch_whole_layers(cfg) -> bool:
     return wanted
 
 
+def adapters_in_layer_units(cfg) -> bool:
+    """fsdp_qlora: each decoder layer one FSDP unit with its LoRA matrices inside (use_orig_params=true), where
+    PEFT's wrap policy makes every LoRA matrix a unit of its own (392 on the 1.5B shape, each with its own
+    gathers, reductions and hooks per step; the profile of 2026-11-24 spent most host time in FSDP's hooks)."""
+    wanted = cfg["strategy"].get("adapters_in_layer_units", False)
+    if wanted not in (True, False):
+        raise ConfigError("strategy.adapters_in_layer_units",
+                          f"strategy.adapters_in_layer_units={wanted!r}: give true or false.")
+    if wanted and cfg["lora"]["r"] is None:
+        raise ConfigError("strategy.adapters_in_layer_units",
+                          "strategy.adapters_in_layer_units=true puts LoRA adapters into their layers' FSDP units; "
+                          "lora=none trains no adapter. Drop it, or use a LoRA config.")
+    return wanted
+
+
 def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16: bool,
            liger_installed: bool = False) -> tuple[dict, list[str]]:
     """The settings launcher.train needs for this strategy, and why each non-obvious one was chosen."""
@@ -120,6 +135,7 @@ def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16:
         "zero3_whole_layers": False,
         "adapter_input_cast": True,
         "fuse_lora_sum": False,
+        "fsdp_adapters_in_layers": False,
     }
     if on_gpu and dtype != "bfloat16":
         decisions.append(f"dtype={dtype}: these GPUs lack bf16 (compute capability < 8.0)")
@@ -203,8 +219,15 @@ def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16:
         decisions.append(f"{key}={value}: yours, laid over the shipped config")
 
     if strategy.name == "fsdp_qlora":
-        decisions.append("FSDP1 FULL_SHARD, use_orig_params=false (PEFT under FSDP); FULL_STATE_DICT checkpoints: "
-                         "they hold the adapter as PEFT saves it (sharded ones came back empty for PEFT under FSDP1)")
+        in_layers = settings["fsdp_adapters_in_layers"] = adapters_in_layer_units(cfg)
+        if in_layers:  # one flat parameter per layer: its adapters must share the base weights' dtype
+            settings["trainable_dtype"] = dtype
+            decisions.append(f"each decoder layer is one FSDP unit with its LoRA matrices inside (use_orig_params="
+                             f"true; adapters in {dtype}), not PEFT's unit per LoRA matrix")
+        else:
+            decisions.append("FSDP1 FULL_SHARD, use_orig_params=false (PEFT under FSDP: a unit per LoRA matrix)")
+        decisions.append("FULL_STATE_DICT checkpoints: they hold the adapter as PEFT saves it (sharded ones came back "
+                         "empty for PEFT under FSDP1)")
         if settings["fsdp_cpu_offload"]:
             decisions.append("fsdp_offload_params=true: parameters live in CPU memory between uses")
 

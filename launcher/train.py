@@ -177,6 +177,8 @@ def main(config_path: str) -> int:
         callbacks.append(profiling.ProfileSteps(run_dir, *cfg["train"]["profile_steps"]))
     if plan["fsdp_config"]:
         modeling.find_adapter_weights_under_fsdp1()  # else PEFT 0.21 saves empty adapters under FSDP1
+    if plan["fsdp_adapters_in_layers"]:
+        modeling.keep_adapters_in_layer_units()
     trainer = build_trainer(cfg, args, model, tokenizer, train_ds, eval_ds, callbacks, local_rank)
     banner.trainer = trainer
     modeling.cast_trainable(trainer.model, plan["trainable_dtype"])

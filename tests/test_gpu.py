@@ -49,13 +49,20 @@ CASES = [
     ("zero3", "4bit", "accelerate", "dpo"), ("zero3", "4bit", "torchrun", "sft"),
     ("zero3_offload", "none", "deepspeed", "dpo"), ("zero3_offload", "none", "accelerate", "sft"),
 ]
+# the same checks for the strategies' own settings (one override each)
+LEVERS = [
+    ("fsdp_qlora", "none", "accelerate", "dpo", "strategy.adapters_in_layer_units=true"),
+    ("fsdp_qlora", "4bit", "torchrun", "sft", "strategy.adapters_in_layer_units=true"),
+]
+ALL = [(*c, None) for c in CASES] + LEVERS
 
 
-@pytest.mark.parametrize("strategy,quant,backend,method", CASES, ids=["-".join(c) for c in CASES])
-def test_strategy_runs_learns_resumes_and_merges(tmp_path, tiny_dir, strategy, quant, backend, method):
+@pytest.mark.parametrize("strategy,quant,backend,method,lever", ALL,
+                         ids=["-".join(c[:4]) + (f"-{c[4].split('.')[1].split('=')[0]}" if c[4] else "") for c in ALL])
+def test_strategy_runs_learns_resumes_and_merges(tmp_path, tiny_dir, strategy, quant, backend, method, lever):
     run = tmp_path / "run"
     base = [f"run_dir={run}", f"strategy={strategy}", f"quant={quant}", f"backend={backend}", f"gpus={GPUS}",
-            f"method={method}", "save_steps=5", "train.save_total_limit=5", "train.lr=5e-4"]
+            f"method={method}", "save_steps=5", "train.save_total_limit=5", "train.lr=5e-4", *([lever] if lever else [])]
     if method == "sft":
         base.append("data=demo_sft")
     first = launch(run, *base, "train.max_steps=10")

@@ -84,6 +84,91 @@ def test_an_adapter_saved_under_fsdp1_holds_its_weights(tmp_path, tiny_dir, fixe
     assert all(torch.all(t == 0.5) for k, t in saved.items() if "lora_B" in k)
 
 
+def halves_of_a_batch():
+    ids = torch.randint(2, 60, (4, 16), generator=torch.Generator().manual_seed(1))
+    return ids[:2], ids[2:]
+
+
+def train_a_step_with_adapters_in_layer_units(rank, tiny_dir, out, port):
+    """One of 2 CPU ranks: FSDP1 over decoder layers only, each layer's LoRA matrices inside its unit
+    (use_orig_params=True), as strategy.adapters_in_layer_units plans it; one backward on this rank's half of
+    the batch; rank 0 keeps the whole gradients and saves the adapter as the Trainer does."""
+    import functools
+
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    modeling.find_adapter_weights_under_fsdp1()
+    model = lora_model(tiny_dir)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.5)  # lora_B starts at zero, which would leave lora_A without a gradient
+    policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={Qwen2DecoderLayer})
+    wrapped = FSDP(model, auto_wrap_policy=policy, device_id=torch.device("cpu"), use_orig_params=True)
+    units = sum(isinstance(m, FSDP) for m in wrapped.modules())
+    ids = halves_of_a_batch()[rank]
+    wrapped(input_ids=ids, labels=ids).loss.backward()
+    with FSDP.summon_full_params(wrapped, with_grads=True):
+        grads = {n.replace("_fsdp_wrapped_module.", ""): p.grad.clone() for n, p in wrapped.named_parameters()
+                 if p.requires_grad}
+    with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True)):
+        state = wrapped.state_dict()
+    if rank == 0:
+        model.save_pretrained(out, state_dict=state)
+        torch.save({"units": units, "grads": grads}, out / "grads.pt")
+    dist.barrier()  # as in save_adapter_under_fsdp1
+    dist.destroy_process_group()
+
+
+def test_adapters_in_layer_units_get_the_gradients_of_the_whole_batch_and_are_saved(tmp_path, tiny_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(train_a_step_with_adapters_in_layer_units, args=(tiny_dir, tmp_path, port), nprocs=2)
+    got = torch.load(tmp_path / "grads.pt")
+    model = lora_model(tiny_dir)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.5)
+    first, second = halves_of_a_batch()
+    ((model(input_ids=first, labels=first).loss + model(input_ids=second, labels=second).loss) / 2).backward()
+    want = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert got["units"] == model.config.num_hidden_layers + 1  # the layers and the root, no unit per LoRA matrix
+    assert got["grads"].keys() == want.keys() and all(want[n].abs().sum() > 0 for n in want)
+    assert all(torch.allclose(got["grads"][n], want[n], rtol=1e-4, atol=1e-6) for n in want)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert len(saved) == len(want) and all(torch.all(t == 0.5) for k, t in saved.items() if "lora_B" in k)
+
+
+def test_keep_adapters_in_layer_units_puts_accelerates_wrap_policy_back(tiny_dir):
+    """transformers' own update (PEFT's policy: a unit per LoRA matrix), then with the launcher's fix."""
+    from types import SimpleNamespace
+
+    import transformers.trainer as trainer_module
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    original = trainer_module.update_fsdp_plugin_peft
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=FullyShardedDataParallelPlugin(
+        fsdp_version=1, auto_wrap_policy="transformer_based_wrap")))
+    model = lora_model(tiny_dir)
+    try:
+        trainer_module.update_fsdp_plugin_peft(model, accelerator)
+        assert accelerator.state.fsdp_plugin.auto_wrap_policy is not transformer_auto_wrap_policy  # PEFT's
+        accelerator.state.fsdp_plugin.auto_wrap_policy = transformer_auto_wrap_policy
+        modeling.keep_adapters_in_layer_units()
+        trainer_module.update_fsdp_plugin_peft(model, accelerator)
+        assert accelerator.state.fsdp_plugin.auto_wrap_policy is transformer_auto_wrap_policy
+    finally:
+        trainer_module.update_fsdp_plugin_peft = original
+
+
 def test_zero3_whole_layer_fetch_marks_the_decoder_layers_and_nothing_else(tiny_dir):
     model = lora_model(tiny_dir)
     assert modeling.fetch_whole_layers_under_zero3(model) == ["Qwen2DecoderLayer"]

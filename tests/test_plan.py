@@ -194,3 +194,19 @@ def test_lora_sum_is_fused_where_the_adapter_weights_are_whole_at_forward():
         fused("ddp", "train.fuse_lora_sum=yes")
     with pytest.raises(ConfigError, match=r"train.step_clock='auto': give true or false"):
         plan_for("ddp", "accelerate", 1, "train.step_clock=auto")
+
+
+def test_adapters_in_layer_units_render_use_orig_params_and_adapters_in_the_compute_dtype():
+    plan = plan_for("fsdp_qlora", "accelerate", 1, "strategy.adapters_in_layer_units=true")
+    acc = yaml.safe_load(plan.files["accelerate.yaml"])["fsdp_config"]
+    settings = yaml.safe_load(plan.files["config.yaml"])["plan"]
+    assert acc["fsdp_use_orig_params"] is True and settings["fsdp_config"] == acc
+    assert settings["fsdp_adapters_in_layers"] is True and settings["trainable_dtype"] == "bfloat16"
+    assert any(d.startswith("each decoder layer is one FSDP unit with its LoRA matrices") for d in plan.decisions)
+    default = yaml.safe_load(plan_for("fsdp_qlora", "accelerate", 1).files["config.yaml"])["plan"]
+    assert default["fsdp_config"]["fsdp_use_orig_params"] is False and not default["fsdp_adapters_in_layers"]
+    assert default["trainable_dtype"] is None  # PEFT's float32 adapters, each a unit of its own
+    with pytest.raises(ConfigError, match="lora=none trains no adapter"):
+        plan_for("fsdp_qlora", "accelerate", 1, "strategy.adapters_in_layer_units=true", "lora=none")
+    with pytest.raises(ConfigError, match="strategy.adapters_in_layer_units='yes': give true or false"):
+        plan_for("fsdp_qlora", "accelerate", 1, "strategy.adapters_in_layer_units=yes")
