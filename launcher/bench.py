@@ -72,7 +72,8 @@ CASES = {
     "fsdp_qlora-4bit-grad-op": Case("launcher", overrides=(  # weights stay gathered from forward to backward
         "strategy=fsdp_qlora", "quant=4bit", "+strategy.fsdp.fsdp_sharding_strategy=SHARD_GRAD_OP")),
     # each decoder layer one FSDP unit with its adapters inside, not PEFT's unit per LoRA matrix (392 here)
-    "fsdp_qlora-layer-units": Case("launcher", overrides=("strategy=fsdp_qlora", "strategy.adapters_in_layer_units=true")),
+    "fsdp_qlora-layer-units": Case("launcher", overrides=(
+        "strategy=fsdp_qlora", "strategy.adapters_in_layer_units=true")),
     "fsdp_qlora-4bit-layer-units": Case("launcher", overrides=(
         "strategy=fsdp_qlora", "quant=4bit", "strategy.adapters_in_layer_units=true")),
     "fsdp_qlora-4bit-prefetch": Case("launcher", overrides=(
