@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
 log = logging.getLogger("launcher")
@@ -83,8 +84,6 @@ class MetricsCallback(TrainerCallback):
         self.last = (time.perf_counter(), 0, state.global_step)  # TRL counts num_tokens from 0 in each process
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        import torch
-
         logs = logs if logs is not None else {}
         now, tokens = time.perf_counter(), logs.get("num_tokens", 0)  # TRL's: non-padding tokens of all ranks
         if self.last and "loss" in logs and tokens > self.last[1] and state.global_step > self.last[2]:
@@ -112,12 +111,10 @@ class StepClock(TrainerCallback):
     def __init__(self, run_dir: str):
         self.path = Path(run_dir, "step_clock.txt")
         self.started = 0.0
+        self.cuda = torch.cuda.is_available()
 
-    @staticmethod
-    def _sync() -> None:
-        import torch
-
-        if torch.cuda.is_available():
+    def _sync(self) -> None:
+        if self.cuda:
             torch.cuda.synchronize()
 
     def on_step_begin(self, args, state, control, **kwargs):

@@ -26,25 +26,26 @@ def busy_time(spans: list[tuple[float, float]]) -> float:
     return total
 
 
-def idle_gaps(kernels: list[tuple[float, float]], host_ops: list[tuple[str, float, float]], min_gap: float,
-              top: int | None = None) -> list[tuple[float, float, list[tuple[str, float]]]]:
-    """The GPU's idle gaps between kernels of at least `min_gap`, longest first, as (start, length, host ops):
-    the outermost host ops (name, start, end) that overlap the gap, with how much of it each covers, most first."""
+def idle_gaps(kernels: list[tuple[float, float]], min_gap: float) -> list[tuple[float, float]]:
+    """The GPU's idle gaps between kernels of at least `min_gap`, longest first, as (start, length)."""
     gaps, end = [], None
     for start, stop in sorted(kernels):
         if end is not None and start - end >= min_gap:
             gaps.append((end, start - end))
         end = stop if end is None else max(end, stop)
-    gaps.sort(key=lambda g: -g[1])
-    found = []
-    for start, length in gaps[:top]:
-        overlap: dict[str, float] = {}
-        for name, s, e in host_ops:
-            inside = min(e, start + length) - max(s, start)
-            if inside > 0:
-                overlap[name] = overlap.get(name, 0.0) + inside
-        found.append((start, length, sorted(overlap.items(), key=lambda kv: -kv[1])))
-    return found
+    return sorted(gaps, key=lambda g: -g[1])
+
+
+def host_ops_in(gap: tuple[float, float], host_ops: list[tuple[str, float, float]]) -> list[tuple[str, float]]:
+    """The host ops (name, start, end) that overlap the gap (start, length), with how much of it each covers,
+    most first; ops of one name add up."""
+    start, length = gap
+    overlap: dict[str, float] = {}
+    for name, s, e in host_ops:
+        inside = min(e, start + length) - max(s, start)
+        if inside > 0:
+            overlap[name] = overlap.get(name, 0.0) + inside
+    return sorted(overlap.items(), key=lambda kv: -kv[1])
 
 
 def outermost_host_ops(events) -> list[tuple[str, float, float]]:
@@ -109,11 +110,13 @@ class ProfileSteps(TrainerCallback):
     def gap_lines(self, spans: list[tuple[float, float]], steps: int) -> list[str]:
         """The GPU's idle gaps of 1 ms or more and the outermost host ops running meanwhile (a metric read back
         from the GPU shows as aten::item, a batch fetch as enumerate(DataLoader)#...)."""
-        gaps = idle_gaps(spans, outermost_host_ops(self.prof.events()), min_gap=1000.0)  # us
+        gaps = idle_gaps(spans, min_gap=1000.0)  # us
+        host = outermost_host_ops(self.prof.events())
         t0 = min(s for s, _ in spans)
         lines = ["", f"GPU idle in gaps of 1 ms or more: {sum(g[1] for g in gaps) / 1e3 / steps:.1f} ms per step "
                      f"({len(gaps)} gaps); the longest, with the outermost host ops in them (ms of the gap each):"]
-        for start, length, ops in gaps[:12]:
+        for start, length in gaps[:12]:
+            ops = host_ops_in((start, length), host)
             shown = ", ".join(f"{name[:60]} {ms / 1e3:.1f}" for name, ms in ops[:4])
             lines.append(f"  {length / 1e3:6.1f} ms at +{(start - t0) / 1e3:.1f} ms: {shown or '(no host op)'}")
         return lines

@@ -57,8 +57,13 @@ LEVERS = [
 ALL = [(*c, None) for c in CASES] + LEVERS
 
 
-@pytest.mark.parametrize("strategy,quant,backend,method,lever", ALL,
-                         ids=["-".join(c[:4]) + (f"-{c[4].split('.')[1].split('=')[0]}" if c[4] else "") for c in ALL])
+def case_id(case) -> str:
+    """strategy-quant-backend-method, and the lever's key where there is one (e.g. ...-adapters_in_layer_units)."""
+    *named, lever = case
+    return "-".join(named) + (f"-{lever.split('=')[0].rsplit('.', 1)[-1]}" if lever else "")
+
+
+@pytest.mark.parametrize("strategy,quant,backend,method,lever", ALL, ids=[case_id(c) for c in ALL])
 def test_strategy_runs_learns_resumes_and_merges(tmp_path, tiny_dir, strategy, quant, backend, method, lever):
     run = tmp_path / "run"
     base = [f"run_dir={run}", f"strategy={strategy}", f"quant={quant}", f"backend={backend}", f"gpus={GPUS}",

@@ -18,6 +18,17 @@ def lora_model(tiny_dir):
                           LoraConfig(r=4, target_modules="all-linear"))
 
 
+def lora_model_with_b(tiny_dir, value: float):
+    """lora_model with every lora_B at `value`: at its initial zeros a saved adapter would hold nothing to check,
+    and lora_A would get no gradient."""
+    model = lora_model(tiny_dir)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.fill_(value)
+    return model
+
+
 def test_restore_adapter_brings_back_the_checkpointed_weights(tmp_path, tiny_dir):
     trained = lora_model(tiny_dir)
     with torch.no_grad():
@@ -52,11 +63,7 @@ def save_adapter_under_fsdp1(rank, tiny_dir, out, port, fixed):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     if fixed:
         modeling.find_adapter_weights_under_fsdp1()
-    model = lora_model(tiny_dir)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.fill_(0.5)  # lora_B starts at zero: a saved adapter must carry these
+    model = lora_model_with_b(tiny_dir, 0.5)
     wrapped = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), device_id=torch.device("cpu"),
                    use_orig_params=False)
     with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True)):
@@ -103,11 +110,7 @@ def train_a_step_with_adapters_in_layer_units(rank, tiny_dir, out, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     modeling.find_adapter_weights_under_fsdp1()
-    model = lora_model(tiny_dir)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.fill_(0.5)  # lora_B starts at zero, which would leave lora_A without a gradient
+    model = lora_model_with_b(tiny_dir, 0.5)
     policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={Qwen2DecoderLayer})
     wrapped = FSDP(model, auto_wrap_policy=policy, device_id=torch.device("cpu"), use_orig_params=True)
     units = sum(isinstance(m, FSDP) for m in wrapped.modules())
@@ -131,11 +134,7 @@ def test_adapters_in_layer_units_get_the_gradients_of_the_whole_batch_and_are_sa
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(train_a_step_with_adapters_in_layer_units, args=(tiny_dir, tmp_path, port), nprocs=2)
     got = torch.load(tmp_path / "grads.pt")
-    model = lora_model(tiny_dir)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.fill_(0.5)
+    model = lora_model_with_b(tiny_dir, 0.5)
     first, second = halves_of_a_batch()
     ((model(input_ids=first, labels=first).loss + model(input_ids=second, labels=second).loss) / 2).backward()
     want = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
