@@ -83,7 +83,10 @@ CASES = {
     # PEFT's own LoRA forward: the scaling and the sum as passes of their own over each layer's output
     "zero2-unfused": Case("launcher", overrides=("strategy=zero2", "train.fuse_lora_sum=false")),
     "ddp-unfused": Case("launcher", overrides=("strategy=ddp", "train.fuse_lora_sum=false")),
-    "ddp-workers2": Case("launcher", overrides=("strategy=ddp", "train.dataloader_workers=2")),  # batches collated aside
+    # the per-step host work as the libraries do it (launcher/host_work.py)
+    "ddp-untrimmed": Case("launcher", overrides=("strategy=ddp", "train.trim_host_work=false")),
+    # batches collated by the rank between steps, not by the 2 worker processes of the defaults on GPUs
+    "ddp-workers0": Case("launcher", overrides=("strategy=ddp", "train.dataloader_workers=0")),
     # a user's choice, not a default (it changes the training): what LoRA's dropout costs, a pass over each
     # adapter's input and a saved copy of it (the profiled defaults' generic elementwise kernels, dropout's
     # among them, took 28 of the step's 464 GPU ms)

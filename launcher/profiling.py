@@ -6,7 +6,10 @@ and which ops take the GPU's and the CPU's time.
 from __future__ import annotations
 
 import logging
+import sys
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -62,10 +65,63 @@ def gpu_spans(prof) -> tuple[list, list]:
     return spans, compute
 
 
+PLUMBING = {"module.py", "contextlib.py", "threading.py", "wrapper.py", "_contextlib.py"}  # frames that say little
+
+
+def python_at(frame, depth: int = 5) -> str:
+    """The innermost `depth` frames of a Python stack, plumbing left out: 'file.py:function < caller.py:...'."""
+    names = []
+    while frame is not None and len(names) < depth:
+        file = Path(frame.f_code.co_filename).name
+        if file not in PLUMBING:
+            names.append(f"{file}:{frame.f_code.co_name}")
+        frame = frame.f_back
+    return " < ".join(names)
+
+
+class PythonSampler:
+    """Samples the training thread's Python stack from a side thread, for the gaps in which the GPU idles while
+    the host runs no op the profiler records (pure Python, such as walking the model's modules). It asks every
+    millisecond; while the training thread holds the GIL in pure Python, it gets a sample per switch interval
+    (5 ms). The profiler's clock is tied to this one by a marker op recorded at start."""
+
+    MARKER = "launcher: python sampler start"
+
+    def __init__(self, interval_s: float = 0.001):
+        self.interval, self.target = interval_s, threading.get_ident()
+        self.samples: list[tuple[float, str]] = []  # (perf_counter in us, python_at)
+        self.done, self.thread, self.marked_at = threading.Event(), None, 0.0
+
+    def start(self) -> None:
+        with torch.profiler.record_function(self.MARKER):
+            self.marked_at = time.perf_counter() * 1e6
+        self.thread = threading.Thread(target=self.run, daemon=True, name="launcher-python-sampler")
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            frame = sys._current_frames().get(self.target)
+            if frame is not None:
+                self.samples.append((time.perf_counter() * 1e6, python_at(frame)))
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def in_gap(self, gap: tuple[float, float], events) -> list[tuple[str, int]]:
+        """(stack, samples) of the samples that fall in the gap (start, length in the profiler's us), most first."""
+        marker = next((e.time_range.start for e in events if e.name == self.MARKER), None)
+        if marker is None:
+            return []
+        start, length = gap
+        shift = marker - self.marked_at
+        return Counter(where for t, where in self.samples if start <= t + shift <= start + length).most_common()
+
+
 class ProfileSteps(TrainerCallback):
     def __init__(self, run_dir: str, first: int, last: int):
         self.path, self.first, self.last = Path(run_dir, FILE), first, last
-        self.prof, self.started = None, 0.0
+        self.prof, self.sampler, self.started = None, None, 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step + 1 != self.first or not state.is_world_process_zero:
@@ -76,6 +132,8 @@ class ProfileSteps(TrainerCallback):
             torch.cuda.synchronize()
         self.prof = torch.profiler.profile(activities=activities)
         self.prof.__enter__()
+        self.sampler = PythonSampler()
+        self.sampler.start()
         self.started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -91,6 +149,7 @@ class ProfileSteps(TrainerCallback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - self.started) * 1e3
+        self.sampler.stop()
         self.prof.__exit__(None, None, None)
         steps = self.last - self.first + 1
         spans, compute = gpu_spans(self.prof)
@@ -111,12 +170,15 @@ class ProfileSteps(TrainerCallback):
         """The GPU's idle gaps of 1 ms or more and the outermost host ops running meanwhile (a metric read back
         from the GPU shows as aten::item, a batch fetch as enumerate(DataLoader)#...)."""
         gaps = idle_gaps(spans, min_gap=1000.0)  # us
-        host = outermost_host_ops(self.prof.events())
+        events = self.prof.events()
+        host = outermost_host_ops(events)
         t0 = min(s for s, _ in spans)
         lines = ["", f"GPU idle in gaps of 1 ms or more: {sum(g[1] for g in gaps) / 1e3 / steps:.1f} ms per step "
-                     f"({len(gaps)} gaps); the longest, with the outermost host ops in them (ms of the gap each):"]
+                     f"({len(gaps)} gaps); the longest, with the outermost host ops in them (ms of the gap each) "
+                     f"and the Python stacks sampled in them (a sample per 1-5 ms):"]
         for start, length in gaps[:12]:
             ops = host_ops_in((start, length), host)
             shown = ", ".join(f"{name[:60]} {ms / 1e3:.1f}" for name, ms in ops[:4])
             lines.append(f"  {length / 1e3:6.1f} ms at +{(start - t0) / 1e3:.1f} ms: {shown or '(no host op)'}")
+            lines += [f"      python x{n}: {where}" for where, n in self.sampler.in_gap((start, length), events)[:3]]
         return lines

@@ -136,6 +136,8 @@ def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16:
         "zero3_whole_layers": False,
         "adapter_input_cast": True,
         "fuse_lora_sum": False,
+        "trim_host_work": False,
+        "dataloader_workers": cfg["train"]["dataloader_workers"],
         "fsdp_adapters_in_layers": False,
     }
     if on_gpu and dtype != "bfloat16":
@@ -281,6 +283,18 @@ def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16:
         settings["fuse_lora_sum"] = True
         decisions.append("each LoRA output is scaled and added to its layer's inside the lora_B matmul (one addmm), "
                          "not in two more passes over the layer's output (train.fuse_lora_sum=false: PEFT's forward)")
+
+    if settings["dataloader_workers"] == "auto":
+        settings["dataloader_workers"] = 2 if on_gpu else 0
+        if on_gpu:
+            decisions.append("train.dataloader_workers=auto -> 2: the next batch is collated in worker processes "
+                             "while the GPU runs the step, not by the rank between steps")
+
+    if cfg["train"]["trim_host_work"]:
+        settings["trim_host_work"] = True
+        decisions.append("per-step host work the libraries repeat is done once (package lookups, parameter count, "
+                         "DPO's adapter switch; launcher/host_work.py): the GPU idles less "
+                         "(train.trim_host_work=false: as the libraries do it)")
 
     if world_size == 1 and strategy.name == "ddp":
         settings["expected_wrapper"] = None

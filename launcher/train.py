@@ -19,7 +19,7 @@ from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from launcher import checkpoints, data, logs, modeling, postmortem, profiling
+from launcher import checkpoints, data, host_work, logs, modeling, postmortem, profiling
 
 log = logging.getLogger("launcher")
 
@@ -40,8 +40,7 @@ def training_args(cfg: dict, report_to: list[str]):
         weight_decay=train["weight_decay"],
         max_grad_norm=train["max_grad_norm"],
         optim=plan["optim"],
-        dataloader_num_workers=train["dataloader_workers"],
-        dataloader_persistent_workers=train["dataloader_workers"] > 0,
+        dataloader_num_workers=plan["dataloader_workers"],
         logging_steps=train["logging_steps"],
         save_strategy="steps",
         save_steps=cfg["save_steps"],
@@ -186,6 +185,8 @@ def main(config_path: str) -> int:
         modeling.feed_adapters_the_activations_as_they_are(trainer.model)
     if plan["fuse_lora_sum"]:
         modeling.add_adapter_outputs_inside_the_matmul(trainer.model)
+    if plan["trim_host_work"]:
+        host_work.trim(trainer, cfg)
     if trainer.accelerator.ddp_handler is not None:  # DDP: gradients live in its all-reduce buckets, no copies
         trainer.accelerator.ddp_handler.gradient_as_bucket_view = True
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints a shorter line from rank 0

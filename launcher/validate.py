@@ -73,8 +73,9 @@ def check_values(cfg, machine: Machine) -> None:
         value = cfg["train"][key]
         if not (isinstance(value, bool) or value == "auto"):
             raise ConfigError(f"train.{key}", f"train.{key}={value!r}: give true, false or auto.")
-    if not isinstance(cfg["train"]["step_clock"], bool):
-        raise ConfigError("train.step_clock", f"train.step_clock={cfg['train']['step_clock']!r}: give true or false.")
+    for key in ("step_clock", "trim_host_work"):
+        if not isinstance(cfg["train"][key], bool):
+            raise ConfigError(f"train.{key}", f"train.{key}={cfg['train'][key]!r}: give true or false.")
     mem = cfg["gpu_mem_gib"]
     if mem is not None and (isinstance(mem, bool) or not isinstance(mem, (int, float)) or mem <= 0):
         raise ConfigError("gpu_mem_gib", f"gpu_mem_gib={mem!r}: give the GPU memory in GiB, e.g. gpu_mem_gib=80.")
@@ -82,7 +83,10 @@ def check_values(cfg, machine: Machine) -> None:
                          ("dataloader_workers", 0)):
         value = cfg["train"][key]
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"train.{key}", f"train.{key}={value!r} must be a whole number >= {minimum}.")
+            if key == "dataloader_workers" and value == "auto":
+                continue
+            also = " or auto" if key == "dataloader_workers" else ""
+            raise ConfigError(f"train.{key}", f"train.{key}={value!r} must be a whole number >= {minimum}{also}.")
     max_steps = cfg["train"]["max_steps"]
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps == 0 or max_steps < -1:
         raise ConfigError("train.max_steps", f"train.max_steps={max_steps!r}: give a number of steps >= 1, or -1.")

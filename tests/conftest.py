@@ -40,6 +40,29 @@ def untrained_adapters(final: Path) -> list[str]:
     return sorted(name for name, w in weights.items() if "lora_B" in name and not w.abs().sum())
 
 
+def lora_model(tiny_dir):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir / "model"),
+                          LoraConfig(r=4, target_modules="all-linear"))
+
+
+def lora_model_with_b(tiny_dir, value: float):
+    """lora_model with every lora_B at `value`: at its initial zeros a saved adapter would hold nothing to check,
+    and lora_A would get no gradient."""
+    import torch
+
+    model = lora_model(tiny_dir)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.fill_(value)
+    return model
+
+
 @pytest.fixture
 def cache_dir() -> Path:
     """The shared cache of built-in models (built once per machine, reused by every test)."""

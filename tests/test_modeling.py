@@ -9,24 +9,8 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from conftest import lora_model, lora_model_with_b
 from launcher import checkpoints, modeling
-
-
-def lora_model(tiny_dir):
-    torch.manual_seed(0)
-    return get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir / "model"),
-                          LoraConfig(r=4, target_modules="all-linear"))
-
-
-def lora_model_with_b(tiny_dir, value: float):
-    """lora_model with every lora_B at `value`: at its initial zeros a saved adapter would hold nothing to check,
-    and lora_A would get no gradient."""
-    model = lora_model(tiny_dir)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.fill_(value)
-    return model
 
 
 def test_restore_adapter_brings_back_the_checkpointed_weights(tmp_path, tiny_dir):
@@ -249,3 +233,4 @@ def test_lora_sum_inside_the_matmul_under_bf16_autocast_is_as_close_to_float32_a
     (peft_loss_err, peft_grad_err), (fused_loss_err, fused_grad_err) = error(False), error(True)
     assert 0 < peft_grad_err < 0.1  # the comparison sees bf16's rounding, and nothing worse
     assert fused_loss_err <= 1.5 * peft_loss_err + 1e-5 and fused_grad_err <= 1.5 * peft_grad_err
+

@@ -196,6 +196,28 @@ def test_lora_sum_is_fused_where_the_adapter_weights_are_whole_at_forward():
         plan_for("ddp", "accelerate", 1, "train.step_clock=auto")
 
 
+def test_batches_are_collated_by_two_workers_per_rank_on_gpus_and_by_the_rank_on_the_cpu():
+    def workers(*extra, cfg=None):
+        plan = plan_for("ddp", "accelerate", 1, *extra) if cfg is None else build_plan(cfg, CPU_NODE)
+        return yaml.safe_load(plan.files["config.yaml"])["plan"]["dataloader_workers"]
+
+    assert workers() == 2 and workers("train.dataloader_workers=0") == 0 and workers("train.dataloader_workers=5") == 5
+    assert workers(cfg=compose_cfg("cpu_procs=2")) == 0  # two cores: a worker would take one from a rank
+    with pytest.raises(ConfigError, match=r"train.dataloader_workers='two' must be a whole number >= 0 or auto"):
+        workers("train.dataloader_workers=two")
+
+
+def test_host_work_is_trimmed_unless_turned_off():
+    def trimmed(*extra):
+        return yaml.safe_load(plan_for("zero3", "deepspeed", 1, *extra).files["config.yaml"])["plan"]["trim_host_work"]
+
+    assert trimmed() and not trimmed("train.trim_host_work=false")
+    cpu = build_plan(compose_cfg("cpu_procs=2"), CPU_NODE)
+    assert yaml.safe_load(cpu.files["config.yaml"])["plan"]["trim_host_work"] is True
+    with pytest.raises(ConfigError, match=r"train.trim_host_work='auto': give true or false"):
+        trimmed("train.trim_host_work=auto")
+
+
 def test_adapters_in_layer_units_render_use_orig_params_and_adapters_in_the_compute_dtype():
     plan = plan_for("fsdp_qlora", "accelerate", 1, "strategy.adapters_in_layer_units=true")
     acc = yaml.safe_load(plan.files["accelerate.yaml"])["fsdp_config"]

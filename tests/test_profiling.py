@@ -1,7 +1,10 @@
 """launcher/profiling.py: the GPU-busy arithmetic (the profiler itself runs in tests/test_train.py's SFT run)."""
+import sys
+import time
+
 import torch
 
-from launcher.profiling import busy_time, host_ops_in, idle_gaps, outermost_host_ops
+from launcher.profiling import PythonSampler, busy_time, host_ops_in, idle_gaps, outermost_host_ops, python_at
 
 
 def test_busy_time_counts_overlapping_kernels_once():
@@ -30,3 +33,35 @@ def test_outermost_host_ops_are_the_ops_nothing_encloses_on_a_real_profile():
     assert "aten::mm" not in names  # inside fetch_batch
     start, end = next((s, e) for n, s, e in ops if n == "fetch_batch")
     assert 0 < end - start < 60e6  # microseconds
+
+
+def walk_in_python_for(seconds: float) -> int:
+    """Pure Python, no op the profiler records: what a module walk between two forwards looks like to it."""
+    end, n = time.perf_counter() + seconds, 0
+    while time.perf_counter() < end:
+        n += sum(range(200))
+    return n
+
+
+def test_python_at_names_the_innermost_frames_and_skips_plumbing():
+    def inner():
+        return python_at(sys._getframe(), depth=2)
+    assert inner() == "test_profiling.py:inner < test_profiling.py:test_python_at_names_the_innermost_frames_and_skips_plumbing"
+
+
+def test_the_python_sampled_in_a_window_of_the_profilers_clock_is_what_ran_there():
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        sampler = PythonSampler()
+        sampler.start()
+        torch.ones(256, 256) @ torch.ones(256, 256)
+        begin = time.perf_counter() * 1e6
+        walk_in_python_for(0.05)
+        end = time.perf_counter() * 1e6
+        torch.ones(256, 256) @ torch.ones(256, 256)
+        sampler.stop()
+    events = prof.events()
+    shift = next(e.time_range.start for e in events if e.name == PythonSampler.MARKER) - sampler.marked_at
+    found = sampler.in_gap((begin + shift, end - begin), events)
+    assert found and found[0][0].startswith("test_profiling.py:walk_in_python_for")
+    assert found[0][1] >= 4  # one sample per ms or, while the walk holds the GIL, per switch interval (5 ms)
+    assert sampler.in_gap((begin + shift - 1e6, 1e5), events) == []  # a second earlier: nothing sampled

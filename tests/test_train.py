@@ -32,6 +32,9 @@ def test_dpo_default_learns_and_logs_per_rank(tmp_path, tiny_dir):
     assert "held-out reward accuracy" in res.stdout
     assert res.stdout.count("world size 2") == 1  # the banner comes from rank 0 only
     assert (run / "logs" / "rank0.log").exists() and (run / "logs" / "rank1.log").exists()
+    assert ("host work trimmed: package lookups cached; parameters counted once for the FLOP log; gradient "
+            "checkpointing known to be off; DPO's reference pass switches 14 LoRA layers off by their flag"
+            in (run / "logs" / "rank1.log").read_text())  # every rank trims its own
     metrics = read_metrics(run)
     assert any("rewards/accuracies" in m for m in metrics)
     # tokens/s per GPU from TRL's count of the non-padding tokens of both ranks (no per-step read-back of its own)
