@@ -93,7 +93,7 @@ def fetch_whole_layers(cfg) -> bool:
     return wanted
 
 
-def adapters_in_layer_units(cfg) -> bool:
+def adapters_in_layer_units(cfg, world_size: int) -> bool:
     """fsdp_qlora: each decoder layer one FSDP unit with its LoRA matrices inside (use_orig_params=true), where
     PEFT's wrap policy makes every LoRA matrix a unit of its own (392 on the 1.5B shape, each with its own
     gathers, reductions and hooks per step: in the profiled 1950 ms fsdp_qlora step of 2026-11-24, FSDP's
@@ -106,6 +106,11 @@ def adapters_in_layer_units(cfg) -> bool:
         raise ConfigError("strategy.adapters_in_layer_units",
                           "strategy.adapters_in_layer_units=true puts LoRA adapters into their layers' FSDP units; "
                           "lora=none trains no adapter. Drop it, or use a LoRA config.")
+    if wanted and world_size == 1:
+        raise ConfigError("strategy.adapters_in_layer_units",
+                          "strategy.adapters_in_layer_units=true needs 2 or more processes: with one, FSDP runs "
+                          "NO_SHARD, where FSDP1 with use_orig_params fails on tied embeddings (AssertionError "
+                          "'as_params=True type(prim_param)', 1x H200, torch 2.11). Drop it, or give gpus=2 or more.")
     return wanted
 
 
@@ -222,7 +227,7 @@ def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16:
         decisions.append(f"{key}={value}: yours, laid over the shipped config")
 
     if strategy.name == "fsdp_qlora":
-        in_layers = settings["fsdp_adapters_in_layers"] = adapters_in_layer_units(cfg)
+        in_layers = settings["fsdp_adapters_in_layers"] = adapters_in_layer_units(cfg, world_size)
         if in_layers:  # one flat parameter per layer: its adapters must share the base weights' dtype
             settings["trainable_dtype"] = dtype
             decisions.append(f"each decoder layer is one FSDP unit with its LoRA matrices inside (use_orig_params="

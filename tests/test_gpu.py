@@ -65,6 +65,8 @@ def case_id(case) -> str:
 
 @pytest.mark.parametrize("strategy,quant,backend,method,lever", ALL, ids=[case_id(c) for c in ALL])
 def test_strategy_runs_learns_resumes_and_merges(tmp_path, tiny_dir, strategy, quant, backend, method, lever):
+    if lever and GPUS < 2:
+        pytest.skip("the planner refuses strategy.adapters_in_layer_units on one GPU (FSDP NO_SHARD)")
     run = tmp_path / "run"
     base = [f"run_dir={run}", f"strategy={strategy}", f"quant={quant}", f"backend={backend}", f"gpus={GPUS}",
             f"method={method}", "save_steps=5", "train.save_total_limit=5", "train.lr=5e-4", *([lever] if lever else [])]

@@ -232,3 +232,5 @@ def test_adapters_in_layer_units_render_use_orig_params_and_adapters_in_the_comp
         plan_for("fsdp_qlora", "accelerate", 1, "strategy.adapters_in_layer_units=true", "lora=none")
     with pytest.raises(ConfigError, match="strategy.adapters_in_layer_units='yes': give true or false"):
         plan_for("fsdp_qlora", "accelerate", 1, "strategy.adapters_in_layer_units=yes")
+    with pytest.raises(ConfigError, match="adapters_in_layer_units=true needs 2 or more processes"):
+        plan_for("fsdp_qlora", "accelerate", 1, "strategy.adapters_in_layer_units=true", "gpus=1")
