@@ -82,10 +82,11 @@ def check_values(cfg, machine: Machine) -> None:
     for key, minimum in (("grad_accum", 1), ("epochs", 1), ("logging_steps", 1), ("save_total_limit", 1),
                          ("dataloader_workers", 0)):
         value = cfg["train"][key]
+        auto_allowed = key == "dataloader_workers"
+        if auto_allowed and value == "auto":
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            if key == "dataloader_workers" and value == "auto":
-                continue
-            also = " or auto" if key == "dataloader_workers" else ""
+            also = " or auto" if auto_allowed else ""
             raise ConfigError(f"train.{key}", f"train.{key}={value!r} must be a whole number >= {minimum}{also}.")
     max_steps = cfg["train"]["max_steps"]
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps == 0 or max_steps < -1:
