@@ -49,19 +49,11 @@ def cache_package_lookups() -> str:
 
 
 def count_parameters_once(trainer) -> str:
-    """transformers' Trainer.floating_point_ops, with the parameter count taken at the first step (after any
-    wrapping, as the Trainer's own count would see it) and kept."""
-    model, count = trainer.model, {}
-
-    def floating_point_ops(inputs) -> int:
-        main_input = getattr(model, "main_input_name", "input_ids")
-        if main_input not in inputs or not hasattr(model, "num_parameters"):
-            return 0
-        if "n" not in count:
-            count["n"] = model.num_parameters(exclude_embeddings=True)
-        return 6 * inputs[main_input].numel() * count["n"]
-
-    trainer.floating_point_ops = floating_point_ops
+    """transformers' Trainer.floating_point_ops asks the model for its parameter count at every step: the model
+    answers each question once, at its first asking (the first step, after any wrapping, as before)."""
+    model = trainer.model
+    if hasattr(model, "num_parameters") and not hasattr(model.num_parameters, "cache_info"):
+        model.num_parameters = functools.lru_cache(maxsize=None)(model.num_parameters)
     return "parameters counted once for the FLOP log"
 
 

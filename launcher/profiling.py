@@ -6,6 +6,7 @@ and which ops take the GPU's and the CPU's time.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -72,7 +73,7 @@ def python_at(frame, depth: int = 5) -> str:
     """The innermost `depth` frames of a Python stack, plumbing left out: 'file.py:function < caller.py:...'."""
     names = []
     while frame is not None and len(names) < depth:
-        file = Path(frame.f_code.co_filename).name
+        file = os.path.basename(frame.f_code.co_filename)
         if file not in PLUMBING:
             names.append(f"{file}:{frame.f_code.co_name}")
         frame = frame.f_back
@@ -90,7 +91,7 @@ class PythonSampler:
     def __init__(self, interval_s: float = 0.001):
         self.interval, self.target = interval_s, threading.get_ident()
         self.samples: list[tuple[float, str]] = []  # (perf_counter in us, python_at)
-        self.done, self.thread, self.marked_at = threading.Event(), None, 0.0
+        self.done, self.thread, self.marked_at, self.shift = threading.Event(), None, 0.0, None
 
     def start(self) -> None:
         with torch.profiler.record_function(self.MARKER):
@@ -108,14 +109,17 @@ class PythonSampler:
         self.done.set()
         self.thread.join()
 
-    def in_gap(self, gap: tuple[float, float], events) -> list[tuple[str, int]]:
-        """(stack, samples) of the samples that fall in the gap (start, length in the profiler's us), most first."""
+    def align(self, events) -> None:
+        """Finds the marker among the profiled events: from then on, samples are placed on the profiler's clock."""
         marker = next((e.time_range.start for e in events if e.name == self.MARKER), None)
-        if marker is None:
+        self.shift = None if marker is None else marker - self.marked_at
+
+    def in_gap(self, gap: tuple[float, float]) -> list[tuple[str, int]]:
+        """(stack, samples) of the samples that fall in the gap (start, length in the profiler's us), most first."""
+        if self.shift is None:
             return []
         start, length = gap
-        shift = marker - self.marked_at
-        return Counter(where for t, where in self.samples if start <= t + shift <= start + length).most_common()
+        return Counter(where for t, where in self.samples if start <= t + self.shift <= start + length).most_common()
 
 
 class ProfileSteps(TrainerCallback):
@@ -172,6 +176,7 @@ class ProfileSteps(TrainerCallback):
         gaps = idle_gaps(spans, min_gap=1000.0)  # us
         events = self.prof.events()
         host = outermost_host_ops(events)
+        self.sampler.align(events)
         t0 = min(s for s, _ in spans)
         lines = ["", f"GPU idle in gaps of 1 ms or more: {sum(g[1] for g in gaps) / 1e3 / steps:.1f} ms per step "
                      f"({len(gaps)} gaps); the longest, with the outermost host ops in them (ms of the gap each) "
@@ -180,5 +185,5 @@ class ProfileSteps(TrainerCallback):
             ops = host_ops_in((start, length), host)
             shown = ", ".join(f"{name[:60]} {ms / 1e3:.1f}" for name, ms in ops[:4])
             lines.append(f"  {length / 1e3:6.1f} ms at +{(start - t0) / 1e3:.1f} ms: {shown or '(no host op)'}")
-            lines += [f"      python x{n}: {where}" for where, n in self.sampler.in_gap((start, length), events)[:3]]
+            lines += [f"      python x{n}: {where}" for where, n in self.sampler.in_gap((start, length))[:3]]
         return lines

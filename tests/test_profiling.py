@@ -59,9 +59,9 @@ def test_the_python_sampled_in_a_window_of_the_profilers_clock_is_what_ran_there
         end = time.perf_counter() * 1e6
         torch.ones(256, 256) @ torch.ones(256, 256)
         sampler.stop()
-    events = prof.events()
-    shift = next(e.time_range.start for e in events if e.name == PythonSampler.MARKER) - sampler.marked_at
-    found = sampler.in_gap((begin + shift, end - begin), events)
+    sampler.align(prof.events())
+    shift = sampler.shift
+    found = sampler.in_gap((begin + shift, end - begin))
     assert found and found[0][0].startswith("test_profiling.py:walk_in_python_for")
     assert found[0][1] >= 4  # one sample per ms or, while the walk holds the GIL, per switch interval (5 ms)
-    assert sampler.in_gap((begin + shift - 1e6, 1e5), events) == []  # a second earlier: nothing sampled
+    assert sampler.in_gap((begin + shift - 1e6, 1e5)) == []  # a second earlier: nothing sampled
