@@ -85,6 +85,9 @@ CASES = {
     "ddp-unfused": Case("launcher", overrides=("strategy=ddp", "train.fuse_lora_sum=false")),
     # the per-step host work as the libraries do it (launcher/host_work.py)
     "ddp-untrimmed": Case("launcher", overrides=("strategy=ddp", "train.trim_host_work=false")),
+    # TRL's metrics gathered once per log, not at every step (launcher/step_metrics.py); measured on 2+ GPUs only
+    "ddp-metrics-at-log": Case("launcher", overrides=("strategy=ddp", "train.metrics_sync=log")),
+    "sft-metrics-at-log": Case("launcher", "sft", overrides=("train.metrics_sync=log",)),
     # batches collated by the rank between steps, not by the 2 worker processes of the defaults on GPUs
     "ddp-workers0": Case("launcher", overrides=("strategy=ddp", "train.dataloader_workers=0")),
     # a user's choice, not a default (it changes the training): what LoRA's dropout costs, a pass over each

@@ -142,6 +142,7 @@ def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16:
         "adapter_input_cast": True,
         "fuse_lora_sum": False,
         "trim_host_work": False,
+        "metrics_sync": "step",
         "dataloader_workers": cfg["train"]["dataloader_workers"],
         "fsdp_adapters_in_layers": False,
     }
@@ -300,6 +301,11 @@ def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16:
         decisions.append("per-step host work the libraries repeat is done once (package lookups, parameter count, "
                          "DPO's adapter switch; launcher/host_work.py): the GPU idles less "
                          "(train.trim_host_work=false: as the libraries do it)")
+
+    if cfg["train"]["metrics_sync"] == "log" and world_size > 1:
+        settings["metrics_sync"] = "log"
+        decisions.append("training metrics stay on each rank until a log, then one gather of their averages "
+                         "(launcher/step_metrics.py; train.metrics_sync=step: TRL's gathers at every step)")
 
     if world_size == 1 and strategy.name == "ddp":
         settings["expected_wrapper"] = None

@@ -19,7 +19,7 @@ from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from launcher import checkpoints, data, host_work, logs, modeling, postmortem, profiling
+from launcher import checkpoints, data, host_work, logs, modeling, postmortem, profiling, step_metrics
 
 log = logging.getLogger("launcher")
 
@@ -187,6 +187,8 @@ def main(config_path: str) -> int:
         modeling.add_adapter_outputs_inside_the_matmul(trainer.model)
     if plan["trim_host_work"]:
         host_work.trim(trainer, cfg)
+    if plan["metrics_sync"] == "log":
+        log.info("%s", step_metrics.sync_metrics_at_log(trainer))
     if trainer.accelerator.ddp_handler is not None:  # DDP: gradients live in its all-reduce buckets, no copies
         trainer.accelerator.ddp_handler.gradient_as_bucket_view = True
     trainer.remove_callback(PrinterCallback)  # MetricsCallback prints a shorter line from rank 0

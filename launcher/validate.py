@@ -76,6 +76,9 @@ def check_values(cfg, machine: Machine) -> None:
     for key in ("step_clock", "trim_host_work"):
         if not isinstance(cfg["train"][key], bool):
             raise ConfigError(f"train.{key}", f"train.{key}={cfg['train'][key]!r}: give true or false.")
+    if cfg["train"]["metrics_sync"] not in ("step", "log"):
+        raise ConfigError("train.metrics_sync", f"train.metrics_sync={cfg['train']['metrics_sync']!r}: give step "
+                                                "(TRL's gathers at every step) or log (once per log).")
     mem = cfg["gpu_mem_gib"]
     if mem is not None and (isinstance(mem, bool) or not isinstance(mem, (int, float)) or mem <= 0):
         raise ConfigError("gpu_mem_gib", f"gpu_mem_gib={mem!r}: give the GPU memory in GiB, e.g. gpu_mem_gib=80.")

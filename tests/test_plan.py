@@ -234,3 +234,17 @@ def test_adapters_in_layer_units_render_use_orig_params_and_adapters_in_the_comp
         plan_for("fsdp_qlora", "accelerate", 1, "strategy.adapters_in_layer_units=yes")
     with pytest.raises(ConfigError, match="adapters_in_layer_units=true needs 2 or more processes"):
         plan_for("fsdp_qlora", "accelerate", 1, "strategy.adapters_in_layer_units=true", "gpus=1")
+
+
+def test_metrics_sync_at_log_is_planned_only_where_there_are_ranks_to_sync():
+    def sync(*extra, cfg=None):
+        plan = plan_for("ddp", "accelerate", 1, *extra) if cfg is None else build_plan(cfg, CPU_NODE)
+        return yaml.safe_load(plan.files["config.yaml"])["plan"]["metrics_sync"], plan.decisions
+
+    assert sync()[0] == "step"  # TRL's gathers at every step, unless asked
+    synced, decisions = sync("train.metrics_sync=log")
+    assert synced == "log" and any(d.startswith("training metrics stay on each rank until a log") for d in decisions)
+    assert sync("train.metrics_sync=log", "gpus=1")[0] == "step"  # one process: nothing to gather
+    assert sync(cfg=compose_cfg("cpu_procs=2", "train.metrics_sync=log"))[0] == "log"
+    with pytest.raises(ConfigError, match=r"train.metrics_sync='never': give step .* or log"):
+        sync("train.metrics_sync=never")
