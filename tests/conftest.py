@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -28,6 +29,11 @@ def run_launcher(*args: str, cwd=None, timeout=120, env=None) -> subprocess.Comp
     """`python -m launcher ARGS` as a user types it."""
     return subprocess.run([sys.executable, "-m", "launcher", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd or ROOT, env={**os.environ, **(env or {})})
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl (rank 0's logs, one JSON object per line)."""
+    return [json.loads(line) for line in Path(run, "metrics.jsonl").read_text().splitlines()]
 
 
 def untrained_adapters(final: Path) -> list[str]:

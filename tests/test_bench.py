@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import yaml
 
-from conftest import GPU_NODE, compose_cfg
+from conftest import GPU_NODE, compose_cfg, read_metrics
 from launcher import ROOT, bench
 from launcher.plan import build_plan
 
@@ -68,7 +68,7 @@ def test_bench_runs_a_case_through_the_launcher_on_the_cpu(tmp_path):
     assert 0 <= row["train_metric"] <= 1  # DPO reward accuracy
     assert "| ddp | ddp | none | 4 |" in (out / "bench.md").read_text()
     # logged every 5 steps: 1-5 warm up, 16-17 were profiled (in 16-20), so the median is of 6-10 and 11-15
-    metrics = [json.loads(line) for line in (out / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(out / "runs" / "ddp")
     timed = {m["step"]: m["step_seconds"] for m in metrics if "step_seconds" in m}
     assert sorted(timed) == [5, 10, 15, 20]
     assert row["step_s"] == pytest.approx((timed[10] + timed[15]) / 2)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import run_launcher
+from conftest import read_metrics, run_launcher
 
 pytestmark = pytest.mark.slow
 
@@ -17,8 +17,7 @@ def runs_with_each_sync(tmp_path, *overrides):
         assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
         runs[sync] = run
     assert "training metrics gathered across ranks at each log" in (runs["log"] / "logs" / "rank1.log").read_text()
-    logged = [[json.loads(line) for line in (runs[s] / "metrics.jsonl").read_text().splitlines()] for s in runs]
-    step, log = ([r for r in rows if "loss" in r] for rows in logged)
+    step, log = ([r for r in read_metrics(runs[s]) if "loss" in r] for s in runs)
     assert [r["step"] for r in step] == [r["step"] for r in log] == [5, 10]
     for a, b in zip(step, log):
         assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]  # the training itself is untouched

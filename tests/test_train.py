@@ -9,16 +9,12 @@ import time
 import pytest
 import yaml
 
-from conftest import GPU_NODE, compose_cfg, run_launcher, untrained_adapters
+from conftest import GPU_NODE, compose_cfg, read_metrics, run_launcher, untrained_adapters
 from launcher import ROOT
 from launcher.machine import find_free_port
 from launcher.plan import build_plan
 
 pytestmark = pytest.mark.slow
-
-
-def read_metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_dpo_default_learns_and_logs_per_rank(tmp_path, tiny_dir):
