@@ -6,7 +6,10 @@ table (seconds/step, pairs or tokens/s per GPU, MFU, peak GiB per GPU, reward ac
 
 The job is the peer's (../shared/peer/RESULTS.md): a random-init model of a preset's shape, LoRA r16 on all
 linear layers, 2000 synthetic preference pairs of ~700 tokens (launcher/bench_assets.py builds them once
-under --assets). Every launcher case runs with the launcher's defaults plus the case's own overrides; the
+under --assets); the `real-*` cases run 4000 rows of a realistic length mix instead (data.max_length=2048).
+Tokens per second and MFU count real tokens only (the peer's DPO: its pairs/s times the data's mean real tokens
+per pair); the padding column is the share of the positions the model ran that were padding (logged by the
+launcher; for the peer, the expectation over random batches padded as TRL pads them). Every launcher case runs with the launcher's defaults plus the case's own overrides; the
 peer runs its own script with its stock accelerate config. Both log every 5 steps (their defaults): the
 peer's time is the median over single steps after WARMUP_STEPS, a launcher case's the median over the logged
 intervals after them (wall clock between two logs / 5 steps), which counts the batch fetch and the logging the
@@ -44,6 +47,11 @@ class Case:
     env: dict = field(default_factory=dict)  # peer cases: the peer script's settings
     preset: str = "qwen2.5-1.5b-instruct"
     peer_config: str = "acc_ddp.yaml"
+    mix: str = "uniform"  # the rows' lengths (launcher/bench_assets.py): uniform (the peer's job) or realistic
+
+
+# data.max_length per mix: no uniform row is cut (the longest sequence is 351 tokens); 1.4% of the realistic ones are
+MAX_LENGTH = {"uniform": 384, "realistic": 2048}
 
 
 CASES = {
@@ -99,6 +107,19 @@ CASES = {
     "sft": Case("launcher", "sft", overrides=("strategy=ddp",)),
     "peer-sft-bs4": Case("peer_sft", "sft", env={"BS": "4", "GC": "1"}),
     "peer-sft-bs32": Case("peer_sft", "sft", env={"BS": "32", "GC": "0"}),
+    # the realistic length mix (launcher/bench_assets.py): lengths from a few tokens to 5,000, data.max_length=2048.
+    # The peer pads as TRL does, its batch the largest that fits a batch of rows at max_length without checkpointing
+    # (DPO 10 pairs: 40,960 tokens, about 122 GiB by the peer's own 2.9 MiB per token; SFT 16 rows: 32,768 tokens)
+    "real-peer-bs10": Case("peer", env={"STRATEGY": "ddp", "BS": "10", "GC": "0", "MAXLEN": "2048"}, mix="realistic"),
+    "real-peer-bs8": Case("peer", env={"STRATEGY": "ddp", "BS": "8", "GC": "0", "MAXLEN": "2048"}, mix="realistic"),
+    "real-defaults": Case("launcher", mix="realistic"),  # padding-free, micro-batches filled to a token budget
+    "real-padded": Case("launcher", overrides=("train.padding_free=false",), mix="realistic"),  # grouped by length
+    "real-padded-random": Case("launcher", overrides=("train.padding_free=false", "train.group_by_length=false"),
+                               mix="realistic"),
+    "real-rows": Case("launcher", overrides=("micro_batch_tokens=null",), mix="realistic"),  # padding-free, 8 pairs
+    "real-peer-sft-bs16": Case("peer_sft", "sft", env={"BS": "16", "GC": "0", "MAXLEN": "2048"}, mix="realistic"),
+    "real-sft-defaults": Case("launcher", "sft", mix="realistic"),  # packed rows (padding-free)
+    "real-sft-padded": Case("launcher", "sft", overrides=("method.packing=false",), mix="realistic"),
     # Qwen2.5-7B's shape, QLoRA, on two GPUs
     "7b-fsdp_qlora-4bit": Case("launcher", overrides=("strategy=fsdp_qlora", "quant=4bit"), preset="qwen2.5-7b-instruct"),
     "7b-zero3-4bit": Case("launcher", overrides=("strategy=zero3", "quant=4bit"), preset="qwen2.5-7b-instruct"),
@@ -121,7 +142,8 @@ def launcher_argv(name: str, case: Case, assets: Path, out: Path, gpus: int, ste
     data = (["data=demo_sft", f"data.path={assets}/sft.jsonl"] if case.method == "sft"
             else [f"data.path={assets}/pref.jsonl"])
     return [sys.executable, "-m", "launcher", f"model={case.preset}", f"model.path={assets}/model",
-            f"model.tokenizer={assets}/tokenizer", f"method={case.method}", *data, "data.max_length=384",
+            f"model.tokenizer={assets}/tokenizer", f"method={case.method}", *data,
+            f"data.max_length={MAX_LENGTH[case.mix]}",
             "data.conversational=false",  # the peer's rows are plain strings: no chat template, the same tokens
             f"gpus={gpus}" if gpus else "cpu_procs=2", f"train.max_steps={steps}", "save_steps=100000",
             f"run_dir={out}/runs/{name}", "overwrite=true", *case.overrides,
@@ -134,7 +156,9 @@ def peer_argv(case: Case, peer: Path, gpus: int, port: int) -> list[str]:
             "--main_process_port", str(port), str(script)]
 
 
-def read_launcher_run(run: Path, case: Case, n_params: float) -> dict:
+def read_launcher_run(run: Path, case: Case, n_params: float, tokens_per_row: float | None = None) -> dict:
+    """The run's row of the table. `tokens_per_row`: the data's mean real tokens per pair (or SFT row), which
+    turns tokens/s into pairs/s where micro-batches hold varying numbers of rows."""
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     first, last = cfg["train"].get("profile_steps") or (0, -1)
@@ -151,11 +175,18 @@ def read_launcher_run(run: Path, case: Case, n_params: float) -> dict:
         timed = [float(t) for n, t in steps if int(n) > WARMUP_STEPS and not first <= int(n) <= last]
         tokens *= step_s / statistics.median(timed)  # the same tokens per step, over the clocked step time
         step_s, clock = statistics.median(timed), "per step, synced"
-    per_step = cfg["micro_batch"] * cfg["train"]["grad_accum"]
+    plan = cfg["plan"]
+    varying = plan.get("token_budget") or plan.get("packing")
+    rows_per_step = cfg["micro_batch"] * cfg["train"]["grad_accum"]
+    per_s = tokens / tokens_per_row if varying and tokens_per_row else rows_per_step / step_s
     precomputed = bool(cfg["method"].get("precompute_ref_log_probs"))
-    res = dict(clock=clock, micro_batch=cfg["micro_batch"], checkpointing=cfg["plan"]["gradient_checkpointing"],
-               liger=cfg["plan"]["liger"], strategy=cfg["plan"]["strategy"], quant=cfg["quant"]["name"],
-               step_s=step_s, per_s_per_gpu=per_step / step_s, tokens_per_s_per_gpu=tokens,
+    shares = [r["padding_share"] for r in steady if "padding_share" in r]
+    planned = [d for d in plan.get("decisions", []) if d.startswith("memory plan: ")]
+    res = dict(clock=clock, micro_batch=f"{plan['token_budget']} tok" if plan.get("token_budget") else cfg["micro_batch"],
+               checkpointing=plan["gradient_checkpointing"], liger=plan["liger"], strategy=plan["strategy"],
+               quant=cfg["quant"]["name"], step_s=step_s, per_s_per_gpu=per_s, tokens_per_s_per_gpu=tokens,
+               padding=statistics.median(shares) if shares else None,
+               plan_gib=float(planned[0].split()[2]) if planned else None,
                mfu=tokens * flops_per_token(n_params, case.method, cfg["lora"]["r"] is not None, precomputed)
                / PEAK_BF16_FLOPS,
                peak_gib=max(r.get("peak_gpu_mem_gib", 0) for r in rows))
@@ -169,8 +200,9 @@ def read_launcher_run(run: Path, case: Case, n_params: float) -> dict:
     return res
 
 
-def tokens_per_pair(assets: Path, rows: int = 200) -> float:
-    """As TRL tokenizes plain-string rows: the prompt once per sequence, each answer plus its EOS."""
+def sequence_lengths(assets: Path, method: str, max_length: int) -> list[list[int]]:
+    """Per row, the sequences TRL builds from it, as it tokenizes plain-string rows: the prompt, then the answer
+    and its EOS, cut at max_length (DPO: chosen and rejected; SFT: prompt and completion)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(assets / "tokenizer")
@@ -178,27 +210,42 @@ def tokens_per_pair(assets: Path, rows: int = 200) -> float:
     def n(text: str) -> int:
         return len(tok(text, add_special_tokens=False)["input_ids"])
 
-    lengths = []
-    with open(assets / "pref.jsonl") as f:
-        for line, _ in zip(f, range(rows)):
+    rows = []
+    with open(assets / ("pref.jsonl" if method == "dpo" else "sft.jsonl")) as f:
+        for line in f:
             r = json.loads(line)
-            lengths.append(2 * n(r["prompt"]) + n(r["chosen"]) + n(r["rejected"]) + 2)
-    return statistics.mean(lengths)
+            answers = [r["chosen"], r["rejected"]] if method == "dpo" else [r["completion"]]
+            rows.append([min(n(r["prompt"]) + n(a) + 1, max_length) for a in answers])
+    return rows
 
 
-def read_peer_output(text: str, case: Case, assets: Path, n_params: float) -> dict:
+def padded_share(rows: list[list[int]], batch: int, draws: int = 2000) -> float:
+    """The share of padding in random batches of `batch` rows padded as TRL pads them: every sequence of the batch
+    (DPO: both of each pair) to the batch's longest."""
+    import random
+
+    rng, real, padded = random.Random(0), 0, 0
+    for _ in range(draws):
+        seqs = [s for _ in range(batch) for s in rows[rng.randrange(len(rows))]]
+        real, padded = real + sum(seqs), padded + len(seqs) * max(seqs)
+    return 1 - real / padded
+
+
+def read_peer_output(text: str, case: Case, rows: list[list[int]], n_params: float) -> dict:
+    """The peer's row: its own pairs/s (DPO) or real tokens/s (SFT, counted by the Trainer without padding);
+    DPO's real tokens/s are its pairs/s times the data's mean real tokens per pair."""
     line = next(l for l in text.splitlines() if l.startswith("RESULT rank 0 "))
     r = json.loads(line.removeprefix("RESULT rank 0 "))
     step_s = r["median_step_s"]
     if case.method == "dpo":
-        tokens = r["pairs_per_s_per_gpu"] * tokens_per_pair(assets)
+        tokens = r["pairs_per_s_per_gpu"] * statistics.mean(sum(row) for row in rows)
         metric = (r["last_log"] or [{}])[0].get("rewards/accuracies")
     else:
         tokens = r["tokens_per_s_per_gpu"]
         metric = (r["last_log"] or [{}])[0].get("loss")
     return dict(clock="per step, synced", micro_batch=r["bs"], checkpointing=case.env.get("GC") == "1", liger=False,
                 strategy=case.env.get("STRATEGY", "ddp"), quant=case.env.get("QUANT", "none"), step_s=step_s,
-                per_s_per_gpu=r["bs"] / step_s, tokens_per_s_per_gpu=tokens,
+                per_s_per_gpu=r["bs"] / step_s, tokens_per_s_per_gpu=tokens, padding=padded_share(rows, r["bs"]),
                 mfu=tokens * flops_per_token(n_params, case.method, True, False) / PEAK_BF16_FLOPS,
                 peak_gib=r["peak_alloc_gib"], train_metric=metric)
 
@@ -208,9 +255,9 @@ def run_case(name: str, case: Case, args) -> dict:
 
     if args.preset:
         case = replace(case, preset=args.preset)
-    assets = Path(args.assets) / case.preset
+    assets = Path(args.assets) / (case.preset if case.mix == "uniform" else f"{case.preset}-{case.mix}")
     if not (assets / "DONE").exists():  # in a child process, so that no GPU memory stays held here
-        subprocess.run([sys.executable, "-m", "launcher.bench_assets", str(assets), case.preset], check=True)
+        subprocess.run([sys.executable, "-m", "launcher.bench_assets", str(assets), case.preset, case.mix], check=True)
     shape = yaml.safe_load((ROOT / "conf" / "model" / f"{case.preset}.yaml").read_text())["shape"]
     n_params = memory.Shape.from_config(shape).total_params()
     out = Path(args.out)
@@ -219,6 +266,7 @@ def run_case(name: str, case: Case, args) -> dict:
     else:
         argv = peer_argv(case, Path(args.peer), args.gpus, find_free_port())
         env = dict(os.environ, ASSETS=str(assets), STEPS=str(args.steps), **case.env)
+    rows = sequence_lengths(assets, case.method, MAX_LENGTH[case.mix])
     started = time.time()
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=args.timeout, env=env)
@@ -226,23 +274,25 @@ def run_case(name: str, case: Case, args) -> dict:
     except subprocess.TimeoutExpired as exc:
         text, code = f"{exc.stdout or ''}{exc.stderr or ''}\nTIMEOUT after {args.timeout} s", -1
     (out / f"{name}.log").write_text(text if isinstance(text, str) else text.decode(errors="replace"))
-    res = dict(case=name, method=case.method, preset=case.preset, wall_s=round(time.time() - started, 1), rc=code)
+    res = dict(case=name, method=case.method, preset=case.preset, mix=case.mix, wall_s=round(time.time() - started, 1),
+               rc=code)
     try:
         if case.kind == "launcher":
-            res.update(read_launcher_run(out / "runs" / name, case, n_params))
+            res.update(read_launcher_run(out / "runs" / name, case, n_params, statistics.mean(map(sum, rows))))
         else:
-            res.update(read_peer_output(text, case, assets, n_params))
+            res.update(read_peer_output(text, case, rows, n_params))
     except Exception as exc:  # a failed case is a row that says so; the others still run
         res["error"] = f"{type(exc).__name__}: {exc}"[:300]
     return res
 
 
-COLUMNS = [("case", "{}"), ("strategy", "{}"), ("quant", "{}"), ("micro_batch", "{}"), ("checkpointing", "{}"),
-           ("liger", "{}"), ("clock", "{}"), ("step_s", "{:.3f}"), ("per_s_per_gpu", "{:.1f}"),
-           ("tokens_per_s_per_gpu", "{:.0f}"), ("mfu", "{:.1%}"), ("peak_gib", "{:.1f}"), ("train_metric", "{:.3f}"),
-           ("eval_metric", "{:.3f}"), ("wall_s", "{:.0f}")]
-HEADERS = ["case", "strategy", "quant", "mb", "ckpt", "liger", "clock", "s/step", "pairs|seqs/s/GPU", "tokens/s/GPU",
-           "MFU", "peak GiB/GPU", "train acc|loss", "eval acc|loss", "wall s"]
+COLUMNS = [("case", "{}"), ("mix", "{}"), ("strategy", "{}"), ("quant", "{}"), ("micro_batch", "{}"),
+           ("checkpointing", "{}"), ("liger", "{}"), ("clock", "{}"), ("step_s", "{:.3f}"), ("per_s_per_gpu", "{:.1f}"),
+           ("tokens_per_s_per_gpu", "{:.0f}"), ("padding", "{:.0%}"), ("mfu", "{:.1%}"), ("peak_gib", "{:.1f}"),
+           ("plan_gib", "{:.1f}"), ("train_metric", "{:.3f}"), ("eval_metric", "{:.3f}"), ("wall_s", "{:.0f}")]
+HEADERS = ["case", "mix", "strategy", "quant", "mb", "ckpt", "liger", "clock", "s/step", "pairs|seqs/s/GPU",
+           "real tokens/s/GPU", "padding", "MFU", "peak GiB/GPU", "plan GiB", "train acc|loss", "eval acc|loss",
+           "wall s"]
 
 
 def table(results: list[dict]) -> str:

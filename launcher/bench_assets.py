@@ -1,11 +1,18 @@
 """Assets for GPU measurements: a random-init model of a preset's shape (conf/model/<preset>.yaml), a
-word-level tokenizer, a synthetic preference set with a learnable signal (chosen answers use the first
-half of the word list, rejected ones the second) and the same rows as prompt/completion pairs for SFT,
-like the plain-TRL peer's job (../shared/peer/make_assets.py).
+word-level tokenizer (one token per word), and a synthetic preference set with a learnable signal (chosen
+answers use the first half of the word list, rejected ones the second) with the same rows as prompt/completion
+pairs for SFT.
 
-    python -m launcher.bench_assets OUT qwen2.5-1.5b-instruct [rows] [prompt_words] [answer_words]
+Two length mixes:
+- uniform: every prompt 200 words and every answer 150, the plain-TRL peer's job (../shared/peer/make_assets.py);
+- realistic: prompt and answer lengths drawn from long-tailed lognormal distributions, prompts with a median of
+  100 tokens and answers of 300, chosen and rejected drawn apart, from 1 to 6000 tokens
+  (docs/benchmarks.md says what they are modelled on).
+
+    python -m launcher.bench_assets OUT qwen2.5-1.5b-instruct [uniform|realistic] [rows]
 """
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -18,11 +25,31 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 from launcher import ROOT
 from launcher.tiny import CHAT_TEMPLATE, SPECIAL
 
+# (median tokens, sigma of the log) of the realistic mix; the cap keeps a rare draw from dominating the file
+REALISTIC_PROMPT = (100, 1.0)
+REALISTIC_ANSWER = (300, 0.8)
+REALISTIC_CAP = 6000
+ROWS = {"uniform": 2000, "realistic": 4000}
 
-def build(out: str, preset: str, rows: int = 2000, prompt_words: int = 200, answer_words: int = 150) -> None:
+
+def lengths(mix: str, rng: random.Random) -> tuple[int, int, int]:
+    """(prompt, chosen, rejected) words of one row."""
+    if mix == "uniform":
+        return 200, 150, 150
+
+    def draw(median: int, sigma: float) -> int:
+        return max(1, min(REALISTIC_CAP, round(math.exp(rng.gauss(math.log(median), sigma)))))
+
+    return draw(*REALISTIC_PROMPT), draw(*REALISTIC_ANSWER), draw(*REALISTIC_ANSWER)
+
+
+def build(out: str, preset: str, mix: str = "uniform", rows: int | None = None) -> None:
     out_dir = Path(out)
     if (out_dir / "DONE").exists():
         return
+    if mix not in ROWS:
+        raise SystemExit(f"mix {mix!r}: give uniform or realistic")
+    rows = rows or ROWS[mix]
     shape = yaml.safe_load((ROOT / "conf" / "model" / f"{preset}.yaml").read_text())["shape"]
     specials = [*SPECIAL, "<unk>", "user", "assistant", "system"]
     words = [f"w{i}" for i in range(min(8000, shape["vocab_size"] - len(specials)))]
@@ -38,16 +65,18 @@ def build(out: str, preset: str, rows: int = 2000, prompt_words: int = 200, answ
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(out_dir / "model")
     rng = random.Random(0)
+    good, bad = words[:len(words) // 2], words[len(words) // 2:]
     with open(out_dir / "pref.jsonl", "w") as pref, open(out_dir / "sft.jsonl", "w") as sft:
         for _ in range(rows):
-            prompt = " ".join(rng.choice(words) for _ in range(prompt_words))
-            chosen = " ".join(rng.choice(words[:len(words) // 2]) for _ in range(answer_words))
-            rejected = " ".join(rng.choice(words[len(words) // 2:]) for _ in range(answer_words))
+            n_prompt, n_chosen, n_rejected = lengths(mix, rng)
+            prompt = " ".join(rng.choice(words) for _ in range(n_prompt))
+            chosen = " ".join(rng.choice(good) for _ in range(n_chosen))
+            rejected = " ".join(rng.choice(bad) for _ in range(n_rejected))
             pref.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
             sft.write(json.dumps({"prompt": prompt, "completion": chosen}) + "\n")
-    (out_dir / "DONE").write_text(f"{preset} {rows}\n")
-    print(f"assets in {out_dir}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, {rows} rows")
+    (out_dir / "DONE").write_text(f"{preset} {mix} {rows}\n")
+    print(f"assets in {out_dir}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, {rows} rows ({mix})")
 
 
 if __name__ == "__main__":
-    build(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:]))
+    build(sys.argv[1], sys.argv[2], *sys.argv[3:4], *map(int, sys.argv[4:5]))

@@ -30,6 +30,8 @@ class DataReport:
     train_rows: int
     eval_rows: int
     fmt: str
+    longest_row: int = 0  # the train row (counted from 1 in data.path's train split) that puts the most tokens
+    longest_tokens: int = 0  # through the model: both sequences of a pair, each cut at max_length, with its EOS
 
     def line(self, max_length: int) -> str:
         return (f"data: {self.rows_read} rows read ({self.fmt}), dropped {self.dropped_empty} with empty fields and "
@@ -131,19 +133,19 @@ def to_trl_row(row: dict, fmt: str, conversational: bool) -> dict:
     return {"text": row["text"]}
 
 
-def _lengths(row: dict, tokenizer) -> tuple[int, int]:
-    """Tokens of (the prompt, the longest sequence the trainer will build from this row)."""
+def _lengths(row: dict, tokenizer) -> tuple[int, list[int]]:
+    """Tokens of (the prompt, each sequence the trainer will build from this row)."""
     if "messages" in row:
-        return 0, len(_ids(tokenizer.apply_chat_template(row["messages"], tokenize=True)))
+        return 0, [len(_ids(tokenizer.apply_chat_template(row["messages"], tokenize=True)))]
     if "text" in row:
-        return 0, len(tokenizer(row["text"])["input_ids"])
+        return 0, [len(tokenizer(row["text"])["input_ids"])]
     answers = [row["chosen"], row["rejected"]] if "chosen" in row else [row["completion"]]
     prompt = row.get("prompt", [] if isinstance(answers[0], list) else "")
     if isinstance(prompt, list):
-        longest = max(len(_ids(tokenizer.apply_chat_template(prompt + a, tokenize=True))) for a in answers)
+        sequences = [len(_ids(tokenizer.apply_chat_template(prompt + a, tokenize=True))) for a in answers]
         return (len(_ids(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)))
-                if prompt else 0), longest
-    return len(tokenizer(prompt)["input_ids"]), max(len(tokenizer(prompt + a)["input_ids"]) for a in answers)
+                if prompt else 0), sequences
+    return len(tokenizer(prompt)["input_ids"]), [len(tokenizer(prompt + a)["input_ids"]) for a in answers]
 
 
 def _ids(out):
@@ -166,9 +168,10 @@ def prepare(data_cfg: dict, method: str, tokenizer, seed: int):
     conversational = needs_template or (has_template and fmt != "text" and wanted in ("auto", True))
 
     def clean(ds, name):
+        """(rows, their positions in ds, empty ones dropped, duplicates dropped)"""
         cols = [c for c in required_columns(fmt) if c in ds.column_names]  # DPO's prompt may be implicit
-        rows, seen, empty, dup = [], set(), 0, 0
-        for row in ds:
+        rows, positions, seen, empty, dup = [], [], set(), 0, 0
+        for position, row in enumerate(ds):
             if any(_empty(row[c]) for c in cols):
                 empty += 1
                 continue
@@ -178,34 +181,40 @@ def prepare(data_cfg: dict, method: str, tokenizer, seed: int):
                 continue
             seen.add(key)
             rows.append(to_trl_row(row, fmt, conversational))
+            positions.append(position)
         if data_cfg.get("max_rows"):
-            rows = rows[: data_cfg["max_rows"]]
+            rows, positions = rows[: data_cfg["max_rows"]], positions[: data_cfg["max_rows"]]
         if not rows:
             raise DataError(f"data.path={path}: no usable rows in {name} after dropping empty ones")
-        return rows, empty, dup
+        return rows, positions, empty, dup
 
     import datasets
 
     read = len(train) + (len(test) if test is not None else 0)
-    train_rows, empty, dup = clean(train, "train")
+    train_rows, train_sources, empty, dup = clean(train, "train")
     if test is not None:
-        eval_rows, e2, d2 = clean(test, data_cfg["test_split"])
+        eval_rows, _, e2, d2 = clean(test, data_cfg["test_split"])
         empty, dup = empty + e2, dup + d2
         train_ds, eval_ds = datasets.Dataset.from_list(train_rows), datasets.Dataset.from_list(eval_rows)
+        sources = train_sources
     else:
         if len(train_rows) * data_cfg["test_fraction"] < 1 or len(train_rows) < 2:
             raise DataError(f"data.path={path}: {len(train_rows)} usable rows are too few to hold out "
                             f"data.test_fraction={data_cfg['test_fraction']}; add rows or a '{data_cfg['test_split']}' split")
-        split = datasets.Dataset.from_list(train_rows).train_test_split(test_size=data_cfg["test_fraction"], seed=seed)
-        train_ds, eval_ds = split["train"], split["test"]
+        numbered = datasets.Dataset.from_list(train_rows).add_column("_row", train_sources)
+        split = numbered.train_test_split(test_size=data_cfg["test_fraction"], seed=seed)
+        sources = split["train"]["_row"]
+        train_ds, eval_ds = split["train"].remove_columns("_row"), split["test"].remove_columns("_row")
     max_length = data_cfg["max_length"]
     lengths = [_lengths(r, tokenizer) for r in train_ds]
-    truncated = sum(total > max_length for _, total in lengths)
+    truncated = sum(max(seqs) > max_length for _, seqs in lengths)
     prompt_too_long = sum(prompt >= max_length for prompt, _ in lengths)
     if prompt_too_long == len(lengths):
         raise DataError(f"data.path={path}: every prompt is at least data.max_length={max_length} tokens long "
                         f"(shortest {min(p for p, _ in lengths)}), so nothing is left to learn from; "
                         "raise data.max_length")
+    tokens = [sum(min(s + 1, max_length) for s in seqs) for _, seqs in lengths]  # + the EOS TRL adds to answers
+    longest = max(range(len(tokens)), key=tokens.__getitem__)
     report = DataReport(read, empty, dup, truncated, prompt_too_long, len(train_ds), len(eval_ds),
-                        fmt + (", chat template" if conversational else ""))
+                        fmt + (", chat template" if conversational else ""), sources[longest] + 1, tokens[longest])
     return train_ds, eval_ds, report

@@ -73,22 +73,51 @@ def _reachable(host: str, port: int) -> bool:
 
 
 class MetricsCallback(TrainerCallback):
-    """metrics.jsonl (rank 0); seconds per step, tokens/s per GPU and peak GPU memory added to every log."""
+    """metrics.jsonl (rank 0); seconds per step, tokens/s per GPU, the padding share and peak GPU memory added to
+    every log."""
 
     def __init__(self, run_dir: str, world_size: int):
         self.path = Path(run_dir, "metrics.jsonl")
         self.world_size = world_size
         self.last = None  # (time, tokens seen, step)
+        self.computed, self.real = 0, 0  # this rank's training forwards: positions run, and real tokens among them
+
+    def count_computed_tokens(self, model) -> None:
+        """Count the positions each training forward of `model` runs and the real tokens among them (a padded
+        batch's mask is summed on the GPU and read at the next log, so no step waits for it)."""
+        def count(module, args, kwargs):
+            if not (module.training and torch.is_grad_enabled()):  # the policy's pass, not DPO's reference pass
+                return
+            if kwargs.get("pf_index") is not None:  # launcher/padding_free.py: real tokens only
+                self.computed += kwargs["pf_index"].numel()
+                self.real = self.real + kwargs["pf_index"].numel()
+                return
+            ids, mask = kwargs.get("input_ids", args[0] if args else None), kwargs.get("attention_mask")
+            if ids is not None:
+                self.computed += ids.numel()
+                self.real = self.real + (mask.sum() if mask is not None else ids.numel())
+
+        model.register_forward_pre_hook(count, with_kwargs=True)
+
+    def padding_share(self) -> float | None:
+        """Of the positions this rank's model ran since the last call, the share that was padding."""
+        computed, real = self.computed, float(self.real)
+        self.computed, self.real = 0, 0
+        return round(1 - real / computed, 4) if computed else None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.last = (time.perf_counter(), 0, state.global_step)  # TRL counts num_tokens from 0 in each process
+        self.padding_share()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs if logs is not None else {}
         now, tokens = time.perf_counter(), logs.get("num_tokens", 0)  # TRL's: non-padding tokens of all ranks
         if self.last and "loss" in logs and tokens > self.last[1] and state.global_step > self.last[2]:
-            logs["tokens_per_sec_per_gpu"] = round((tokens - self.last[1]) / (now - self.last[0]) / self.world_size, 1)
+            real_per_gpu = (tokens - self.last[1]) / self.world_size
+            logs["tokens_per_sec_per_gpu"] = round(real_per_gpu / (now - self.last[0]), 1)
             logs["step_seconds"] = round((now - self.last[0]) / (state.global_step - self.last[2]), 4)
+            if (share := self.padding_share()) is not None:
+                logs["padding_share"] = share
             self.last = (now, tokens, state.global_step)
         if torch.cuda.is_available():
             logs["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

@@ -138,8 +138,9 @@ def tokens_per_micro_batch(micro_batch: int, method: str, seq_len: int) -> int:
 
 def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | None, lora_targets, world: int,
              micro_batch: int, seq_len: int, method: str, gradient_checkpointing: bool,
-             liger: bool = False) -> Estimate:
-    """Predicted peak GiB per GPU, split by what holds the memory."""
+             liger: bool = False, tokens: int | None = None) -> Estimate:
+    """Predicted peak GiB per GPU, split by what holds the memory. `tokens`: a micro-batch's tokens where they
+    are given as a budget (padding-free batches) rather than micro_batch rows of seq_len."""
     quant_linear = {None: 2.0, 4: BYTES_4BIT, 8: 1.0}[bits]
     other_bytes = 4.0 if bits and strategy == "ddp" else 2.0  # kbit preparation upcasts them (see above)
     base = shape.linear_params() * quant_linear + shape.other_params() * other_bytes
@@ -172,7 +173,7 @@ def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | Non
     gradients = trainable * grad_bytes / (world if (deepspeed or sharded_weights) else 1)
     if strategy == "zero3_offload":
         gradients = trainable * 2 / world
-    tokens = tokens_per_micro_batch(micro_batch, method, seq_len)
+    tokens = tokens or tokens_per_micro_batch(micro_batch, method, seq_len)
     h_layers = shape.hidden * shape.layers
     in_layer = ACT_PER_HIDDEN_LAYER * (ACT_LIGER if liger else 1.0)
     in_layer *= ACT_KBIT_DDP if strategy == "ddp" and lora and bits else ACT_BF16_ADAPTERS

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from launcher import padding_free
+
 log = logging.getLogger("launcher")
 
 
@@ -49,8 +51,11 @@ def load_model(cfg: dict, local_rank: int):
     from transformers import AutoModelForCausalLM
 
     plan, model_cfg = cfg["plan"], cfg["model"]
+    attention = plan.get("attn_implementation") or model_cfg["attn_implementation"]
+    if attention == padding_free.VARLEN_ATTENTION:
+        padding_free.register_varlen_attention()
     kwargs = dict(dtype=getattr(torch, plan["dtype"]), trust_remote_code=model_cfg["trust_remote_code"],
-                  attn_implementation=model_cfg["attn_implementation"])
+                  attn_implementation=attention)
     quant = quantization_config(cfg)
     if quant is not None:
         kwargs["quantization_config"] = quant

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import yaml
 
 from launcher import memory, slurm, validate
+from launcher.batching import decide_batching
 from launcher.errors import ConfigError
 from launcher.machine import Machine
 from launcher.render import render_accelerate_config, render_command, render_command_script, render_deepspeed_config
@@ -177,12 +178,21 @@ def size_the_job(cfg: dict, machine: Machine, world: int, on_gpu: bool, decision
                                              f"{memory.smallest_change(cfg, shape, world, gpu_mem)}")
         cfg["micro_batch"] = mb
         decisions.append(f"micro_batch=auto -> {mb}: the largest that fits under {name}")
-    name = cfg["strategy"]["name"]
-    if memory.supported(name, cfg["quant"]["bits"], cfg["lora"]["r"]):
-        est = memory.job_estimate(cfg, shape, name, world, cfg["micro_batch"])
-        verdict = "fits" if memory.fits(est, gpu_mem) else "WARNING: over the memory there is, expect OOM"
-        decisions.append(f"memory plan: {est.total:.1f} GiB per GPU predicted of {gpu_mem:.0f} GiB ({verdict})")
     return cfg
+
+
+def memory_decision(cfg: dict, machine: Machine, world: int, token_budget: int | None) -> str | None:
+    """The memory plan's peak per GPU for the job as planned (a token budget counted as its tokens)."""
+    gpu_mem, name = cfg["gpu_mem_gib"] or machine.gpu_mem_gib, cfg["strategy"]["name"]
+    if not gpu_mem or not memory.supported(name, cfg["quant"]["bits"], cfg["lora"]["r"]):
+        return None
+    try:
+        shape = memory.model_shape(cfg["model"])
+    except ValueError:
+        return None
+    est = memory.job_estimate(cfg, shape, name, world, cfg["micro_batch"], tokens=token_budget)
+    verdict = "fits" if memory.fits(est, gpu_mem) else "WARNING: over the memory there is, expect OOM"
+    return f"memory plan: {est.total:.1f} GiB per GPU predicted of {gpu_mem:.0f} GiB ({verdict})"
 
 
 def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: list[str] = ()) -> LaunchPlan:
@@ -195,6 +205,7 @@ def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: l
     decisions: list[str] = []
     if on_gpu and not machine.gpu_count:
         decisions.append("no GPU visible here: planned for bf16-capable GPUs (dry run)")
+    micro_batch_was_auto = cfg["micro_batch"] == "auto"
     cfg = size_the_job(cfg, machine, procs * cfg["nodes"], on_gpu, decisions)
     strategy = resolve_strategy(cfg["strategy"]["name"])
     if not on_gpu and strategy.name != "ddp":
@@ -209,6 +220,11 @@ def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: l
     settings, rule_decisions = decide(cfg, strategy, world_size, on_gpu, machine.bf16 or not machine.gpu_count,
                                       machine.liger)
     decisions += rule_decisions
+    batch_settings, batch_decisions = decide_batching(cfg, on_gpu, micro_batch_was_auto, world_size)
+    settings.update(batch_settings)
+    decisions += batch_decisions
+    if on_gpu and (line := memory_decision(cfg, machine, world_size, batch_settings["token_budget"])):
+        decisions.append(line)
     if not on_gpu:
         decisions.append(f"no GPU: {procs} CPU processes, torchrun with the gloo backend, float32")
 

@@ -66,6 +66,17 @@ def deepspeed_settings_error(cfg: dict) -> str | None:
     return None
 
 
+def token_budget_error(cfg: dict, report: data.DataReport) -> str | None:
+    """A micro-batch holds whole pairs: a token budget under the data's longest pair could never hold that one."""
+    budget = cfg["plan"].get("token_budget")
+    if not budget or budget >= report.longest_tokens:
+        return None
+    return (f"micro_batch_tokens={budget} is smaller than row {report.longest_row} of data.path={cfg['data']['path']} "
+            f"(its train split), whose pair takes {report.longest_tokens} tokens (chosen and rejected, each cut at "
+            f"data.max_length={cfg['data']['max_length']}). Give micro_batch_tokens={report.longest_tokens} or more, "
+            "or micro_batch_tokens=auto.")
+
+
 def optimizer_error(cfg: dict) -> str | None:
     """train.optim as transformers knows it; a misspelt name would otherwise stop every rank after it starts."""
     from transformers.training_args import OptimizerNames
@@ -87,6 +98,9 @@ def main(config_path: str) -> int:
         _, _, report = data.prepare(cfg["data"], cfg["method"]["name"], tokenizer, cfg["seed"])
     except data.DataError as err:
         print(f"launcher: error: data error: {err}", file=sys.stderr)
+        return 2
+    if why := token_budget_error(cfg, report):
+        print(f"launcher: error: {why}", file=sys.stderr)
         return 2
     if why := optimizer_error(cfg):
         print(f"launcher: error: {why}", file=sys.stderr)

@@ -8,8 +8,10 @@ metrics_sync=log the ranks meet once per log instead, in one gather of every met
 reads stay, each waiting on its own rank's GPU alone.
 
 What the logs show:
-- the same values for the metrics that are averages over pairs or rows (rewards/*, logps/*): every rank holds
-  the same number of them, so the mean of the ranks' means is the mean;
+- the same values for the metrics that are averages over pairs or rows (rewards/*, logps/*) where every rank
+  holds the same number of them (the mean of the ranks' means is the mean); with a token budget
+  (launcher/samplers.py) the ranks' micro-batches hold different numbers of pairs, and each rank's mean weighs the
+  same (TRL's per-step gathers would fail there: they need tensors of one length on every rank);
 - num_tokens summed over the ranks, as before;
 - for the ratios over tokens (entropy, mean_token_accuracy, logits/*) the mean of the ranks' ratios, where TRL
   pools the tokens of all ranks: ranks with unequal token counts weigh equally.

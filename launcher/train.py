@@ -19,7 +19,8 @@ from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from launcher import checkpoints, data, host_work, logs, modeling, postmortem, profiling, step_metrics
+from launcher import (checkpoints, data, host_work, logs, modeling, padding_free, postmortem, profiling, samplers,
+                      step_metrics)
 
 log = logging.getLogger("launcher")
 
@@ -78,7 +79,9 @@ def training_args(cfg: dict, report_to: list[str]):
         args = DPOConfig(beta=method["beta"], loss_type=[method["loss_type"]],
                          precompute_ref_log_probs=method["precompute_ref_log_probs"], **common)
     else:
-        args = SFTConfig(packing=method["packing"], completion_only_loss=method["completion_only_loss"], **common)
+        # packing: whole rows into rows of max_length, padding-free (TRL's best-fit decreasing: no row is split)
+        args = SFTConfig(packing=plan["packing"], packing_strategy="bfd",
+                         completion_only_loss=method["completion_only_loss"], **common)
     if plan["device"] == "cpu" and args.device.index is not None:
         # With several CPU processes transformers 5.17 picks device 'cpu:0', and torch 2.13 cannot map
         # a checkpoint's optimizer state to 'cpu:0' on resume. Plain 'cpu' is the same device.
@@ -168,8 +171,8 @@ def main(config_path: str) -> int:
         modeling.fetch_whole_layers_under_zero3(model)  # before the Trainer hands the model to DeepSpeed
     banner = StartupBanner(cfg, report)
     stop = checkpoints.stop_request_callback(run_dir)
-    callbacks = [logs.MetricsCallback(run_dir, plan["world_size"]), checkpoints.complete_marker_callback(), banner,
-                 stop]
+    metrics = logs.MetricsCallback(run_dir, plan["world_size"])
+    callbacks = [metrics, checkpoints.complete_marker_callback(), banner, stop]
     if cfg["train"]["step_clock"]:
         callbacks.append(logs.StepClock(run_dir))
     if cfg["train"]["profile_steps"]:
@@ -180,6 +183,13 @@ def main(config_path: str) -> int:
         modeling.keep_adapters_in_layer_units()
     trainer = build_trainer(cfg, args, model, tokenizer, train_ds, eval_ds, callbacks, local_rank)
     banner.trainer = trainer
+    if plan["padding_free"] and cfg["method"]["name"] == "dpo":  # SFT: TRL's packing is padding-free already
+        trainer.data_collator = padding_free.PreferenceBatchFlattener(trainer.data_collator)
+        for m in (trainer.model, trainer.ref_model):
+            if m is not None:
+                padding_free.unpad_forward(m.get_base_model() if hasattr(m, "get_base_model") else m)
+    samplers.use_planned_sampler(trainer, plan, cfg["data"]["max_length"], cfg["seed"])
+    metrics.count_computed_tokens(trainer.model)
     modeling.cast_trainable(trainer.model, plan["trainable_dtype"])
     if not plan["adapter_input_cast"]:
         modeling.feed_adapters_the_activations_as_they_are(trainer.model)

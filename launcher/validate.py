@@ -68,8 +68,14 @@ def check_values(cfg, machine: Machine) -> None:
         if port > 65535:
             raise ConfigError("master_port", f"master_port={port} is not a TCP port (1-65535).")
     _whole(cfg, "micro_batch", 1, allow=("auto",))
+    if cfg.get("micro_batch_tokens", "auto") not in ("auto", None):
+        budget = _whole(cfg, "micro_batch_tokens", 1, allow=("auto", None))
+        if cfg["micro_batch"] != "auto":
+            raise ConfigError("micro_batch_tokens", f"micro_batch_tokens={budget} and micro_batch={cfg['micro_batch']} "
+                                                    "both size the micro-batch: give one of them (tokens for "
+                                                    "micro-batches of varying rows, micro_batch for a fixed count).")
     _whole(cfg, "save_steps", 1)
-    for key in ("gradient_checkpointing", "liger", "fuse_lora_sum"):
+    for key in ("gradient_checkpointing", "liger", "fuse_lora_sum", "padding_free", "group_by_length"):
         value = cfg["train"][key]
         if not (isinstance(value, bool) or value == "auto"):
             raise ConfigError(f"train.{key}", f"train.{key}={value!r}: give true, false or auto.")

@@ -28,18 +28,20 @@ def test_every_launcher_case_plans_on_the_benchmark_machine():
     h200 = replace(GPU_NODE, gpu_count=2, gpu_mem_gib=139.8, liger=True)
     for name, case in bench.CASES.items():
         if case.kind == "launcher":
-            plan = build_plan(compose_cfg(f"model={case.preset}", "gpus=2", "data.max_length=384", *case.overrides), h200)
+            plan = build_plan(compose_cfg(f"model={case.preset}", "gpus=2", f"method={case.method}",
+                                          f"data.max_length={bench.MAX_LENGTH[case.mix]}", *case.overrides), h200)
             assert plan.world_size == 2, name
 
 
 def test_table_marks_failed_cases():
-    rows = [dict(case="ddp", strategy="ddp", quant="none", micro_batch=32, checkpointing=False, liger=True,
-                 step_s=0.5, per_s_per_gpu=64.0, tokens_per_s_per_gpu=44800, mfu=0.5, peak_gib=50.0,
-                 train_metric=0.6, eval_metric=0.55, wall_s=60),
+    rows = [dict(case="ddp", mix="uniform", strategy="ddp", quant="none", micro_batch=32, checkpointing=False,
+                 liger=True, step_s=0.5, per_s_per_gpu=64.0, tokens_per_s_per_gpu=44800, padding=0.25, mfu=0.5,
+                 peak_gib=50.0, plan_gib=48.0, train_metric=0.6, eval_metric=0.55, wall_s=60),
             dict(case="zero3", wall_s=12, error="RuntimeError: boom")]
     rows[0]["clock"] = "between logs"
     text = bench.table(rows)
-    assert "| ddp | ddp | none | 32 | off | on | between logs | 0.500 | 64.0 | 44800 | 50.0% | 50.0 |" in text
+    assert ("| ddp | uniform | ddp | none | 32 | off | on | between logs | 0.500 | 64.0 | 44800 | 25% | 50.0% | 50.0 "
+            "| 48.0 |") in text
     assert "failed: RuntimeError: boom" in text.splitlines()[-1]
 
 

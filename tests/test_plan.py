@@ -241,8 +241,9 @@ def test_metrics_sync_at_log_is_planned_only_where_there_are_ranks_to_sync():
         plan = plan_for("ddp", "accelerate", 1, *extra) if cfg is None else build_plan(cfg, CPU_NODE)
         return yaml.safe_load(plan.files["config.yaml"])["plan"]["metrics_sync"], plan.decisions
 
-    assert sync()[0] == "step"  # TRL's gathers at every step, unless asked
-    synced, decisions = sync("train.metrics_sync=log")
+    # TRL's gathers at every step, unless asked, or unless the ranks' micro-batches hold different numbers of pairs
+    assert sync("micro_batch_tokens=null")[0] == "step" and sync()[0] == "log"  # (tests/test_batching.py)
+    synced, decisions = sync("train.metrics_sync=log", "micro_batch_tokens=null")
     assert synced == "log" and any(d.startswith("training metrics stay on each rank until a log") for d in decisions)
     assert sync("train.metrics_sync=log", "gpus=1")[0] == "step"  # one process: nothing to gather
     assert sync(cfg=compose_cfg("cpu_procs=2", "train.metrics_sync=log"))[0] == "log"

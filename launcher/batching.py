@@ -1,0 +1,105 @@
+"""How rows become micro-batches: padding-free or padded, filled to a token budget or counted in rows, grouped by
+length or not. Pure: the config (micro-batch already sized) and where it runs in; the settings launcher.train
+carries out and the decisions, each with its reason, out. The ranks do it in launcher/padding_free.py (the
+model sees real tokens only) and launcher/samplers.py (which rows go into which micro-batch).
+"""
+from __future__ import annotations
+
+from launcher.errors import ConfigError
+
+VARLEN_ATTENTION = "varlen_flash"  # launcher/padding_free.py registers it with transformers
+
+
+def _switch(cfg, key: str) -> bool | str:
+    value = cfg["train"].get(key, "auto")
+    if not (isinstance(value, bool) or value == "auto"):
+        raise ConfigError(f"train.{key}", f"train.{key}={value!r}: give true, false or auto.")
+    return value
+
+
+def padding_free(cfg, on_gpu: bool) -> tuple[bool, str]:
+    """auto: on GPUs, where real tokens alone go through the model; on the CPU off (each forward's block mask
+    there costs more than the padding it saves on short rows). SFT is padding-free through TRL's packing."""
+    wanted = _switch(cfg, "padding_free")
+    method = cfg["method"]["name"]
+    if method == "sft":
+        packing = cfg["method"].get("packing", "auto")
+        if not (isinstance(packing, bool) or packing == "auto"):
+            raise ConfigError("method.packing", f"method.packing={packing!r}: give true, false or auto.")
+        if packing is False and wanted is True:
+            raise ConfigError("method.packing", "train.padding_free=true with method.packing=false: SFT runs "
+                                                "padding-free through TRL's packing (whole rows packed into rows of "
+                                                "data.max_length). Drop method.packing=false, or train.padding_free.")
+        if packing is True:
+            return True, "method.packing=true"
+        if packing is False:
+            return False, "method.packing=false"
+    if wanted == "auto":
+        return on_gpu, "train.padding_free=auto" + (" on GPUs" if on_gpu else ": off on the CPU")
+    return wanted, f"train.padding_free={str(wanted).lower()}"
+
+
+def attention(cfg, on_gpu: bool, unpadded: bool) -> tuple[str, str | None]:
+    """Padding-free attention must stay within each sequence: torch's flash kernel reads the boundaries (GPUs);
+    SDPA and flex attention get a block-diagonal mask from transformers (the CPU; flex if asked for)."""
+    asked = cfg["model"]["attn_implementation"]
+    if unpadded and on_gpu and asked == "sdpa":
+        return VARLEN_ATTENTION, (f"attention {VARLEN_ATTENTION}: torch's flash-attention kernel over each packed "
+                                  "sequence (SDPA would need a dense mask over the whole packed row)")
+    return asked, None
+
+
+def token_budget(cfg, unpadded: bool, micro_batch_was_auto: bool) -> int | None:
+    """DPO tokens per micro-batch, or None (a fixed count of rows). auto: what the memory plan sized the
+    micro-batch for (micro_batch rows of data.max_length), filled with real rows instead of padding."""
+    budget = cfg.get("micro_batch_tokens", "auto")
+    if budget is None or (budget == "auto" and cfg["method"]["name"] != "dpo"):
+        return None
+    if cfg["method"]["name"] != "dpo":
+        raise ConfigError("micro_batch_tokens", f"micro_batch_tokens={budget} is for DPO; SFT packs its rows into "
+                                                "micro_batch rows of data.max_length tokens each: give micro_batch.")
+    if budget == "auto":
+        if not (unpadded and micro_batch_was_auto):
+            return None
+        return cfg["micro_batch"] * 2 * cfg["data"]["max_length"]
+    if not unpadded:
+        raise ConfigError("micro_batch_tokens", f"micro_batch_tokens={budget} fills micro-batches with real tokens, "
+                                                "which needs padding-free batches: add train.padding_free=true, or "
+                                                "drop micro_batch_tokens.")
+    return budget
+
+
+def decide_batching(cfg, on_gpu: bool, micro_batch_was_auto: bool, world_size: int) -> tuple[dict, list[str]]:
+    unpadded, why = padding_free(cfg, on_gpu)
+    method = cfg["method"]["name"]
+    decisions = []
+    attn, attn_why = attention(cfg, on_gpu, unpadded)
+    budget = token_budget(cfg, unpadded, micro_batch_was_auto)
+    if unpadded:
+        how = ("TRL packs whole rows (best fit, none split) into micro_batch rows of data.max_length"
+               if method == "sft" else "each batch runs as one row of its real tokens, the per-token log-probs "
+                                       "put back in TRL's padded layout (launcher/padding_free.py)")
+        decisions.append(f"padding-free ({why}): {how}")
+    if attn_why:
+        decisions.append(attn_why)
+    settings = {}
+    if budget:
+        decisions.append(f"micro_batch_tokens -> {budget}: each rank's micro-batch is filled with whole pairs up to "
+                         f"{budget} tokens (rows vary), not {cfg['micro_batch']} pairs of any length")
+        if world_size > 1:  # TRL gathers per-pair tensors, which must have the same length on every rank
+            settings["metrics_sync"] = "log"
+            decisions.append("train.metrics_sync -> log: the ranks' micro-batches hold different numbers of pairs, "
+                             "which TRL's per-step gathers of per-pair metrics cannot take; each rank keeps its "
+                             "metrics and the ranks average them at each log")
+    group = _switch(cfg, "group_by_length")
+    if group is True and unpadded:
+        raise ConfigError("train.group_by_length", "train.group_by_length=true groups rows to pad less; padding-free "
+                                                   "batches hold no padding. Drop it, or give train.padding_free=false.")
+    if group == "auto":
+        group = on_gpu and not unpadded and cfg["micro_batch"] > 1
+        if group:
+            decisions.append("train.group_by_length=auto -> on: padded micro-batches of rows of similar length "
+                             "(transformers' length-grouped sampler) pad less")
+    settings |= {"padding_free": unpadded, "packing": unpadded and method == "sft", "attn_implementation": attn,
+                "token_budget": budget, "group_by_length": bool(group)}
+    return settings, decisions

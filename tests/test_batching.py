@@ -1,0 +1,80 @@
+"""How rows become micro-batches (launcher/batching.py), as the planner records it."""
+from dataclasses import replace
+
+import pytest
+
+from conftest import CPU_NODE, GPU_NODE, compose_cfg
+from launcher.errors import ConfigError
+from launcher.plan import build_plan
+
+H200X2 = replace(GPU_NODE, gpu_count=2, gpu_mem_gib=139.8, liger=True)
+REAL = ["model=qwen2.5-1.5b-instruct", "gpus=2", "data.max_length=2048"]
+
+
+def planned_gib(plan) -> float:
+    return float(next(d for d in plan.decisions if d.startswith("memory plan: ")).split()[2])
+
+
+def test_on_gpus_dpo_runs_padding_free_filled_to_the_tokens_the_memory_plan_sized():
+    plan = build_plan(compose_cfg(*REAL), H200X2)
+    s = plan.settings
+    assert s["padding_free"] and s["attn_implementation"] == "varlen_flash" and not s["group_by_length"]
+    assert "micro_batch: 8\n" in plan.files["config.yaml"]  # 8 pairs of 2 x 2048 tokens: the 32k-token cap
+    assert s["token_budget"] == 8 * 2 * 2048
+    assert s["metrics_sync"] == "log"  # ranks hold different numbers of pairs: TRL's per-step gathers cannot run
+    assert any(d.startswith("micro_batch_tokens -> 32768") for d in plan.decisions)
+    padded = build_plan(compose_cfg(*REAL, "train.padding_free=false"), H200X2)  # 8 pairs padded to 2048
+    assert planned_gib(plan) == planned_gib(padded) and "micro_batch: 8\n" in padded.files["config.yaml"]
+
+
+def test_one_gpu_keeps_trls_metric_gathers():
+    plan = build_plan(compose_cfg(*REAL[:1], "gpus=1", *REAL[2:]), replace(H200X2, gpu_count=1))
+    assert plan.settings["token_budget"] and plan.settings["metrics_sync"] == "step"
+
+
+def test_a_fixed_micro_batch_stays_a_count_of_rows():
+    s = build_plan(compose_cfg(*REAL, "micro_batch=4"), H200X2).settings
+    assert s["padding_free"] and s["token_budget"] is None and s["metrics_sync"] == "step"
+
+
+def test_a_token_budget_given_is_planned_with_its_own_tokens():
+    half, full = (build_plan(compose_cfg(*REAL, f"micro_batch_tokens={n}"), H200X2) for n in (16384, 32768))
+    assert half.settings["token_budget"] == 16384
+    weights = 3.5  # about: the 1.5B model's bf16 weights and the adapter's optimizer
+    assert planned_gib(half) - weights == pytest.approx((planned_gib(full) - weights) / 2, rel=0.05)
+
+
+def test_padded_batches_on_gpus_are_grouped_by_length():
+    s = build_plan(compose_cfg(*REAL, "train.padding_free=false"), H200X2).settings
+    assert not s["padding_free"] and s["group_by_length"] and s["attn_implementation"] == "sdpa"
+    assert s["token_budget"] is None
+
+
+def test_sft_is_padding_free_through_trls_packing():
+    s = build_plan(compose_cfg(*REAL, "method=sft", "data=demo_sft"), H200X2).settings
+    assert s["padding_free"] and s["packing"] and s["token_budget"] is None
+    s = build_plan(compose_cfg(*REAL, "method=sft", "data=demo_sft", "method.packing=false"), H200X2).settings
+    assert not s["padding_free"] and not s["packing"] and s["group_by_length"]
+
+
+def test_the_cpu_keeps_padded_batches_unless_asked():
+    s = build_plan(compose_cfg(), CPU_NODE).settings
+    assert not s["padding_free"] and not s["group_by_length"] and s["attn_implementation"] == "sdpa"
+    s = build_plan(compose_cfg("train.padding_free=true"), CPU_NODE).settings
+    assert s["padding_free"] and s["attn_implementation"] == "sdpa"  # transformers' packed mask on the CPU
+    assert s["token_budget"] == 4 * 2 * 256  # micro_batch=auto gives 4 there
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (("train.padding_free=false", "micro_batch_tokens=20000"), "micro_batch_tokens"),
+    (("micro_batch=8", "micro_batch_tokens=20000"), "micro_batch_tokens"),
+    (("micro_batch_tokens=lots",), "micro_batch_tokens"),
+    (("method=sft", "data=demo_sft", "micro_batch_tokens=20000"), "micro_batch_tokens"),
+    (("method=sft", "data=demo_sft", "method.packing=false", "train.padding_free=true"), "method.packing"),
+    (("train.group_by_length=true",), "train.group_by_length"),
+    (("train.padding_free=maybe",), "train.padding_free"),
+])
+def test_contradictions_are_refused_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        build_plan(compose_cfg(*REAL, *overrides), H200X2)
+    assert err.value.key == key
