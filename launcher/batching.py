@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from launcher.errors import ConfigError
 
-VARLEN_ATTENTION = "varlen_flash"  # launcher/padding_free.py registers it with transformers
+VARLEN_ATTENTION = "packed_varlen"  # launcher/padding_free.py registers it (a name with "flash" in it would
+# send transformers looking for a flash-attn package)
 
 
 def _switch(cfg, key: str) -> bool | str:

@@ -107,6 +107,8 @@ CASES = {
     "sft": Case("launcher", "sft", overrides=("strategy=ddp",)),
     "peer-sft-bs4": Case("peer_sft", "sft", env={"BS": "4", "GC": "1"}),
     "peer-sft-bs32": Case("peer_sft", "sft", env={"BS": "32", "GC": "0"}),
+    # the defaults as they were before padding-free batches (padded, 32 pairs per micro-batch)
+    "defaults-padded": Case("launcher", overrides=("train.padding_free=false",)),
     # the realistic length mix (launcher/bench_assets.py): lengths from a few tokens to 5,000, data.max_length=2048.
     # The peer pads as TRL does, its batch the largest that fits a batch of rows at max_length without checkpointing
     # (DPO 10 pairs: 40,960 tokens, about 122 GiB by the peer's own 2.9 MiB per token; SFT 16 rows: 32,768 tokens)

@@ -11,7 +11,7 @@ take the padding out of the model's work only:
 
 Attention then has to stay within each sequence. transformers finds the boundaries from `position_ids`
 and builds a block-diagonal mask for SDPA and flex attention (what the CPU runs); on CUDA GPUs
-`varlen_flash` runs torch's own flash-attention kernel on the boundaries directly (no mask, no padding).
+`packed_varlen` runs torch's own flash-attention kernel on the boundaries directly (no mask, no padding).
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def unpad_forward(model) -> None:
     model.forward = forward
 
 
-def varlen_flash_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+def packed_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                            cu_seq_lens_q=None, max_length_q=None, **kwargs):
     """transformers attention function: torch's flash-attention kernel over packed sequences when the batch is
     one row of them (`cu_seq_lens_q` given), SDPA otherwise. Query [1, heads, tokens, dim] -> [1, tokens, heads, dim]."""
@@ -115,10 +115,10 @@ def _varlen_mask(*args, attention_mask=None, **kwargs):
 
 
 def register_varlen_attention() -> str:
-    """Make `attn_implementation="varlen_flash"` known to transformers; returns the name."""
+    """Make `attn_implementation="packed_varlen"` known to transformers; returns the name."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(VARLEN_ATTENTION, varlen_flash_attention)
+    AttentionInterface.register(VARLEN_ATTENTION, packed_varlen_attention)
     AttentionMaskInterface.register(VARLEN_ATTENTION, _varlen_mask)
     return VARLEN_ATTENTION

@@ -18,7 +18,7 @@ def planned_gib(plan) -> float:
 def test_on_gpus_dpo_runs_padding_free_filled_to_the_tokens_the_memory_plan_sized():
     plan = build_plan(compose_cfg(*REAL), H200X2)
     s = plan.settings
-    assert s["padding_free"] and s["attn_implementation"] == "varlen_flash" and not s["group_by_length"]
+    assert s["padding_free"] and s["attn_implementation"] == "packed_varlen" and not s["group_by_length"]
     assert "micro_batch: 8\n" in plan.files["config.yaml"]  # 8 pairs of 2 x 2048 tokens: the 32k-token cap
     assert s["token_budget"] == 8 * 2 * 2048
     assert s["metrics_sync"] == "log"  # ranks hold different numbers of pairs: TRL's per-step gathers cannot run

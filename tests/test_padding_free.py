@@ -95,8 +95,8 @@ def test_outputs_go_back_to_the_padded_layout():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch's flash-attention kernel)")
-def test_the_varlen_flash_kernel_matches_sdpa_on_padded_rows(tiny_dir):
-    """The GPU path: `varlen_flash` over one packed row against SDPA over the padded rows, forward and backward,
+def test_the_packed_varlen_kernel_matches_sdpa_on_padded_rows(tiny_dir):
+    """The GPU path: `packed_varlen` over one packed row against SDPA over the padded rows, forward and backward,
     with grouped key-value heads (the tiny model has 4 query heads and 2 key-value heads)."""
     from transformers import AutoModelForCausalLM
 
