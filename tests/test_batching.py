@@ -2,6 +2,7 @@
 from dataclasses import replace
 
 import pytest
+import yaml
 
 from conftest import CPU_NODE, GPU_NODE, compose_cfg
 from launcher.errors import ConfigError
@@ -78,3 +79,12 @@ def test_contradictions_are_refused_naming_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:
         build_plan(compose_cfg(*REAL, *overrides), H200X2)
     assert err.value.key == key
+
+
+def test_auto_stays_padded_under_strategies_where_padding_free_was_not_measured():
+    plan = build_plan(compose_cfg(*REAL, "strategy=zero3"), H200X2)
+    assert not plan.settings["padding_free"] and plan.settings["group_by_length"]
+    assert any("off under zero3, where it has not been measured" in d for d in plan.decisions)
+    forced = build_plan(compose_cfg(*REAL, "strategy=zero3", "train.padding_free=true"), H200X2).settings
+    assert forced["padding_free"] and forced["token_budget"] == 2 * 2048 * int(
+        yaml.safe_load(build_plan(compose_cfg(*REAL, "strategy=zero3"), H200X2).files["config.yaml"])["micro_batch"])

@@ -1,18 +1,13 @@
 """launcher.train end to end on the CPU: 2 processes under torchrun (gloo), real TRL/PEFT/Trainer runs."""
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-import yaml
 
-from conftest import GPU_NODE, compose_cfg, read_metrics, run_launcher, untrained_adapters
-from launcher import ROOT
-from launcher.machine import find_free_port
-from launcher.plan import build_plan
+from conftest import read_metrics, run_launcher, untrained_adapters, zero3_on_cpu
 
 pytestmark = pytest.mark.slow
 
@@ -116,46 +111,6 @@ def test_full_finetune_dpo_with_wandb_offline(tmp_path, tiny_dir):
     assert list(run.glob("wandb/offline-run-*")), "no offline wandb run in the run directory"
     assert "parameters: 631,936 trainable of 631,936 (100.00%)" in res.stdout  # every weight trains
     assert (run / "final" / "model.safetensors").exists() and not (run / "final" / "adapter_config.json").exists()
-
-
-# ZeRO-3 for real on DeepSpeed's CPU accelerator (gloo). The launcher refuses DeepSpeed on a CPU machine (it
-# is not for training there), so the test takes the plan it makes for GPUs and turns it to the CPU by hand.
-# DeepSpeed 0.19.8's leaf-module step (the whole-layer fetch) calls grad.record_stream, a CUDA allocator call
-# that CPU tensors refuse; on the CPU there is no stream to record, so the shim makes it a no-op.
-ZERO3_ON_CPU = """
-import sys, deepspeed, torch
-torch.Tensor.record_stream = lambda self, stream: None
-deepspeed.init_distributed(dist_backend="gloo")  # the Trainer, told use_cpu, does not start DeepSpeed's comm
-from launcher import train
-sys.exit(train.main(sys.argv[1]))
-"""
-
-
-def zero3_on_cpu(tmp_path, tiny_dir, *overrides):
-    """A run directory planned for ZeRO-3 on 2 GPUs, and a function that trains it on the CPU."""
-    run = tmp_path / "zero3"
-    run.mkdir()
-    plan = build_plan(compose_cfg("strategy=zero3", "gpus=2", "micro_batch=4", "save_steps=2", f"run_dir={run}",
-                                  f"model.cache_dir={tiny_dir.parent}", *overrides), GPU_NODE)
-    for name, text in plan.files.items():
-        (run / name).write_text(text)
-    ds = json.loads((run / "ds_config.json").read_text())
-    ds["bf16"]["enabled"] = ds["fp16"]["enabled"] = False
-    (run / "ds_config.json").write_text(json.dumps(ds))
-    (tmp_path / "zero3_on_cpu.py").write_text(ZERO3_ON_CPU)
-
-    def train(max_steps, **changes):
-        cfg = yaml.safe_load((run / "config.yaml").read_text())
-        cfg["plan"].update(device="cpu", dtype="float32", deepspeed_config=str(run / "ds_config.json"))
-        cfg["train"]["max_steps"] = max_steps
-        cfg.update(changes)
-        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_port", str(find_free_port()), str(tmp_path / "zero3_on_cpu.py"),
-                               str(run / "config.yaml")], capture_output=True, text=True, timeout=300, env=env)
-
-    return run, train
 
 
 def test_zero3_checkpoints_resumes_and_merges_on_deepspeeds_cpu_accelerator(tmp_path, tiny_dir):
