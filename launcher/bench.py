@@ -111,7 +111,7 @@ CASES = {
     "defaults-padded": Case("launcher", overrides=("train.padding_free=false",)),
     # the realistic length mix (launcher/bench_assets.py): lengths from a few tokens to 5,000, data.max_length=2048.
     # The peer pads as TRL does, its batch the largest that fits a batch of rows at max_length without checkpointing
-    # (DPO 10 pairs: 40,960 tokens, about 122 GiB by the peer's own 2.9 MiB per token; SFT 16 rows: 32,768 tokens)
+    # (DPO 8 pairs measured 107.2 GiB on an H200, 10 would take about 133; SFT 16 rows measured 123.5 GiB)
     "real-peer-bs10": Case("peer", env={"STRATEGY": "ddp", "BS": "10", "GC": "0", "MAXLEN": "2048"}, mix="realistic"),
     "real-peer-bs8": Case("peer", env={"STRATEGY": "ddp", "BS": "8", "GC": "0", "MAXLEN": "2048"}, mix="realistic"),
     "real-defaults": Case("launcher", mix="realistic"),  # padding-free, micro-batches filled to a token budget

@@ -97,11 +97,17 @@ def packed_varlen_attention(module, query, key, value, attention_mask, dropout=0
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError("packed_varlen attention has no logit softcapping (Gemma 2); give "
+                                  "model.attn_implementation=eager, or train.padding_free=false")
+    window = {}
+    if kwargs.get("sliding_window"):  # a sliding layer (Mistral, Gemma, Qwen2 with use_sliding_window)
+        window = dict(window_size_left=kwargs["sliding_window"] - 1, window_size_right=0)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, dim]
     cu = cu_seq_lens_q.to(torch.int32)
     out = torch.ops.aten._flash_attention_forward(
         q, k, v, cu, cu, int(max_length_q), int(max_length_q), dropout if module.training else 0.0, True, False,
-        scale=scaling)[0]
+        scale=scaling, **window)[0]
     return out.unsqueeze(0), None
 
 

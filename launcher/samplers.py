@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from transformers import TrainerCallback
 from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
 
 log = logging.getLogger("launcher")
@@ -33,13 +34,16 @@ def row_tokens(dataset, max_length: int) -> list[int]:
 
 class TokenBudgetSampler(BatchRebalanceSampler):
     """Micro-batches of whole rows up to `budget` tokens. Every rank shuffles the same way (seed + epoch), fills
-    micro-batches in that order and takes every `world`-th one, so the ranks agree without talking, and each
-    yields the same number of micro-batches (a last round short of one per rank is left out)."""
+    micro-batches in that order and takes every `world`-th one, so the ranks agree without talking. Every epoch
+    yields `len(self)` micro-batches per rank, as epoch 0 fills them: another shuffle fills a few more or fewer,
+    and the surplus is left out or the shortfall taken again from the epoch's start (as torch's
+    DistributedSampler pads), so that no rank waits for a step another never takes."""
 
     def __init__(self, lengths: list[int], budget: int, world: int, rank: int, seed: int):
         self.lengths, self.budget, self.world, self.rank, self.seed = lengths, budget, world, rank, seed
         self.epoch = 0
-        self.per_rank = len(self._micro_batches(0)) // world  # the epoch's length, as the Trainer counts steps
+        self.per_rank = max(1, len(self._micro_batches(0)) // world)  # the epoch's length, as the Trainer counts
+        self.rows_per_micro_batch = len(lengths) / (self.per_rank * world)  # on average
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -60,23 +64,58 @@ class TokenBudgetSampler(BatchRebalanceSampler):
         return batches
 
     def __iter__(self):
-        mine = self._micro_batches(self.epoch)[self.rank::self.world]
-        yield from mine[: self.per_rank]
+        batches, wanted = self._micro_batches(self.epoch), self.per_rank * self.world
+        while len(batches) < wanted:
+            batches += batches[: wanted - len(batches)]
+        yield from batches[self.rank:wanted:self.world]
 
     def __len__(self) -> int:
         return self.per_rank
+
+
+class SetEpochOnResume(TrainerCallback):
+    """On resume, accelerate wraps the batch sampler once more to skip the steps done, and the Trainer's
+    set_epoch no longer reaches it: the resumed epoch would replay epoch 0's order. Set it at each epoch's start."""
+
+    def __init__(self):
+        self.sampler = None
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.sampler is not None:
+            self.sampler.set_epoch(int(state.epoch or 0))
+
+
+def weigh_pairs_equally(trainer, sampler_box: SetEpochOnResume) -> None:
+    """TRL's DPO loss is the mean over a micro-batch's pairs, and the steps average micro-batches: where they hold
+    different numbers of pairs, a pair of a small (long-pair) micro-batch would weigh more than one of a large.
+    Scaled by its pairs over the mean pairs per micro-batch, each micro-batch's loss is the sum over its pairs
+    divided by a constant, so every pair weighs the same (as fairseq weighs its token-budget batches)."""
+    compute_loss = trainer.compute_loss
+
+    def loss_with_pairs_weighed_equally(model, inputs, *args, **kwargs):
+        out = compute_loss(model, inputs, *args, **kwargs)
+        if not trainer.model.training or sampler_box.sampler is None:
+            return out
+        scale = inputs["input_ids"].shape[0] / 2 / sampler_box.sampler.rows_per_micro_batch
+        return (out[0] * scale, *out[1:]) if isinstance(out, tuple) else out * scale
+
+    trainer.compute_loss = loss_with_pairs_weighed_equally
 
 
 def use_planned_sampler(trainer, plan: dict, max_length: int, seed: int) -> str | None:
     """Point the trainer at the sampler the plan asks for; returns what it did (None: transformers' own)."""
     args = trainer.args
     if plan["token_budget"]:
+        box = SetEpochOnResume()
+        trainer.add_callback(box)
+        weigh_pairs_equally(trainer, box)
+
         def sampler(dataset=None):
             lengths = row_tokens(dataset if dataset is not None else trainer.train_dataset, max_length)
-            s = TokenBudgetSampler(lengths, plan["token_budget"], args.world_size, args.process_index, seed)
+            s = box.sampler = TokenBudgetSampler(lengths, plan["token_budget"], args.world_size, args.process_index,
+                                                 seed)
             log.info("token budget %d: %d micro-batches per rank per epoch, %.1f rows and %.0f tokens each on average",
-                     plan["token_budget"], len(s), len(lengths) / max(len(s) * args.world_size, 1),
-                     sum(lengths) / max(len(s) * args.world_size, 1))
+                     plan["token_budget"], len(s), s.rows_per_micro_batch, sum(lengths) / (len(s) * args.world_size))
             return s
     elif plan["group_by_length"]:
         def sampler(dataset=None):

@@ -188,7 +188,7 @@ def main(config_path: str) -> int:
         for m in (trainer.model, trainer.ref_model):
             if m is not None:
                 padding_free.unpad_forward(m.get_base_model() if hasattr(m, "get_base_model") else m)
-    samplers.use_planned_sampler(trainer, plan, cfg["data"]["max_length"], cfg["seed"])
+    samplers.use_planned_sampler(trainer, plan, cfg["method"]["max_length"], cfg["seed"])
     metrics.count_computed_tokens(trainer.model)
     modeling.cast_trainable(trainer.model, plan["trainable_dtype"])
     if not plan["adapter_input_cast"]:

@@ -1,6 +1,8 @@
 """Which rows go into which micro-batch (launcher/samplers.py)."""
 import random
 
+import pytest
+
 from launcher.samplers import TokenBudgetSampler, row_tokens
 
 
@@ -16,6 +18,56 @@ def test_token_budget_micro_batches_hold_whole_rows_within_the_budget_and_the_ra
     sizes = [sum(lengths[i] for i in batch) for rank in batches for batch in rank]
     assert max(sizes) <= 8192 and sum(sizes) / len(sizes) > 0.8 * 8192  # filled, never over
     assert len({len(batch) for rank in batches for batch in rank}) > 3  # rows per micro-batch vary with length
+
+
+def test_every_epoch_gives_every_rank_the_steps_the_trainer_counted():
+    """Another shuffle fills a few more or fewer micro-batches than epoch 0: a rank with one step fewer would
+    leave the others waiting in their gradient all-reduce."""
+    rng = random.Random(0)
+    lengths = [rng.choice([30, 200, 900, 2500, 4000]) for _ in range(500)]
+    ranks = [TokenBudgetSampler(lengths, budget=8192, world=2, rank=r, seed=42) for r in (0, 1)]
+    filled = set()
+    for epoch in range(20):
+        for s in ranks:
+            s.set_epoch(epoch)
+        assert [len(list(s)) for s in ranks] == [len(ranks[0])] * 2, epoch
+        filled.add(len(ranks[0]._micro_batches(epoch)))
+    assert len(filled) > 1  # the shuffles did fill different numbers: the case this test is about
+
+
+def test_each_micro_batchs_loss_is_weighed_by_its_pairs(tiny_dir):
+    """Micro-batches of 1 and 3 pairs: scaled by pairs / mean pairs (2), their mean is the mean over the 4 pairs."""
+    import torch
+
+    from launcher.samplers import weigh_pairs_equally
+
+    per_pair = torch.tensor([0.9, 0.1, 0.2, 0.3])
+
+    class Trainer:  # the two attributes weigh_pairs_equally reads, around a loss of per-pair means
+        model = torch.nn.Linear(1, 1)
+
+        def compute_loss(self, model, inputs, return_outputs=False):
+            return per_pair[inputs["pairs"]].mean()
+
+    class Box:
+        sampler = type("S", (), {"rows_per_micro_batch": 2.0})()
+
+    trainer = Trainer()
+    weigh_pairs_equally(trainer, Box())
+    batches = [{"pairs": [0], "input_ids": torch.zeros(2, 5)}, {"pairs": [1, 2, 3], "input_ids": torch.zeros(6, 5)}]
+    mean_of_steps = sum(trainer.compute_loss(trainer.model, b) for b in batches) / 2
+    assert mean_of_steps.item() == pytest.approx(per_pair.mean().item())  # unweighted: (0.9 + 0.2) / 2 = 0.55
+    trainer.model.eval()
+    assert trainer.compute_loss(trainer.model, batches[0]).item() == pytest.approx(0.9)  # evaluation: as TRL
+
+
+def test_the_sampler_follows_the_epoch_on_resume():
+    from launcher.samplers import SetEpochOnResume
+
+    box = SetEpochOnResume()
+    box.sampler = TokenBudgetSampler([100] * 50, budget=1000, world=1, rank=0, seed=0)
+    box.on_epoch_begin(None, type("State", (), {"epoch": 2.4})(), None)  # resumed 40% into the third epoch
+    assert box.sampler.epoch == 2
 
 
 def test_each_epoch_shuffles_anew_and_the_same_way_on_every_run():
