@@ -68,7 +68,7 @@ def test_bench_runs_a_case_through_the_launcher_on_the_cpu(tmp_path):
     assert row["case"] == "ddp" and row["micro_batch"] == 4  # micro_batch=auto on the CPU
     assert row["step_s"] > 0 and abs(row["per_s_per_gpu"] - 4 / row["step_s"]) < 1e-6
     assert 0 <= row["train_metric"] <= 1  # DPO reward accuracy
-    assert "| ddp | ddp | none | 4 |" in (out / "bench.md").read_text()
+    assert "| ddp | uniform | ddp | none | 4 |" in (out / "bench.md").read_text()
     # logged every 5 steps: 1-5 warm up, 16-17 were profiled (in 16-20), so the median is of 6-10 and 11-15
     metrics = read_metrics(out / "runs" / "ddp")
     timed = {m["step"]: m["step_seconds"] for m in metrics if "step_seconds" in m}
