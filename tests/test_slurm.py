@@ -103,7 +103,8 @@ def slurm(tmp_path_factory):
     (d / "slurm.conf").write_text(SLURM_CONF.format(host=host, d=d, p1=free_port(), p2=free_port(),
                                                     cpus=os.cpu_count()))
     env = {**os.environ, "SLURM_CONF": str(d / "slurm.conf")}
-    if _run("munge", "-n", check=False).returncode != 0:
+    started_munged = _run("munge", "-n", check=False).returncode != 0
+    if started_munged:
         for sub in ("/run/munge", "/var/lib/munge", "/var/log/munge"):
             os.makedirs(sub, exist_ok=True)
         _run("munged", "--force")
@@ -117,6 +118,8 @@ def slurm(tmp_path_factory):
     for pidfile in ("slurmd.pid", "slurmctld.pid"):
         if (d / pidfile).exists():
             subprocess.run(["kill", (d / pidfile).read_text().strip()], check=False)
+    if started_munged:  # a munged that was running before the tests stays
+        subprocess.run(["pkill", "-x", "munged"], check=False)
 
 
 def job_field(env, job: str, field: str) -> str:
