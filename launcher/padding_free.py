@@ -88,6 +88,15 @@ def unpad_forward(model) -> None:
     model.forward = forward
 
 
+def unpad_preference_batches(trainer) -> None:
+    """DPO: TRL's batches flattened as they are collated, and its policy (and reference model, if any) run them
+    as one row of real tokens."""
+    trainer.data_collator = PreferenceBatchFlattener(trainer.data_collator)
+    for model in (trainer.model, trainer.ref_model):
+        if model is not None:
+            unpad_forward(model.get_base_model() if hasattr(model, "get_base_model") else model)
+
+
 def packed_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                            cu_seq_lens_q=None, max_length_q=None, **kwargs):
     """transformers attention function: torch's flash-attention kernel over packed sequences when the batch is

@@ -184,10 +184,7 @@ def main(config_path: str) -> int:
     trainer = build_trainer(cfg, args, model, tokenizer, train_ds, eval_ds, callbacks, local_rank)
     banner.trainer = trainer
     if plan["padding_free"] and cfg["method"]["name"] == "dpo":  # SFT: TRL's packing is padding-free already
-        trainer.data_collator = padding_free.PreferenceBatchFlattener(trainer.data_collator)
-        for m in (trainer.model, trainer.ref_model):
-            if m is not None:
-                padding_free.unpad_forward(m.get_base_model() if hasattr(m, "get_base_model") else m)
+        padding_free.unpad_preference_batches(trainer)
     samplers.use_planned_sampler(trainer, plan, cfg["method"]["max_length"], cfg["seed"])
     metrics.count_computed_tokens(trainer.model)
     modeling.cast_trainable(trainer.model, plan["trainable_dtype"])
