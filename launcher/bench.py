@@ -122,6 +122,8 @@ CASES = {
     "real-peer-sft-bs16": Case("peer_sft", "sft", env={"BS": "16", "GC": "0", "MAXLEN": "2048"}, mix="realistic"),
     "real-sft-defaults": Case("launcher", "sft", mix="realistic"),  # packed rows (padding-free)
     "real-sft-padded": Case("launcher", "sft", overrides=("method.packing=false",), mix="realistic"),
+    "real-sft-metrics-at-log": Case("launcher", "sft", overrides=("train.metrics_sync=log",), mix="realistic"),
+    "defaults-padded-metrics-at-log": Case("launcher", overrides=("train.padding_free=false", "train.metrics_sync=log")),
     # Qwen2.5-7B's shape, QLoRA, on two GPUs
     "7b-fsdp_qlora-4bit": Case("launcher", overrides=("strategy=fsdp_qlora", "quant=4bit"), preset="qwen2.5-7b-instruct"),
     "7b-zero3-4bit": Case("launcher", overrides=("strategy=zero3", "quant=4bit"), preset="qwen2.5-7b-instruct"),

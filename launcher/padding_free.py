@@ -88,13 +88,45 @@ def unpad_forward(model) -> None:
     model.forward = forward
 
 
+# A 4D mask is what transformers passes to the attention function as it is. Given with the boundaries, it stands
+# for "no mask": without it transformers searches `position_ids` for packed sequences at every forward, a read back
+# from the GPU that stalls the host (packed_varlen reads the boundaries itself and needs no mask).
+BOUNDARIES_ONLY = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+
+
+def attend_by_boundaries(model) -> None:
+    """Wrap `model.forward` where its attention is packed_varlen: a packed row that brings its sequence boundaries
+    (`cu_seq_lens_q`, from TRL's SFT packing or `flatten_preference_batch`) skips transformers' mask building."""
+    if getattr(model.config, "_attn_implementation", None) != VARLEN_ATTENTION:
+        return
+    original = model.forward
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        if kwargs.get("cu_seq_lens_q") is not None and kwargs.get("attention_mask") is None:
+            kwargs["attention_mask"] = BOUNDARIES_ONLY
+        return original(*args, **kwargs)
+
+    model.forward = forward
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def unpad_preference_batches(trainer) -> None:
     """DPO: TRL's batches flattened as they are collated, and its policy (and reference model, if any) run them
     as one row of real tokens."""
     trainer.data_collator = PreferenceBatchFlattener(trainer.data_collator)
     for model in (trainer.model, trainer.ref_model):
         if model is not None:
-            unpad_forward(model.get_base_model() if hasattr(model, "get_base_model") else model)
+            attend_by_boundaries(_base(model))
+            unpad_forward(_base(model))
+
+
+def packed_rows_attend_by_boundaries(trainer) -> None:
+    """SFT: TRL's packed rows carry their boundaries already."""
+    attend_by_boundaries(_base(trainer.model))
 
 
 def packed_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -102,6 +134,8 @@ def packed_varlen_attention(module, query, key, value, attention_mask, dropout=0
     """transformers attention function: torch's flash-attention kernel over packed sequences when the batch is
     one row of them (`cu_seq_lens_q` given), SDPA otherwise. Query [1, heads, tokens, dim] -> [1, tokens, heads, dim]."""
     if cu_seq_lens_q is None or query.size(0) != 1:
+        if attention_mask is BOUNDARIES_ONLY:
+            raise ValueError("packed_varlen: a batch marked as packed came without its sequence boundaries")
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

@@ -183,8 +183,10 @@ def main(config_path: str) -> int:
         modeling.keep_adapters_in_layer_units()
     trainer = build_trainer(cfg, args, model, tokenizer, train_ds, eval_ds, callbacks, local_rank)
     banner.trainer = trainer
-    if plan["padding_free"] and cfg["method"]["name"] == "dpo":  # SFT: TRL's packing is padding-free already
+    if plan["padding_free"] and cfg["method"]["name"] == "dpo":
         padding_free.unpad_preference_batches(trainer)
+    elif plan["padding_free"]:  # SFT: TRL's packing is padding-free already
+        padding_free.packed_rows_attend_by_boundaries(trainer)
     samplers.use_planned_sampler(trainer, plan, cfg["method"]["max_length"], cfg["seed"])
     metrics.count_computed_tokens(trainer.model)
     modeling.cast_trainable(trainer.model, plan["trainable_dtype"])

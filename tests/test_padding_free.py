@@ -128,6 +128,32 @@ def test_padding_free_under_zero3_trains_every_adapter_on_deepspeeds_cpu_acceler
     assert all(m.get("padding_share", 0) == 0 for m in read_metrics(run))
 
 
+def test_packed_rows_with_boundaries_skip_transformers_mask_building(tiny_dir):
+    """The GPU path's kernel reads the boundaries; transformers must not build a mask or search position_ids for
+    packed rows (a read back from the GPU at every forward). What it hands the attention function is checked
+    here on the CPU, with transformers' own mask code."""
+    from transformers import AutoModelForCausalLM
+    from transformers.masking_utils import create_causal_mask
+
+    padding_free.register_varlen_attention()
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", attn_implementation=padding_free.VARLEN_ATTENTION)
+    flat = padding_free.flatten_preference_batch({"attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])})
+    embeds = torch.zeros(1, 7, model.config.hidden_size)
+    kwargs = dict(config=model.config, inputs_embeds=embeds, past_key_values=None, position_ids=flat["position_ids"])
+    assert create_causal_mask(attention_mask=None, **kwargs) is None  # packed_varlen's own mask function: none
+    assert create_causal_mask(attention_mask=padding_free.BOUNDARIES_ONLY, **kwargs) is padding_free.BOUNDARIES_ONLY
+    seen = []
+    model.forward = lambda *a, **kw: seen.append(kw.get("attention_mask"))
+    padding_free.attend_by_boundaries(model)
+    model(input_ids=torch.zeros(1, 7, dtype=torch.long), cu_seq_lens_q=flat["cu_seq_lens_q"])
+    model(input_ids=torch.zeros(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 4))  # a padded batch: as given
+    assert seen[0] is padding_free.BOUNDARIES_ONLY and seen[1].shape == (2, 4)
+    sdpa = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", attn_implementation="sdpa")
+    forward = sdpa.forward
+    padding_free.attend_by_boundaries(sdpa)  # SDPA needs transformers' block mask: left alone
+    assert sdpa.forward == forward
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch's flash-attention kernel)")
 def test_the_packed_varlen_kernel_matches_sdpa_on_padded_rows(tiny_dir):
@@ -149,6 +175,7 @@ def test_the_packed_varlen_kernel_matches_sdpa_on_padded_rows(tiny_dir):
         if attention == "sdpa":
             out = model(input_ids=padded_ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
         else:
+            padding_free.attend_by_boundaries(model)  # as launcher.train does: no mask, no search for packed rows
             kwargs = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in flat.items() if k != "pf_index"}
             out = model(input_ids=padded_ids[mask.bool()].unsqueeze(0), use_cache=False, **kwargs).logits[0]
         out.float().pow(2).mean().backward()
