@@ -14,7 +14,7 @@ from launcher import ROOT, validate  # noqa: E402
 from launcher.config import register_resolvers, to_plain  # noqa: E402
 from launcher.errors import ConfigError  # noqa: E402
 from launcher.machine import detect_machine  # noqa: E402
-from launcher.plan import build_plan, with_liger  # noqa: E402
+from launcher.plan import build_plan, host_of, with_liger  # noqa: E402
 
 register_resolvers()
 
@@ -33,12 +33,14 @@ def memory_plan_text(cfg: dict, machine) -> str:
     except ValueError as err:
         raise ConfigError("model.shape", str(err)) from None
     cfg = with_liger(cfg, on_gpu=True, installed=machine.liger)  # as on a GPU of this machine
-    text = memory.table(cfg, shape, world, gpu_mem, cfg["micro_batch"])
+    host = host_of(cfg, machine, gpus)
+    text = memory.table(cfg, shape, world, gpu_mem, cfg["micro_batch"], host)
     text += f"\nLiger kernels: {'on' if cfg['train']['liger'] else 'off (train.liger=true if they will be installed)'}"
-    name, mb, why = memory.choose(cfg, shape, world, gpu_mem, cfg["micro_batch"], machine.deepspeed)
+    name, mb, why = memory.choose(cfg, shape, world, gpu_mem, cfg["micro_batch"], machine.deepspeed, host=host)
     if name:
         return f"{text}\nstrategy=auto would take {why}"
-    return f"{text}\nnothing fits; the smallest change that fits: {memory.smallest_change(cfg, shape, world, gpu_mem)}"
+    change = memory.smallest_change(cfg, shape, world, gpu_mem, host)
+    return f"{text}\nnothing fits; the smallest change that fits: {change}"
 
 
 @hydra.main(config_path=str(ROOT / "conf"), config_name="config", version_base="1.3")

@@ -27,108 +27,17 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
 from launcher import ROOT, memory
+from launcher.bench_cases import CASES, DEFAULT_CASES, MAX_LENGTH, Case  # noqa: F401  (the bench's API)
 
 WARMUP_STEPS = 5
 PEAK_BF16_FLOPS = 790e12  # dense bf16 matrix rate measured on the lent H100/H200s (an 8192^3 product)
 TIMEOUT_S = 300
-
-
-@dataclass(frozen=True)
-class Case:
-    kind: str  # launcher | peer (../shared/peer/dpo_trl.py) | peer_sft (bench/peer_sft_trl.py)
-    method: str = "dpo"
-    overrides: tuple[str, ...] = ()  # launcher cases: command-line overrides on top of the defaults
-    env: dict = field(default_factory=dict)  # peer cases: the peer script's settings
-    preset: str = "qwen2.5-1.5b-instruct"
-    peer_config: str = "acc_ddp.yaml"
-    mix: str = "uniform"  # the rows' lengths (launcher/bench_assets.py): uniform (the peer's job) or realistic
-
-
-# data.max_length per mix: no uniform row is cut (the longest sequence is 351 tokens); 1.4% of the realistic ones are
-MAX_LENGTH = {"uniform": 384, "realistic": 2048}
-
-
-CASES = {
-    "defaults": Case("launcher"),  # what a user gets without choosing anything (strategy=auto)
-    # the same run timed by the peer's clock (train.step_clock): single steps, GPU synced at start and end
-    "defaults-clocked": Case("launcher", overrides=("train.step_clock=true",)),
-    "peer-ddp-bs32": Case("peer", env={"STRATEGY": "ddp", "BS": "32", "GC": "0"}),  # the peer, hand-tuned
-    "peer-ddp-bs4": Case("peer", env={"STRATEGY": "ddp", "BS": "4", "GC": "1"}),  # the tutorials' defaults
-    "ddp": Case("launcher", overrides=("strategy=ddp",)),
-    "zero2": Case("launcher", overrides=("strategy=zero2",)),
-    "zero3": Case("launcher", overrides=("strategy=zero3",)),
-    "zero3_offload": Case("launcher", overrides=("strategy=zero3_offload",)),
-    "ddp-4bit": Case("launcher", overrides=("strategy=ddp", "quant=4bit")),
-    "fsdp_qlora-4bit": Case("launcher", overrides=("strategy=fsdp_qlora", "quant=4bit")),
-    # levers, each measured against "ddp"
-    "ddp-no-liger": Case("launcher", overrides=("strategy=ddp", "train.liger=false")),
-    # twice the defaults' micro-batch; on an H200 it fits without checkpointing since the adapters take bf16 inputs
-    "ddp-mb64": Case("launcher", overrides=("strategy=ddp", "micro_batch=64")),
-    "ddp-mb4-ckpt": Case("launcher", overrides=("strategy=ddp", "micro_batch=4", "train.gradient_checkpointing=true",
-                                                "train.liger=false")),  # the launcher at the old defaults
-    # levers for the sharded strategies, which trail zero2 (docs/benchmarks.md)
-    "zero3-per-module": Case("launcher", overrides=("strategy=zero3", "strategy.fetch_whole_layers=false")),
-    "zero3-prefetch": Case("launcher", overrides=(  # four times the shipped prefetch bucket: 2e8 parameters
-        "strategy=zero3", "+strategy.deepspeed.zero_optimization.stage3_prefetch_bucket_size=200000000")),
-    "fsdp_qlora": Case("launcher", overrides=("strategy=fsdp_qlora",)),  # FSDP over bf16 weights: no dequantizing
-    "fsdp_qlora-4bit-grad-op": Case("launcher", overrides=(  # weights stay gathered from forward to backward
-        "strategy=fsdp_qlora", "quant=4bit", "+strategy.fsdp.fsdp_sharding_strategy=SHARD_GRAD_OP")),
-    # each decoder layer one FSDP unit with its adapters inside, not PEFT's unit per LoRA matrix (392 here)
-    "fsdp_qlora-layer-units": Case("launcher", overrides=(
-        "strategy=fsdp_qlora", "strategy.adapters_in_layer_units=true")),
-    "fsdp_qlora-4bit-layer-units": Case("launcher", overrides=(
-        "strategy=fsdp_qlora", "quant=4bit", "strategy.adapters_in_layer_units=true")),
-    "fsdp_qlora-4bit-prefetch": Case("launcher", overrides=(
-        "strategy=fsdp_qlora", "quant=4bit", "+strategy.fsdp.fsdp_forward_prefetch=true")),
-    # 64 pairs (49k tokens) without checkpointing, as micro_batch=auto gives zero3 and fsdp_qlora: +2% for zero2
-    "zero2-mb64": Case("launcher", overrides=("strategy=zero2", "micro_batch=64", "train.gradient_checkpointing=false")),
-    # PEFT's own LoRA forward: the scaling and the sum as passes of their own over each layer's output
-    "zero2-unfused": Case("launcher", overrides=("strategy=zero2", "train.fuse_lora_sum=false")),
-    "ddp-unfused": Case("launcher", overrides=("strategy=ddp", "train.fuse_lora_sum=false")),
-    # the per-step host work as the libraries do it (launcher/host_work.py)
-    "ddp-untrimmed": Case("launcher", overrides=("strategy=ddp", "train.trim_host_work=false")),
-    # TRL's metrics gathered once per log, not at every step (launcher/step_metrics.py); measured on 2+ GPUs only
-    "ddp-metrics-at-log": Case("launcher", overrides=("strategy=ddp", "train.metrics_sync=log")),
-    "sft-metrics-at-log": Case("launcher", "sft", overrides=("train.metrics_sync=log",)),
-    # batches collated by the rank between steps, not by the 2 worker processes of the defaults on GPUs
-    "ddp-workers0": Case("launcher", overrides=("strategy=ddp", "train.dataloader_workers=0")),
-    # a user's choice, not a default (it changes the training): what LoRA's dropout costs, a pass over each
-    # adapter's input and a saved copy of it (the profiled defaults' generic elementwise kernels, dropout's
-    # among them, took 28 of the step's 464 GPU ms)
-    "ddp-no-dropout": Case("launcher", overrides=("strategy=ddp", "lora.dropout=0")),
-    # SFT on the same model and rows (prompt + chosen answer)
-    "sft-defaults": Case("launcher", "sft"),
-    "sft": Case("launcher", "sft", overrides=("strategy=ddp",)),
-    "peer-sft-bs4": Case("peer_sft", "sft", env={"BS": "4", "GC": "1"}),
-    "peer-sft-bs32": Case("peer_sft", "sft", env={"BS": "32", "GC": "0"}),
-    # the defaults as they were before padding-free batches (padded, 32 pairs per micro-batch)
-    "defaults-padded": Case("launcher", overrides=("train.padding_free=false",)),
-    # the realistic length mix (launcher/bench_assets.py): lengths from a few tokens to 5,000, data.max_length=2048.
-    # The peer pads as TRL does, its batch the largest that fits a batch of rows at max_length without checkpointing
-    # (DPO 8 pairs measured 107.2 GiB on an H200, 10 would take about 133; SFT 16 rows measured 123.5 GiB)
-    "real-peer-bs10": Case("peer", env={"STRATEGY": "ddp", "BS": "10", "GC": "0", "MAXLEN": "2048"}, mix="realistic"),
-    "real-peer-bs8": Case("peer", env={"STRATEGY": "ddp", "BS": "8", "GC": "0", "MAXLEN": "2048"}, mix="realistic"),
-    "real-defaults": Case("launcher", mix="realistic"),  # padding-free, micro-batches filled to a token budget
-    "real-padded": Case("launcher", overrides=("train.padding_free=false",), mix="realistic"),  # grouped by length
-    "real-padded-random": Case("launcher", overrides=("train.padding_free=false", "train.group_by_length=false"),
-                               mix="realistic"),
-    "real-rows": Case("launcher", overrides=("micro_batch_tokens=null",), mix="realistic"),  # padding-free, 8 pairs
-    "real-peer-sft-bs16": Case("peer_sft", "sft", env={"BS": "16", "GC": "0", "MAXLEN": "2048"}, mix="realistic"),
-    "real-sft-defaults": Case("launcher", "sft", mix="realistic"),  # packed rows (padding-free)
-    "real-sft-padded": Case("launcher", "sft", overrides=("method.packing=false",), mix="realistic"),
-    "real-sft-metrics-at-log": Case("launcher", "sft", overrides=("train.metrics_sync=log",), mix="realistic"),
-    "defaults-padded-metrics-at-log": Case("launcher", overrides=("train.padding_free=false", "train.metrics_sync=log")),
-    # Qwen2.5-7B's shape, QLoRA, on two GPUs
-    "7b-fsdp_qlora-4bit": Case("launcher", overrides=("strategy=fsdp_qlora", "quant=4bit"), preset="qwen2.5-7b-instruct"),
-    "7b-zero3-4bit": Case("launcher", overrides=("strategy=zero3", "quant=4bit"), preset="qwen2.5-7b-instruct"),
-}
-DEFAULT_CASES = ("peer-ddp-bs32", "defaults", "ddp", "zero2", "zero3", "ddp-4bit", "fsdp_qlora-4bit", "zero3_offload")
 
 
 def flops_per_token(n_params: float, method: str, lora: bool, precomputed_ref: bool) -> float:
@@ -149,7 +58,9 @@ def launcher_argv(name: str, case: Case, assets: Path, out: Path, gpus: int, ste
             f"model.tokenizer={assets}/tokenizer", f"method={case.method}", *data,
             f"data.max_length={MAX_LENGTH[case.mix]}",
             "data.conversational=false",  # the peer's rows are plain strings: no chat template, the same tokens
-            f"gpus={gpus}" if gpus else "cpu_procs=2", f"train.max_steps={steps}", "save_steps=100000",
+            f"gpus={gpus}" if gpus else "cpu_procs=2", f"train.max_steps={steps}",
+            # a case that resumes saves at its last step; the others never
+            f"save_steps={steps if case.resume_to else 100000}",
             f"run_dir={out}/runs/{name}", "overwrite=true", *case.overrides,
             *([f"train.profile_steps=[{profile_steps}]"] if profile_steps else [])]
 
@@ -201,6 +112,7 @@ def read_launcher_run(run: Path, case: Case, n_params: float, tokens_per_row: fl
     if summary.exists():
         s = json.loads(summary.read_text())
         res["eval_metric"] = s.get("eval_rewards/accuracies", s.get("eval_loss"))
+        res["load_s"] = s.get("load_seconds")
     return res
 
 
@@ -259,9 +171,11 @@ def run_case(name: str, case: Case, args) -> dict:
 
     if args.preset:
         case = replace(case, preset=args.preset)
-    assets = Path(args.assets) / (case.preset if case.mix == "uniform" else f"{case.preset}-{case.mix}")
+    assets = Path(args.assets) / "-".join([case.preset] + [x for x in (case.mix, case.weights)
+                                                           if x not in ("uniform", "bf16")])
     if not (assets / "DONE").exists():  # in a child process, so that no GPU memory stays held here
-        subprocess.run([sys.executable, "-m", "launcher.bench_assets", str(assets), case.preset, case.mix], check=True)
+        subprocess.run([sys.executable, "-m", "launcher.bench_assets", str(assets), case.preset, case.mix, "-",
+                        case.weights], check=True)
     shape = yaml.safe_load((ROOT / "conf" / "model" / f"{case.preset}.yaml").read_text())["shape"]
     n_params = memory.Shape.from_config(shape).total_params()
     out = Path(args.out)
@@ -272,14 +186,10 @@ def run_case(name: str, case: Case, args) -> dict:
         env = dict(os.environ, ASSETS=str(assets), STEPS=str(args.steps), **case.env)
     rows = sequence_lengths(assets, case.method, MAX_LENGTH[case.mix])
     started = time.time()
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=args.timeout, env=env)
-        text, code = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        text, code = f"{exc.stdout or ''}{exc.stderr or ''}\nTIMEOUT after {args.timeout} s", -1
-    (out / f"{name}.log").write_text(text if isinstance(text, str) else text.decode(errors="replace"))
+    with HostMemory() as host:
+        text, code = run_logged(argv, env, args.timeout, out / f"{name}.log")
     res = dict(case=name, method=case.method, preset=case.preset, mix=case.mix, wall_s=round(time.time() - started, 1),
-               rc=code)
+               rc=code, host_gib=host.peak_gib)
     try:
         if case.kind == "launcher":
             res.update(read_launcher_run(out / "runs" / name, case, n_params, statistics.mean(map(sum, rows))))
@@ -287,16 +197,68 @@ def run_case(name: str, case: Case, args) -> dict:
             res.update(read_peer_output(text, case, rows, n_params))
     except Exception as exc:  # a failed case is a row that says so; the others still run
         res["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    if case.resume_to and code == 0:  # after the row is read: the resumed steps land in the same run directory
+        resumed = [a for a in argv if a != "overwrite=true" and not a.startswith("train.max_steps=")]
+        resumed += [f"train.max_steps={case.resume_to}", "resume=auto"]
+        again, _ = run_logged(resumed, env, args.timeout, out / f"{name}-resumed.log")
+        res["resumed"] = resume_result(out / "runs" / name, again, args.steps, case.resume_to)
     return res
+
+
+def run_logged(argv: list[str], env: dict, timeout: int, log: Path) -> tuple[str, int]:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+        text, code = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        text, code = f"{exc.stdout or ''}{exc.stderr or ''}\nTIMEOUT after {timeout} s", -1
+    text = text if isinstance(text, str) else text.decode(errors="replace")
+    log.write_text(text)
+    return text, code
+
+
+def resume_result(run: Path, text: str, saved_at: int, wanted: int) -> str:
+    """'20->25': the resumed run started from the checkpoint of step `saved_at` and ended at `wanted`."""
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+    came_from = f"checkpoint-{saved_at}" in text
+    ended = summary.get("global_step")
+    return f"{saved_at}->{ended}" if came_from and ended == wanted else f"FAILED ({saved_at}->{ended})"
+
+
+class HostMemory:
+    """The host's memory in use (MemTotal - MemAvailable: processes and pinned memory, not the page cache),
+    sampled twice a second while a case runs; peak_gib: its highest value above what was in use before."""
+
+    def __enter__(self):
+        import threading
+
+        self.base, self.peak, self.stop = self.used(), 0.0, threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self):
+        while not self.stop.wait(0.5):
+            self.peak = max(self.peak, self.used() - self.base)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.peak_gib = round(self.peak / 2**30, 1)
+
+    @staticmethod
+    def used() -> float:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        return (int(info["MemTotal"].split()[0]) - int(info["MemAvailable"].split()[0])) * 1024
 
 
 COLUMNS = [("case", "{}"), ("mix", "{}"), ("strategy", "{}"), ("quant", "{}"), ("micro_batch", "{}"),
            ("checkpointing", "{}"), ("liger", "{}"), ("clock", "{}"), ("step_s", "{:.3f}"), ("per_s_per_gpu", "{:.1f}"),
            ("tokens_per_s_per_gpu", "{:.0f}"), ("padding", "{:.0%}"), ("mfu", "{:.1%}"), ("peak_gib", "{:.1f}"),
-           ("plan_gib", "{:.1f}"), ("train_metric", "{:.3f}"), ("eval_metric", "{:.3f}"), ("wall_s", "{:.0f}")]
+           ("plan_gib", "{:.1f}"), ("train_metric", "{:.3f}"), ("eval_metric", "{:.3f}"), ("load_s", "{:.0f}"),
+           ("host_gib", "{:.1f}"), ("resumed", "{}"), ("wall_s", "{:.0f}")]
 HEADERS = ["case", "mix", "strategy", "quant", "mb", "ckpt", "liger", "clock", "s/step", "pairs|seqs/s/GPU",
            "real tokens/s/GPU", "padding", "MFU", "peak GiB/GPU", "plan GiB", "train acc|loss", "eval acc|loss",
-           "wall s"]
+           "load s", "host GiB", "resumed", "wall s"]
 
 
 def table(results: list[dict]) -> str:

@@ -9,7 +9,10 @@ Two length mixes:
   100 tokens and answers of 300, chosen and rejected drawn apart, from 1 to 6000 tokens
   (docs/benchmarks.md says what they are modelled on).
 
-    python -m launcher.bench_assets OUT qwen2.5-1.5b-instruct [uniform|realistic] [rows]
+The model is written a layer at a time by launcher/random_checkpoint.py, in bf16 or (`weights=nf4`)
+pre-quantized to 4 bits: Llama-3.1-70B's shape takes 40 GB that way.
+
+    python -m launcher.bench_assets OUT qwen2.5-1.5b-instruct [uniform|realistic] [rows] [bf16|nf4]
 """
 import json
 import math
@@ -17,12 +20,11 @@ import random
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
-from launcher import ROOT
+from launcher import ROOT, random_checkpoint
 from launcher.tiny import CHAT_TEMPLATE, SPECIAL
 
 # (median tokens, sigma of the log) of the realistic mix; the cap keeps a rare draw from dominating the file
@@ -43,7 +45,7 @@ def lengths(mix: str, rng: random.Random) -> tuple[int, int, int]:
     return draw(*REALISTIC_PROMPT), draw(*REALISTIC_ANSWER), draw(*REALISTIC_ANSWER)
 
 
-def build(out: str, preset: str, mix: str = "uniform", rows: int | None = None) -> None:
+def build(out: str, preset: str, mix: str = "uniform", rows: int | None = None, weights: str = "bf16") -> None:
     out_dir = Path(out)
     if (out_dir / "DONE").exists():
         return
@@ -60,10 +62,8 @@ def build(out: str, preset: str, mix: str = "uniform", rows: int | None = None) 
                                    unk_token="<unk>")
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out_dir / "tokenizer")  # its own folder (transformers 5 reads a model's folder by type)
-    cfg = AutoConfig.for_model("qwen2", **{"max_position_embeddings": 4096, "rope_theta": 1e6, **shape})
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model.save_pretrained(out_dir / "model")
+    config = random_checkpoint.model_config(shape, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+    took = random_checkpoint.write(config, out_dir / "model", quant="4bit" if weights == "nf4" else "none")
     rng = random.Random(0)
     good, bad = words[:len(words) // 2], words[len(words) // 2:]
     with open(out_dir / "pref.jsonl", "w") as pref, open(out_dir / "sft.jsonl", "w") as sft:
@@ -74,9 +74,11 @@ def build(out: str, preset: str, mix: str = "uniform", rows: int | None = None) 
             rejected = " ".join(rng.choice(bad) for _ in range(n_rejected))
             pref.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
             sft.write(json.dumps({"prompt": prompt, "completion": chosen}) + "\n")
-    (out_dir / "DONE").write_text(f"{preset} {mix} {rows}\n")
-    print(f"assets in {out_dir}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, {rows} rows ({mix})")
+    (out_dir / "DONE").write_text(f"{preset} {mix} {rows} {weights}\n")
+    print(f"assets in {out_dir}: {preset} ({weights}, {took['bytes'] / 2**30:.1f} GiB written in {took['seconds']} s, "
+          f"host memory peak {took['host_peak_gib']} GiB), {rows} rows ({mix})", flush=True)
 
 
 if __name__ == "__main__":
-    build(sys.argv[1], sys.argv[2], *sys.argv[3:4], *map(int, sys.argv[4:5]))
+    a = sys.argv[1:] + [None] * 5  # out, preset, mix, rows ("-": the mix's own), weights
+    build(a[0], a[1], a[2] or "uniform", int(a[3]) if a[3] not in (None, "-") else None, a[4] or "bf16")

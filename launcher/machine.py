@@ -24,6 +24,7 @@ class Machine:
     busy_ports: frozenset = frozenset()  # of the ports asked about, those something here already listens on
     liger: bool = False  # liger-kernel is installed (found, not imported: it pulls in triton)
     deepspeed: bool = True  # deepspeed is installed (strategy=auto only picks ZeRO where it is)
+    host_mem_gib: float | None = None  # this host's RAM (MemTotal)
 
 
 def _query_nvidia_smi() -> list[tuple[str, str, float, float]]:
@@ -67,6 +68,17 @@ def port_in_use(port: int) -> bool:
     return False
 
 
+def host_memory_gib(meminfo: str = "/proc/meminfo") -> float | None:
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return None
+
+
 def detect_machine(ports=()) -> Machine:
     rows = _visible(_query_nvidia_smi(), os.environ.get("CUDA_VISIBLE_DEVICES"))
     return Machine(
@@ -79,4 +91,5 @@ def detect_machine(ports=()) -> Machine:
         busy_ports=frozenset(p for p in ports if isinstance(p, int) and 0 < p < 65536 and port_in_use(p)),
         liger=importlib.util.find_spec("liger_kernel") is not None,
         deepspeed=importlib.util.find_spec("deepspeed") is not None,
+        host_mem_gib=host_memory_gib(),
     )

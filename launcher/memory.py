@@ -35,6 +35,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher import host_memory
+from launcher.host_memory import Host
 from launcher.strategies import STRATEGIES as RULES  # what each strategy shards, and where DeepSpeed runs
 
 GIB = 2**30
@@ -222,6 +224,24 @@ def job_estimate(cfg: dict, shape: Shape, strategy: str, world: int, micro_batch
     return estimate(shape, strategy=strategy, **args)
 
 
+def host_estimate(cfg: dict, shape: Shape, strategy: str, world: int, procs_per_node: int,
+                  bits: int | None | str = "cfg") -> host_memory.HostEstimate:
+    """launcher/host_memory.py's estimate for this config on one host running procs_per_node ranks."""
+    bits = cfg["quant"]["bits"] if bits == "cfg" else bits
+    lora = cfg["lora"]["r"] is not None
+    trainable = shape.lora_params(cfg["lora"]["r"], cfg["lora"].get("target_modules")) if lora else shape.total_params()
+    return host_memory.estimate(shape.total_params(), trainable, strategy=strategy, bits=bits, world=world,
+                                procs_per_node=min(procs_per_node, world),
+                                reference_copy=cfg["method"]["name"] == "dpo" and not lora)
+
+
+def host_fits(cfg, shape, strategy, world, host: Host | None, **changes) -> bool:
+    if host is None or host.mem_gib is None:
+        return True
+    return host_memory.fits(host_estimate(cfg, shape, strategy, world, host.procs_per_node,
+                                          bits=changes.get("bits", "cfg")), host)
+
+
 def at_cap(cfg, micro_batch: int, strategy: str) -> bool:
     """micro_batch=auto goes no further than this micro-batch, whatever the memory."""
     doubled = tokens_per_micro_batch(micro_batch * 2, cfg["method"]["name"], cfg["data"]["max_length"])
@@ -275,20 +295,22 @@ def candidates(cfg, deepspeed: bool = True, deepspeed_only: bool = False) -> lis
 
 
 def choose(cfg, shape, world, gpu_mem_gib, micro_batch, deepspeed: bool = True,
-           deepspeed_only: bool = False) -> tuple[str | None, int, str]:
-    """(strategy, micro_batch, why): the fastest strategy that fits (micro_batch: an int, or 'auto')."""
+           deepspeed_only: bool = False, host: Host | None = None) -> tuple[str | None, int, str]:
+    """(strategy, micro_batch, why): the fastest strategy that fits the GPUs and the host (micro_batch: an int,
+    or 'auto')."""
     for strategy in sorted(candidates(cfg, deepspeed, deepspeed_only), key=lambda s: -RELATIVE_SPEED[s]):
         _, mb, est = sized(cfg, shape, strategy, world, gpu_mem_gib, micro_batch)
-        if mb and fits(est, gpu_mem_gib):
+        if mb and fits(est, gpu_mem_gib) and host_fits(cfg, shape, strategy, world, host):
             return strategy, mb, (f"{strategy}: the fastest that fits ({est.total:.1f} GiB of {gpu_mem_gib:.0f} GiB "
                                   f"per GPU at micro_batch={mb}; relative speed {RELATIVE_SPEED[strategy]})")
     return None, 0, ""
 
 
-def smallest_change(cfg, shape, world, gpu_mem_gib) -> str:
-    """What would make the job fit, tried from the least to the most intrusive change."""
+def smallest_change(cfg, shape, world, gpu_mem_gib, host: Host | None = None) -> str:
+    """What would make the job fit, tried from the least to the most intrusive change; the host's memory
+    last, as it is another machine."""
     bits, mb = cfg["quant"]["bits"], cfg["micro_batch"] if cfg["micro_batch"] != "auto" else 1
-    tries = []
+    tries = [("", {}, world)]  # as it is: the GPUs may be enough, the host not
     if not cfg["train"]["gradient_checkpointing"]:
         tries.append(("train.gradient_checkpointing=true", dict(gradient_checkpointing=True), world))
     if bits != 4 and cfg["lora"]["r"] is not None:
@@ -297,29 +319,49 @@ def smallest_change(cfg, shape, world, gpu_mem_gib) -> str:
                   world))
     tries.append((f"gpus={world * 2} (twice the GPUs)", {}, world * 2))
     tries.append((f"gpus={world * 4}", {}, world * 4))
+    short_host = None  # (change, strategy, GiB it needs) of the first that fits the GPUs but not the host
     for change, kwargs, w in tries:
+        # more GPUs: on this host while it has room for them (host.procs_per_node grows with them)
+        here = host and Host(host.mem_gib, host.procs_per_node * w // world)
         for strategy in candidates(cfg) if "bits" not in kwargs else STRATEGIES:
             if supported(strategy, kwargs.get("bits", bits), cfg["lora"]["r"]) and fits(
                     job_estimate(cfg, shape, strategy, w, mb, **kwargs), gpu_mem_gib):
-                return f"{change} (then {strategy} fits)"
+                if host_fits(cfg, shape, strategy, w, here, **kwargs):
+                    if change:  # (as it is, it fits: not this function's question)
+                        return f"{change} (then {strategy} fits)"
+                    continue
+                if short_host is None:
+                    est = host_estimate(cfg, shape, strategy, w, here.procs_per_node, bits=kwargs.get("bits", "cfg"))
+                    short_host = change, strategy, host_memory.needed_gib(est)
+    if short_host:
+        change, strategy, need = short_host
+        return (f"{change + ' and ' if change else ''}a host with {need} GiB of memory or more (this one has "
+                f"{host.mem_gib:.0f} GiB; host_mem_gib=N plans for another), then {strategy} fits")
     return "a GPU with more memory: even twice the GPUs, 4-bit and half the length do not fit"
 
 
-def table(cfg, shape, world, gpu_mem_gib, micro_batch) -> str:
-    """Every strategy's predicted peak per GPU, for `python -m launcher plan`."""
+def table(cfg, shape, world, gpu_mem_gib, micro_batch, host: Host | None = None) -> str:
+    """Every strategy's predicted peak per GPU and on the host, for `python -m launcher plan`."""
     rows = [f"model {cfg['model']['name']}: {shape.total_params() / 1e9:.2f}B parameters, quant "
             f"{cfg['quant']['name']}, lora {cfg['lora']['name']}, method {cfg['method']['name']}, "
             f"max_length {cfg['data']['max_length']}, {world} GPU(s) of {gpu_mem_gib:.0f} GiB",
             f"{'strategy':<14}{'mb':>4}{'ckpt':>5}{'weights':>9}{'grads':>7}{'optim':>7}{'activ':>8}{'ref':>6}"
-            f"{'total':>8}  fits   speed (vs ddp)"]
+            f"{'total':>8}{'host':>7}  fits       speed (vs ddp)"]
     for strategy in STRATEGIES:
         if not supported(strategy, cfg["quant"]["bits"], cfg["lora"]["r"]):
             rows.append(f"{strategy:<14}  -- not with quant={cfg['quant']['name']} lora={cfg['lora']['name']}")
             continue
         gc, mb, e = sized(cfg, shape, strategy, world, gpu_mem_gib, micro_batch)
+        on_host = host_estimate(cfg, shape, strategy, world, host.procs_per_node if host else world)
+        verdict = "yes" if mb and fits(e, gpu_mem_gib) else "NO "
+        if verdict == "yes" and not host_memory.fits(on_host, host):
+            verdict = "NO (host)"
         rows.append(f"{strategy:<14}{max(mb, 1):>4}{'on' if gc else 'off':>5}{e.weights:>9.2f}{e.gradients:>7.2f}"
-                    f"{e.optimizer:>7.2f}{e.activations:>8.2f}{e.reference:>6.2f}{e.total:>8.2f}  "
-                    f"{'yes' if mb and fits(e, gpu_mem_gib) else 'NO ':<5}  {RELATIVE_SPEED[strategy]:.2f}")
-    rows.append(f"GiB per GPU; ckpt: gradient checkpointing; fits: under {SAFETY:.0%} of (GPU memory - "
-                f"{CONTEXT_GIB:.0f} GiB CUDA context)")
+                    f"{e.optimizer:>7.2f}{e.activations:>8.2f}{e.reference:>6.2f}{e.total:>8.2f}{on_host.total:>7.1f}"
+                    f"  {verdict:<9}  {RELATIVE_SPEED[strategy]:.2f}")
+    known = host is not None and host.mem_gib is not None
+    rows.append(f"GiB per GPU; ckpt: gradient checkpointing; host: GiB of RAM on each host "
+                f"({'of ' + format(host.mem_gib, '.0f') if known else 'not checked: its memory is unknown'}); fits: under "
+                f"{SAFETY:.0%} of (GPU memory - {CONTEXT_GIB:.0f} GiB CUDA context) and {host_memory.SAFETY:.0%} of the "
+                "host's memory")
     return "\n".join(rows)

@@ -6,11 +6,13 @@ them out and logs what it did.
 from __future__ import annotations
 
 import logging
+import resource
+import time
 from pathlib import Path
 
 import torch
 
-from launcher import padding_free
+from launcher import padding_free, validate
 
 log = logging.getLogger("launcher")
 
@@ -57,13 +59,18 @@ def load_model(cfg: dict, local_rank: int):
     kwargs = dict(dtype=getattr(torch, plan["dtype"]), trust_remote_code=model_cfg["trust_remote_code"],
                   attn_implementation=attention)
     quant = quantization_config(cfg)
-    if quant is not None:
+    if quant is not None and not validate.prequantized(plan["model_path"]):  # else its own, as it was saved
         kwargs["quantization_config"] = quant
     if plan["device_map"] == "local_rank":
         kwargs["device_map"] = {"": local_rank}
     log.info("loading %s: dtype=%s quant=%s device_map=%s", plan["model_path"], plan["dtype"],
              cfg["quant"]["name"], kwargs.get("device_map"))
+    started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(plan["model_path"], **kwargs)
+    model.load_seconds = round(time.perf_counter() - started, 1)
+    model.host_peak_gib = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1)  # kB on Linux
+    log.info("loaded in %.1f s; this process's host memory peak so far %.1f GiB", model.load_seconds,
+             model.host_peak_gib)
     model.config.use_cache = False  # the cache only matters for generation, and it breaks checkpointing
     if quant is not None and plan["kbit_prepare"]:
         from peft import prepare_model_for_kbit_training

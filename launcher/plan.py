@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass, field
 
 import yaml
 
-from launcher import memory, slurm, validate
+from launcher import host_memory, memory, slurm, validate
 from launcher.batching import decide_batching
 from launcher.errors import ConfigError
+from launcher.host_memory import Host
 from launcher.machine import Machine
 from launcher.render import render_accelerate_config, render_command, render_command_script, render_deepspeed_config
 from launcher.strategies import decide, resolve_backend, resolve_strategy
@@ -116,12 +117,18 @@ def with_liger(cfg: dict, on_gpu: bool, installed: bool) -> dict:
     return dict(cfg, train=dict(cfg["train"], liger=on_gpu and installed))
 
 
-def size_the_job(cfg: dict, machine: Machine, world: int, on_gpu: bool, decisions: list[str]) -> dict:
+def host_of(cfg: dict, machine: Machine, procs_per_node: int) -> Host:
+    return Host(cfg.get("host_mem_gib") or machine.host_mem_gib, procs_per_node)
+
+
+def size_the_job(cfg: dict, machine: Machine, world: int, on_gpu: bool, decisions: list[str],
+                 procs_per_node: int | None = None) -> dict:
     """strategy=auto, micro_batch=auto and train.gradient_checkpointing=auto from the memory plan
-    (launcher/memory.py); a copy of cfg, resolved."""
+    (launcher/memory.py, launcher/host_memory.py); a copy of cfg, resolved."""
     auto_strategy, auto_mb = cfg["strategy"]["name"] == "auto", cfg["micro_batch"] == "auto"
     auto_gc = cfg["train"]["gradient_checkpointing"] == "auto"
     gpu_mem = cfg["gpu_mem_gib"] or machine.gpu_mem_gib
+    host = host_of(cfg, machine, procs_per_node or world)
     cfg = with_liger(copy.deepcopy(cfg), on_gpu, machine.liger)  # decided first: it changes the memory needed
     if not on_gpu or not gpu_mem:
         if auto_strategy:
@@ -153,16 +160,17 @@ def size_the_job(cfg: dict, machine: Machine, world: int, on_gpu: bool, decision
         if auto_strategy:
             without = dict(cfg, train=dict(cfg["train"], gradient_checkpointing=False))
             name = memory.choose(without, shape, world, gpu_mem, cfg["micro_batch"], machine.deepspeed,
-                                 ds_only)[0] or "ddp"
+                                 ds_only, host)[0] or "ddp"
         on, why = memory.checkpointing_pays(cfg, shape, name, world, gpu_mem, cfg["micro_batch"])
         cfg["train"]["gradient_checkpointing"] = on
         decisions.append(f"train.gradient_checkpointing=auto -> {why}")
     if auto_strategy:
-        name, mb, why = memory.choose(cfg, shape, world, gpu_mem, cfg["micro_batch"], machine.deepspeed, ds_only)
+        name, mb, why = memory.choose(cfg, shape, world, gpu_mem, cfg["micro_batch"], machine.deepspeed, ds_only,
+                                      host)
         if name is None:
             raise ConfigError("strategy", f"strategy=auto: no strategy fits {gpu_mem:.0f} GiB per GPU with this "
                                           f"config; the smallest change that fits: "
-                                          f"{memory.smallest_change(cfg, shape, world, gpu_mem)}")
+                                          f"{memory.smallest_change(cfg, shape, world, gpu_mem, host)}")
         cfg["strategy"] = dict(cfg["strategy"], name=name)  # with any strategy.deepspeed / strategy.fsdp given
         decisions.append(f"strategy=auto -> {why}" + (" among the DeepSpeed ones (backend=deepspeed or strategy."
                                                        "deepspeed settings)" if ds_only else ""))
@@ -175,14 +183,15 @@ def size_the_job(cfg: dict, machine: Machine, world: int, on_gpu: bool, decision
         if not mb:
             raise ConfigError("micro_batch", f"micro_batch=auto: not even 1 fits {gpu_mem:.0f} GiB per GPU under "
                                              f"strategy={name}; the smallest change that fits: "
-                                             f"{memory.smallest_change(cfg, shape, world, gpu_mem)}")
+                                             f"{memory.smallest_change(cfg, shape, world, gpu_mem, host)}")
         cfg["micro_batch"] = mb
         decisions.append(f"micro_batch=auto -> {mb}: the largest that fits under {name}")
     return cfg
 
 
-def memory_decision(cfg: dict, machine: Machine, world: int, token_budget: int | None) -> str | None:
-    """The memory plan's peak per GPU for the job as planned (a token budget counted as its tokens)."""
+def memory_decision(cfg: dict, machine: Machine, world: int, token_budget: int | None,
+                    procs_per_node: int | None = None) -> str | None:
+    """The memory plan's peak per GPU and per host for the job as planned (a token budget counted as its tokens)."""
     gpu_mem, name = cfg["gpu_mem_gib"] or machine.gpu_mem_gib, cfg["strategy"]["name"]
     if not gpu_mem or not memory.supported(name, cfg["quant"]["bits"], cfg["lora"]["r"]):
         return None
@@ -192,7 +201,15 @@ def memory_decision(cfg: dict, machine: Machine, world: int, token_budget: int |
         return None
     est = memory.job_estimate(cfg, shape, name, world, cfg["micro_batch"], tokens=token_budget)
     verdict = "fits" if memory.fits(est, gpu_mem) else "WARNING: over the memory there is, expect OOM"
-    return f"memory plan: {est.total:.1f} GiB per GPU predicted of {gpu_mem:.0f} GiB ({verdict})"
+    line = f"memory plan: {est.total:.1f} GiB per GPU predicted of {gpu_mem:.0f} GiB ({verdict})"
+    host = host_of(cfg, machine, procs_per_node or world)
+    if host.mem_gib:
+        on_host = memory.host_estimate(cfg, shape, name, world, host.procs_per_node)
+        fits = host_memory.fits(on_host, host)
+        line += (f"; host {on_host.total:.0f} GiB of {host.mem_gib:.0f} (weights loaded {on_host.loading_how}"
+                 f"{', ZeRO-3-offload states %.0f GiB' % on_host.offloaded if on_host.offloaded else ''}; "
+                 f"{'fits' if fits else 'WARNING: over the host memory there is, expect the OOM killer'})")
+    return line
 
 
 def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: list[str] = ()) -> LaunchPlan:
@@ -206,7 +223,7 @@ def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: l
     if on_gpu and not machine.gpu_count:
         decisions.append("no GPU visible here: planned for bf16-capable GPUs (dry run)")
     micro_batch_was_auto = cfg["micro_batch"] == "auto"
-    cfg = size_the_job(cfg, machine, procs * cfg["nodes"], on_gpu, decisions)
+    cfg = size_the_job(cfg, machine, procs * cfg["nodes"], on_gpu, decisions, procs)
     strategy = resolve_strategy(cfg["strategy"]["name"])
     if not on_gpu and strategy.name != "ddp":
         raise ConfigError(
@@ -220,10 +237,12 @@ def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: l
     settings, rule_decisions = decide(cfg, strategy, world_size, on_gpu, machine.bf16 or not machine.gpu_count,
                                       machine.liger)
     decisions += rule_decisions
+    if line := validate.check_prequantized(cfg, settings):
+        decisions.append(line)
     batch_settings, batch_decisions = decide_batching(cfg, on_gpu, micro_batch_was_auto, world_size)
     settings.update(batch_settings)
     decisions += batch_decisions
-    if on_gpu and (line := memory_decision(cfg, machine, world_size, batch_settings["token_budget"])):
+    if on_gpu and (line := memory_decision(cfg, machine, world_size, batch_settings["token_budget"], procs)):
         decisions.append(line)
     if not on_gpu:
         decisions.append(f"no GPU: {procs} CPU processes, torchrun with the gloo backend, float32")

@@ -85,9 +85,11 @@ def check_values(cfg, machine: Machine) -> None:
     if cfg["train"]["metrics_sync"] not in ("step", "log"):
         raise ConfigError("train.metrics_sync", f"train.metrics_sync={cfg['train']['metrics_sync']!r}: give step "
                                                 "(TRL's gathers at every step) or log (once per log).")
-    mem = cfg["gpu_mem_gib"]
-    if mem is not None and (isinstance(mem, bool) or not isinstance(mem, (int, float)) or mem <= 0):
-        raise ConfigError("gpu_mem_gib", f"gpu_mem_gib={mem!r}: give the GPU memory in GiB, e.g. gpu_mem_gib=80.")
+    for key, example in (("gpu_mem_gib", "the GPU memory in GiB, e.g. gpu_mem_gib=80"),
+                         ("host_mem_gib", "the host's RAM in GiB, e.g. host_mem_gib=256")):
+        mem = cfg.get(key)
+        if mem is not None and (isinstance(mem, bool) or not isinstance(mem, (int, float)) or mem <= 0):
+            raise ConfigError(key, f"{key}={mem!r}: give {example}.")
     for key, minimum in (("grad_accum", 1), ("epochs", 1), ("logging_steps", 1), ("save_total_limit", 1),
                          ("dataloader_workers", 0)):
         value = cfg["train"][key]
@@ -188,3 +190,45 @@ def check_run_dir(cfg) -> str:
             "with this config. Use another run_dir, or overwrite=true to replace it.",
         )
     return "resume"
+
+
+def prequantized(model_path: str) -> dict | None:
+    """The quantization_config of a local checkpoint saved pre-quantized (bitsandbytes), or None."""
+    path = Path(str(model_path)).expanduser() / "config.json"
+    if not path.is_file():
+        return None
+    import json
+
+    quant = json.loads(path.read_text()).get("quantization_config")
+    return quant if quant and quant.get("quant_method") == "bitsandbytes" else None
+
+
+def check_prequantized(cfg: dict, settings: dict) -> str | None:
+    """A pre-quantized checkpoint is loaded as it was saved: the config must ask for what it holds. Returns the
+    plan's decision line, or None where the checkpoint is not pre-quantized."""
+    quant = prequantized(cfg["model"]["path"])
+    if quant is None:
+        return None
+    where = f"model.path={cfg['model']['path']} (its config.json's quantization_config)"
+    bits = 4 if quant.get("load_in_4bit") else 8
+    if cfg["quant"]["bits"] != bits:
+        raise ConfigError("quant", f"{where} holds {bits}-bit weights, quantized when it was saved: give "
+                                   f"quant={bits}bit (its weights load as they are), or a 16-bit checkpoint.")
+    if cfg["merge"]:
+        raise ConfigError("merge", f"merge=true merges the adapter into the 16-bit base, and {where} holds "
+                                   f"{bits}-bit weights only: give merge=false and merge onto the 16-bit model "
+                                   "elsewhere (PeftModel.from_pretrained(base, <run_dir>/final).merge_and_unload()).")
+    if bits == 4:
+        stored = quant.get("bnb_4bit_quant_storage", "uint8")
+        wanted = settings.get("quant_storage_dtype")
+        if wanted != stored:
+            if settings["strategy"] in ("fsdp_qlora", "zero3", "zero3_offload"):
+                raise ConfigError("quant.storage_dtype", f"{where} stores its 4-bit weights as {stored}, and "
+                                                         f"strategy={settings['strategy']} shards them only stored as "
+                                                         f"{wanted}. Save the checkpoint with bnb_4bit_quant_storage="
+                                                         f"{wanted} (python -m launcher.random_checkpoint --storage), "
+                                                         "or use strategy=ddp.")
+            settings["quant_storage_dtype"] = stored  # ddp and zero2 take either
+        return (f"{where}: {quant.get('bnb_4bit_quant_type', 'nf4')} 4-bit weights stored as {stored}, loaded as "
+                "they are (no quantizing on load)")
+    return f"{where}: 8-bit weights, loaded as they are"

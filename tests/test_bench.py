@@ -60,21 +60,24 @@ def test_the_benchmark_job_with_defaults_is_the_measured_ddp_plan():
 
 def test_bench_runs_a_case_through_the_launcher_on_the_cpu(tmp_path):
     out = tmp_path / "out"
-    res = subprocess.run([sys.executable, "-m", "launcher.bench", "--cases", "ddp", "--preset", "tiny", "--gpus", "0",
+    res = subprocess.run([sys.executable, "-m", "launcher.bench", "--cases", "ddp-resumed", "--preset", "tiny", "--gpus", "0",
                           "--steps", "20", "--assets", str(tmp_path / "assets"), "--out", str(out), "--profile-steps", "16,17"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     row = json.loads((out / "bench.json").read_text())["results"][0]
-    assert row["case"] == "ddp" and row["micro_batch"] == 4  # micro_batch=auto on the CPU
+    assert row["case"] == "ddp-resumed" and row["micro_batch"] == 4  # micro_batch=auto on the CPU
     assert row["step_s"] > 0 and abs(row["per_s_per_gpu"] - 4 / row["step_s"]) < 1e-6
     assert 0 <= row["train_metric"] <= 1  # DPO reward accuracy
-    assert "| ddp | uniform | ddp | none | 4 |" in (out / "bench.md").read_text()
+    assert "| ddp-resumed | uniform | ddp | none | 4 |" in (out / "bench.md").read_text()
+    # saved at its last step, then resume=auto to step 22 (read after the row: the timed steps are the first run's)
+    assert row["resumed"] == "20->22" and row["load_s"] >= 0 and row["host_gib"] >= 0
+    assert (out / "runs" / "ddp-resumed" / "checkpoints" / "checkpoint-22").is_dir()
     # logged every 5 steps: 1-5 warm up, 16-17 were profiled (in 16-20), so the median is of 6-10 and 11-15
-    metrics = read_metrics(out / "runs" / "ddp")
-    timed = {m["step"]: m["step_seconds"] for m in metrics if "step_seconds" in m}
+    metrics = read_metrics(out / "runs" / "ddp-resumed")
+    timed = {m["step"]: m["step_seconds"] for m in metrics if "step_seconds" in m and m["step"] <= 20}
     assert sorted(timed) == [5, 10, 15, 20]
     assert row["step_s"] == pytest.approx((timed[10] + timed[15]) / 2)
-    assert (out / "runs" / "ddp" / "profile.txt").read_text().startswith("steps 16-17 on rank 0")
+    assert (out / "runs" / "ddp-resumed" / "profile.txt").read_text().startswith("steps 16-17 on rank 0")
 
 
 def test_a_clocked_case_is_timed_by_single_steps_as_the_peer_is(tmp_path):
@@ -93,3 +96,4 @@ def test_a_clocked_case_is_timed_by_single_steps_as_the_peer_is(tmp_path):
     assert row["tokens_per_s_per_gpu"] == pytest.approx(1000.0 * 0.6 / 0.53)  # the logged tokens per step
     (tmp_path / "step_clock.txt").unlink()
     assert bench.read_launcher_run(tmp_path, bench.CASES["defaults"], 1.5e9)["clock"] == "between logs"
+

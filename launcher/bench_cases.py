@@ -1,0 +1,115 @@
+"""The benchmark's cases (launcher/bench.py runs them): each the launcher's defaults plus its overrides, or the
+plain-TRL peer with its settings, on a preset's random-init model and a length mix of launcher/bench_assets.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+@dataclass(frozen=True)
+class Case:
+    kind: str  # launcher | peer (../shared/peer/dpo_trl.py) | peer_sft (bench/peer_sft_trl.py)
+    method: str = "dpo"
+    overrides: tuple[str, ...] = ()  # launcher cases: command-line overrides on top of the defaults
+    env: dict = field(default_factory=dict)  # peer cases: the peer script's settings
+    preset: str = "qwen2.5-1.5b-instruct"
+    peer_config: str = "acc_ddp.yaml"
+    mix: str = "uniform"  # the rows' lengths (launcher/bench_assets.py): uniform (the peer's job) or realistic
+    weights: str = "bf16"  # the random checkpoint: bf16, or nf4 (pre-quantized 4-bit, stored as bf16: 70B in 40 GB)
+    resume_to: int | None = None  # then resume the run's last checkpoint with resume=auto up to this step
+
+
+# data.max_length per mix: no uniform row is cut (the longest sequence is 351 tokens); 1.4% of the realistic ones are
+MAX_LENGTH = {"uniform": 384, "realistic": 2048}
+
+
+CASES = {
+    "defaults": Case("launcher"),  # what a user gets without choosing anything (strategy=auto)
+    # the same run timed by the peer's clock (train.step_clock): single steps, GPU synced at start and end
+    "defaults-clocked": Case("launcher", overrides=("train.step_clock=true",)),
+    "peer-ddp-bs32": Case("peer", env={"STRATEGY": "ddp", "BS": "32", "GC": "0"}),  # the peer, hand-tuned
+    "peer-ddp-bs4": Case("peer", env={"STRATEGY": "ddp", "BS": "4", "GC": "1"}),  # the tutorials' defaults
+    "ddp": Case("launcher", overrides=("strategy=ddp",)),
+    "ddp-resumed": Case("launcher", overrides=("strategy=ddp",), resume_to=22),  # then resume=auto, 2 steps more
+    "zero2": Case("launcher", overrides=("strategy=zero2",)),
+    "zero3": Case("launcher", overrides=("strategy=zero3",)),
+    "zero3_offload": Case("launcher", overrides=("strategy=zero3_offload",)),
+    "ddp-4bit": Case("launcher", overrides=("strategy=ddp", "quant=4bit")),
+    "fsdp_qlora-4bit": Case("launcher", overrides=("strategy=fsdp_qlora", "quant=4bit")),
+    # levers, each measured against "ddp"
+    "ddp-no-liger": Case("launcher", overrides=("strategy=ddp", "train.liger=false")),
+    # twice the defaults' micro-batch; on an H200 it fits without checkpointing since the adapters take bf16 inputs
+    "ddp-mb64": Case("launcher", overrides=("strategy=ddp", "micro_batch=64")),
+    "ddp-mb4-ckpt": Case("launcher", overrides=("strategy=ddp", "micro_batch=4", "train.gradient_checkpointing=true",
+                                                "train.liger=false")),  # the launcher at the old defaults
+    # levers for the sharded strategies, which trail zero2 (docs/benchmarks.md)
+    "zero3-per-module": Case("launcher", overrides=("strategy=zero3", "strategy.fetch_whole_layers=false")),
+    "zero3-prefetch": Case("launcher", overrides=(  # four times the shipped prefetch bucket: 2e8 parameters
+        "strategy=zero3", "+strategy.deepspeed.zero_optimization.stage3_prefetch_bucket_size=200000000")),
+    "fsdp_qlora": Case("launcher", overrides=("strategy=fsdp_qlora",)),  # FSDP over bf16 weights: no dequantizing
+    "fsdp_qlora-4bit-grad-op": Case("launcher", overrides=(  # weights stay gathered from forward to backward
+        "strategy=fsdp_qlora", "quant=4bit", "+strategy.fsdp.fsdp_sharding_strategy=SHARD_GRAD_OP")),
+    # each decoder layer one FSDP unit with its adapters inside, not PEFT's unit per LoRA matrix (392 here)
+    "fsdp_qlora-layer-units": Case("launcher", overrides=(
+        "strategy=fsdp_qlora", "strategy.adapters_in_layer_units=true")),
+    "fsdp_qlora-4bit-layer-units": Case("launcher", overrides=(
+        "strategy=fsdp_qlora", "quant=4bit", "strategy.adapters_in_layer_units=true")),
+    "fsdp_qlora-4bit-prefetch": Case("launcher", overrides=(
+        "strategy=fsdp_qlora", "quant=4bit", "+strategy.fsdp.fsdp_forward_prefetch=true")),
+    # 64 pairs (49k tokens) without checkpointing, as micro_batch=auto gives zero3 and fsdp_qlora: +2% for zero2
+    "zero2-mb64": Case("launcher", overrides=("strategy=zero2", "micro_batch=64", "train.gradient_checkpointing=false")),
+    # PEFT's own LoRA forward: the scaling and the sum as passes of their own over each layer's output
+    "zero2-unfused": Case("launcher", overrides=("strategy=zero2", "train.fuse_lora_sum=false")),
+    "ddp-unfused": Case("launcher", overrides=("strategy=ddp", "train.fuse_lora_sum=false")),
+    # the per-step host work as the libraries do it (launcher/host_work.py)
+    "ddp-untrimmed": Case("launcher", overrides=("strategy=ddp", "train.trim_host_work=false")),
+    # TRL's metrics gathered once per log, not at every step (launcher/step_metrics.py); measured on 2+ GPUs only
+    "ddp-metrics-at-log": Case("launcher", overrides=("strategy=ddp", "train.metrics_sync=log")),
+    "sft-metrics-at-log": Case("launcher", "sft", overrides=("train.metrics_sync=log",)),
+    # batches collated by the rank between steps, not by the 2 worker processes of the defaults on GPUs
+    "ddp-workers0": Case("launcher", overrides=("strategy=ddp", "train.dataloader_workers=0")),
+    # a user's choice, not a default (it changes the training): what LoRA's dropout costs, a pass over each
+    # adapter's input and a saved copy of it (the profiled defaults' generic elementwise kernels, dropout's
+    # among them, took 28 of the step's 464 GPU ms)
+    "ddp-no-dropout": Case("launcher", overrides=("strategy=ddp", "lora.dropout=0")),
+    # SFT on the same model and rows (prompt + chosen answer)
+    "sft-defaults": Case("launcher", "sft"),
+    "sft": Case("launcher", "sft", overrides=("strategy=ddp",)),
+    "peer-sft-bs4": Case("peer_sft", "sft", env={"BS": "4", "GC": "1"}),
+    "peer-sft-bs32": Case("peer_sft", "sft", env={"BS": "32", "GC": "0"}),
+    # the defaults as they were before padding-free batches (padded, 32 pairs per micro-batch)
+    "defaults-padded": Case("launcher", overrides=("train.padding_free=false",)),
+    # the realistic length mix (launcher/bench_assets.py): lengths from a few tokens to 5,000, data.max_length=2048.
+    # The peer pads as TRL does, its batch the largest that fits a batch of rows at max_length without checkpointing
+    # (DPO 8 pairs measured 107.2 GiB on an H200, 10 would take about 133; SFT 16 rows measured 123.5 GiB)
+    "real-peer-bs10": Case("peer", env={"STRATEGY": "ddp", "BS": "10", "GC": "0", "MAXLEN": "2048"}, mix="realistic"),
+    "real-peer-bs8": Case("peer", env={"STRATEGY": "ddp", "BS": "8", "GC": "0", "MAXLEN": "2048"}, mix="realistic"),
+    "real-defaults": Case("launcher", mix="realistic"),  # padding-free, micro-batches filled to a token budget
+    "real-padded": Case("launcher", overrides=("train.padding_free=false",), mix="realistic"),  # grouped by length
+    "real-padded-random": Case("launcher", overrides=("train.padding_free=false", "train.group_by_length=false"),
+                               mix="realistic"),
+    "real-rows": Case("launcher", overrides=("micro_batch_tokens=null",), mix="realistic"),  # padding-free, 8 pairs
+    "real-peer-sft-bs16": Case("peer_sft", "sft", env={"BS": "16", "GC": "0", "MAXLEN": "2048"}, mix="realistic"),
+    "real-sft-defaults": Case("launcher", "sft", mix="realistic"),  # packed rows (padding-free)
+    "real-sft-padded": Case("launcher", "sft", overrides=("method.packing=false",), mix="realistic"),
+    "real-sft-metrics-at-log": Case("launcher", "sft", overrides=("train.metrics_sync=log",), mix="realistic"),
+    "defaults-padded-metrics-at-log": Case("launcher", overrides=("train.padding_free=false", "train.metrics_sync=log")),
+    # Qwen2.5-7B's shape, QLoRA, on two GPUs
+    "7b-fsdp_qlora-4bit": Case("launcher", overrides=("strategy=fsdp_qlora", "quant=4bit"), preset="qwen2.5-7b-instruct"),
+    "7b-zero3-4bit": Case("launcher", overrides=("strategy=zero3", "quant=4bit"), preset="qwen2.5-7b-instruct"),
+}
+# Models that do not fit one GPU in bf16 (issue 18): Llama-3.1-70B's shape from a pre-quantized 4-bit checkpoint,
+# 2 pairs per micro-batch (a step of 20 at this size takes seconds), 200 rows of the peer's job (20 held out);
+# each saves at its last step and the sharded ones resume from it for 5 steps more.
+BIG = ("quant=4bit", "micro_batch=2", "data.max_rows=200", "data.test_fraction=0.1")
+for strategy in ("ddp", "fsdp_qlora", "zero3"):
+    for method in ("dpo", "sft"):
+        CASES[f"70b-{method}-{strategy}"] = Case(
+            "launcher", method, overrides=(f"strategy={strategy}", *BIG), preset="llama-3.1-70b-instruct",
+            weights="nf4", resume_to=None if strategy == "ddp" else 25)
+# The middle of the range: Llama-3.1-8B's shape, bf16 LoRA and 4-bit QLoRA under every strategy that takes them
+for strategy in ("ddp", "zero2", "fsdp_qlora", "zero3", "zero3_offload"):
+    for quant in ("none", "4bit"):
+        if not (quant == "4bit" and strategy == "zero3_offload"):
+            CASES[f"8b-{strategy}-{quant}"] = Case("launcher", overrides=(f"strategy={strategy}", f"quant={quant}"),
+                                                   preset="llama-3.1-8b-instruct")
+DEFAULT_CASES = ("peer-ddp-bs32", "defaults", "ddp", "zero2", "zero3", "ddp-4bit", "fsdp_qlora-4bit", "zero3_offload")
