@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -206,12 +207,23 @@ def run_case(name: str, case: Case, args) -> dict:
 
 
 def run_logged(argv: list[str], env: dict, timeout: int, log: Path) -> tuple[str, int]:
+    """Runs a case to its end or its timeout; a case past its timeout is stopped with all of its processes (the
+    launcher passes a second SIGTERM on to its ranks at once), so that the next case has the GPUs to itself."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
-        text, code = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        text, code = f"{exc.stdout or ''}{exc.stderr or ''}\nTIMEOUT after {timeout} s", -1
-    text = text if isinstance(text, str) else text.decode(errors="replace")
+        text, _ = proc.communicate(timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        for _ in range(2):
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(1)
+        try:
+            text, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            text, _ = proc.communicate()
+        text, code = f"{text}\nTIMEOUT after {timeout} s", -1
     log.write_text(text)
     return text, code
 

@@ -99,13 +99,13 @@ CASES = {
 }
 # Models that do not fit one GPU in bf16 (issue 18): Llama-3.1-70B's shape from a pre-quantized 4-bit checkpoint,
 # 2 pairs per micro-batch (a step of 20 at this size takes seconds), 200 rows of the peer's job (20 held out);
-# each saves at its last step and the sharded ones resume from it for 5 steps more.
+# each saves at its last step and resumes from it for 5 steps more.
 BIG = ("quant=4bit", "micro_batch=2", "data.max_rows=200", "data.test_fraction=0.1")
 for strategy in ("ddp", "fsdp_qlora", "zero3"):
     for method in ("dpo", "sft"):
         CASES[f"70b-{method}-{strategy}"] = Case(
             "launcher", method, overrides=(f"strategy={strategy}", *BIG), preset="llama-3.1-70b-instruct",
-            weights="nf4", resume_to=None if strategy == "ddp" else 25)
+            weights="nf4", resume_to=25)
 # The middle of the range: Llama-3.1-8B's shape, bf16 LoRA and 4-bit QLoRA under every strategy that takes them
 for strategy in ("ddp", "zero2", "fsdp_qlora", "zero3", "zero3_offload"):
     for quant in ("none", "4bit"):

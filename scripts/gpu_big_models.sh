@@ -2,7 +2,8 @@
 # Models that do not fit one GPU (issue 18), on 2x H200 (nvidia-h200-x2), from the project root with the wheels
 # of ../shared/gpu/fetch-wheels.sh in .whl/:
 #   bash scripts/gpu_big_models.sh                  # every part, one after the other
-#   PART=70b-dpo bash scripts/gpu_big_models.sh     # one part: 70b-dpo | 70b-sft | 8b (each fits a 10-minute call)
+#   PART=70b-dpo bash scripts/gpu_big_models.sh     # one part: 70b-dpo | 70b-sft | 8b
+#   PART=70b-dpo ONLY=70b-dpo-ddp,70b-dpo-zero3 ... # some of its cases, in this order
 # 1. builds the assets once (launcher/bench_assets.py): Llama-3.1-70B's shape as a random pre-quantized 4-bit
 #    checkpoint written a layer at a time (40 GB; the bf16 one, 141 GB, would not fit the disk), Llama-3.1-8B's in
 #    bf16, a word-level tokenizer, 200 rows of the peer's job;
@@ -24,7 +25,7 @@ for part in ${PART:-70b-dpo 70b-sft 8b}; do
   B=/tmp/big-$part
   { free -g; df -h /tmp; nvidia-smi --query-gpu=name,memory.total --format=csv; } > "$OUT/big-$part-machine.txt" 2>&1
   timeout "${BUDGET_S:-3000}" python3 -m launcher.bench --gpus 2 --steps "${STEPS:-20}" --timeout "${CASE_TIMEOUT_S:-420}" \
-    --out "$B" --assets "$ASSETS" --cases "${CASES[$part]}" || status=1
+    --out "$B" --assets "$ASSETS" --cases "${ONLY:-${CASES[$part]}}" || status=1
   for run in "$B"/runs/70b-*-${ADAPTERS:-fsdp_qlora}; do  # one 40 GB load each: the fsdp_qlora runs by default
     [ -f "$run/final/adapter_model.safetensors" ] && { python3 scripts/check_adapter.py "$run" || status=1; } \
       >> "$OUT/big-$part-adapters.txt" 2>&1
