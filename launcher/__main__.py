@@ -38,7 +38,12 @@ def memory_plan_text(cfg: dict, machine) -> str:
     text += f"\nLiger kernels: {'on' if cfg['train']['liger'] else 'off (train.liger=true if they will be installed)'}"
     name, mb, why = memory.choose(cfg, shape, world, gpu_mem, cfg["micro_batch"], machine.deepspeed, host=host)
     if name:
-        return f"{text}\nstrategy=auto would take {why}"
+        text += f"\nstrategy=auto would take {why}"
+        if host.mem_gib is None:
+            need = memory.host_estimate(cfg, shape, name, world, host.procs_per_node).total
+            text += (f"\nhost memory not checked (no GPUs here, so not the job's host): {name} needs {need:.0f} GiB "
+                     "of RAM per host; host_mem_gib=N checks it")
+        return text
     change = memory.smallest_change(cfg, shape, world, gpu_mem, host)
     return f"{text}\nnothing fits; the smallest change that fits: {change}"
 

@@ -49,6 +49,9 @@ def padding_free(cfg, on_gpu: bool) -> tuple[bool, str]:
     if strategy not in MEASURED_UNDER:
         return False, (f"train.padding_free=auto: off under {strategy}, where it has not been measured yet "
                        "(train.padding_free=true turns it on)")
+    if cfg["quant"]["bits"]:  # measured over 16-bit weights only (a 70B 4-bit ddp run stopped on it, since mended)
+        return False, (f"train.padding_free=auto: off with quant={cfg['quant']['name']}, where it has not been "
+                       "measured yet (train.padding_free=true turns it on)")
     return True, f"train.padding_free=auto on GPUs under {strategy}"
 
 
@@ -88,7 +91,7 @@ def decide_batching(cfg, on_gpu: bool, micro_batch_was_auto: bool, world_size: i
     decisions = []
     attn, attn_why = attention(cfg, on_gpu, unpadded)
     budget = token_budget(cfg, unpadded, micro_batch_was_auto)
-    if not unpadded and on_gpu and "not been measured" in why:
+    if not unpadded and on_gpu and "not been measured" in why:  # said where the user might expect it on
         decisions.append(why)
     if unpadded:
         how = ("TRL packs whole rows (best fit, none split) into micro_batch rows of data.max_length"

@@ -229,9 +229,10 @@ def run_logged(argv: list[str], env: dict, timeout: int, log: Path) -> tuple[str
 
 
 def resume_result(run: Path, text: str, saved_at: int, wanted: int) -> str:
-    """'20->25': the resumed run started from the checkpoint of step `saved_at` and ended at `wanted`."""
+    """'20->25': the resumed run started from the checkpoint of step `saved_at` (the launcher's resume line) and
+    ended at `wanted`."""
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
-    came_from = f"checkpoint-{saved_at}" in text
+    came_from = f"checkpoint-{saved_at} (step {saved_at})" in text
     ended = summary.get("global_step")
     return f"{saved_at}->{ended}" if came_from and ended == wanted else f"FAILED ({saved_at}->{ended})"
 

@@ -1,29 +1,33 @@
 """Host memory plan: what one host's RAM must hold for a job, besides the GPUs' (launcher/memory.py).
 
-Pure arithmetic, as memory.py. Three things take host RAM:
+Pure arithmetic, as memory.py. What takes host RAM (the page cache that holds checkpoint files is not counted:
+transformers 5.17 reads safetensors memory-mapped, and the kernel gives that memory back under pressure):
 
-- every rank's process: Python, torch, CUDA's host side, the tokenized data (PROCESS_GIB each);
-- loading, where the weights pass through the host on their way to the GPUs:
-  - streamed (each tensor read from the checkpoint and moved to its GPU; ddp, 4-bit anywhere, ZeRO-3 under
-    zero.Init): about one checkpoint shard per process;
-  - whole in one process (FSDP's cpu_ram_efficient_loading over 16-bit weights: rank 0 reads the model, the
-    others receive it): the 16-bit model once;
-  - whole in every process (ZeRO-2 and ZeRO-3 without zero.Init over 16-bit weights: each rank builds the model
-    on the CPU before DeepSpeed moves it): the 16-bit model per rank;
-- ZeRO-3-offload's states in pinned CPU memory: the 16-bit parameters, and for each trainable one float32 master
-  weights, gradients and AdamW's two moments (16 bytes), this host's share of them (its ranks' partitions).
+- every rank's process: Python, torch, CUDA's host side, the data (PROCESS_GIB each, measured);
+- loading: nothing more where the weights go from the mapped file to the GPUs (device_map, 4-bit anywhere,
+  ZeRO-3's zero.Init, ZeRO-2 in the checkpoint's own dtype). FSDP's cpu_ram_efficient_loading over 16-bit
+  weights is the exception: rank 0 reads the file, every other rank of the host fills a zeroed copy of the
+  model in CPU memory to receive it into;
+- saving, at every checkpoint and at the end: FSDP with FULL_STATE_DICT gathers the whole model (frozen base
+  included) into rank 0's CPU memory, twice over (accelerate's get_state_dict, then save_fsdp_model): measured
+  75 GiB above the processes for Llama-3.1-70B in 4 bits; ZeRO-2 copies the whole model to the CPU on every rank;
+  ZeRO-3 without LoRA gathers the 16-bit model into rank 0; LoRA under ZeRO-3 and anything under ddp save the
+  trained weights only (70B under ZeRO-3: 6.3 GiB for the whole run, processes included);
+- ZeRO-3-offload's states in pinned CPU memory: the 16-bit parameters and, per trainable one, float32 master
+  weights, gradients and AdamW's two moments (16 bytes), this host's share of them, with the half again that
+  DeepSpeed's own estimate (estimate_zero3_model_states_mem_needs) adds for its buffers.
 
-Loading ends before training starts, so the peak is the processes plus the larger of loading and offloaded
-states. The page cache that holds checkpoint files is not counted: the kernel gives it back under pressure.
+Loading ends before training starts; saving happens while the offloaded states are held. So the peak is the
+processes plus the larger of loading and (offloaded states + saving).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 GIB = 2**30
-PROCESS_GIB = 4.0  # per rank
-STREAM_GIB = 2.0  # per rank, while streaming a checkpoint to its GPU
+PROCESS_GIB = 3.0  # per rank: 70B under ZeRO-3 took 6.3 GiB for its two ranks, the run and its saves
 OFFLOAD_BYTES_PER_TRAINABLE = 16  # float32 master weights, gradients, two AdamW moments
+OFFLOAD_MARGIN = 1.5  # DeepSpeed's additional_buffer_factor
 SAFETY = 0.9  # a plan fits when its peak stays under this share of the host's memory
 
 
@@ -37,41 +41,36 @@ class Host:
 class HostEstimate:
     processes: float
     loading: float
+    saving: float
     offloaded: float
-    loading_how: str
 
     @property
     def total(self) -> float:
-        return self.processes + max(self.loading, self.offloaded)
+        return self.processes + max(self.loading, self.offloaded + self.saving)
 
 
-def loading_pattern(strategy: str, bits: int | None) -> str:
-    """How the weights reach the GPUs: streamed, whole in one process, or whole in every process."""
-    if bits or strategy in ("ddp", "zero3", "zero3_offload"):  # bnb quantizes on the GPU; ZeRO-3: zero.Init
-        return "streamed"
-    if strategy == "fsdp_qlora":
-        return "whole in rank 0"
-    return "whole in every rank"  # zero2 over 16-bit weights
-
-
-def estimate(total_params: int, trainable_params: int, *, strategy: str, bits: int | None, world: int,
-             procs_per_node: int, reference_copy: bool = False) -> HostEstimate:
+def estimate(held_bytes: float, sixteen_bit_bytes: float, trainable_params: int, *, strategy: str, bits: int | None,
+             lora: bool, world: int, procs_per_node: int, reference_copy: bool = False) -> HostEstimate:
     """GiB of host RAM at the peak, for one host running `procs_per_node` of the job's `world` ranks.
-    reference_copy: DPO without LoRA loads a second (frozen) model the same way."""
-    sixteen_bit = total_params * 2
-    how = loading_pattern(strategy, bits)
+    held_bytes: the weights as the GPUs hold them (4-bit or 16-bit); reference_copy: DPO without LoRA loads a
+    second, frozen model the same way."""
     copies = 2 if reference_copy else 1
-    if how == "streamed":
-        loading = procs_per_node * STREAM_GIB * GIB
-    elif how == "whole in rank 0":
-        loading = sixteen_bit * copies
-    else:
-        loading = procs_per_node * sixteen_bit * copies
+    loading = 0.0
+    if strategy == "fsdp_qlora" and not bits:
+        loading = (procs_per_node - 1) * sixteen_bit_bytes * copies
+    saving = 0.0
+    if strategy == "fsdp_qlora":
+        saving = 2 * held_bytes
+    elif strategy == "zero2":
+        saving = procs_per_node * held_bytes
+    elif strategy.startswith("zero3") and not lora:
+        saving = sixteen_bit_bytes
     offloaded = 0.0
     if strategy == "zero3_offload":
         share = procs_per_node / world  # each rank offloads its own partition
-        offloaded = share * (sixteen_bit * copies + trainable_params * OFFLOAD_BYTES_PER_TRAINABLE)
-    return HostEstimate(procs_per_node * PROCESS_GIB, loading / GIB, offloaded / GIB, how)
+        offloaded = share * OFFLOAD_MARGIN * (sixteen_bit_bytes * copies
+                                              + trainable_params * OFFLOAD_BYTES_PER_TRAINABLE)
+    return HostEstimate(procs_per_node * PROCESS_GIB, loading / GIB, saving / GIB, offloaded / GIB)
 
 
 def fits(est: HostEstimate, host: Host | None) -> bool:

@@ -68,15 +68,20 @@ def port_in_use(port: int) -> bool:
     return False
 
 
-def host_memory_gib(meminfo: str = "/proc/meminfo") -> float | None:
+def host_memory_gib(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup/memory.max") -> float | None:
+    """MemTotal, or the cgroup's limit where it is lower (a Slurm job's --mem, a container): where the OOM
+    killer acts."""
+    total = None
     try:
         with open(meminfo) as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) / 2**20  # kB
+            total = next((int(line.split()[1]) / 2**20 for line in f if line.startswith("MemTotal:")), None)  # kB
+        with open(cgroup) as f:
+            limit = f.read().strip()
+        if total and limit.isdigit():
+            total = min(total, int(limit) / 2**30)
     except OSError:
         pass
-    return None
+    return total
 
 
 def detect_machine(ports=()) -> Machine:

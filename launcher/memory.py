@@ -23,7 +23,8 @@ for 4-bit weights prepared for k-bit training under DDP (which upcasts to float3
 sequences per pair); with LoRA the reference pass keeps no activations, without LoRA the reference
 model's weights are one more copy.
 
-What the sharded strategies hold beyond their shard: ZeRO-3 materializes up to stage3_max_live_parameters
+Measured at Llama-3.1-70B's shape, ZeRO-3 over 4-bit weights held about the whole 4-bit model on each GPU (counted
+so; the cause is not found). What the sharded strategies hold beyond their shard: ZeRO-3 materializes up to stage3_max_live_parameters
 (1e9 in ds_configs/zero3*.json) at a time; FSDP keeps the (tied) embedding gathered from the first layer
 to the last; ZeRO-3's prefetch and persistence buffers take about 0.8 GiB (fitted to our 2x H200 run,
 docs/memory.md; ZeRO-2 with ds_configs/zero2.json's buckets showed none). Under DDP, 4-bit weights go
@@ -40,7 +41,11 @@ from launcher.host_memory import Host
 from launcher.strategies import STRATEGIES as RULES  # what each strategy shards, and where DeepSpeed runs
 
 GIB = 2**30
-ACT_PER_HIDDEN_LAYER = 71.3  # bytes per token, no gradient checkpointing
+# Bytes per token per layer without gradient checkpointing: per hidden unit and per MLP (intermediate) unit. Two
+# runs fix the two: the peer's 1.5B shape (intermediate 5.83 x hidden: 71.3 bytes per hidden unit in all) and
+# Llama-3.1-70B's under fsdp_qlora (3.5 x hidden; 2026-11-30, docs/memory.md)
+ACT_PER_HIDDEN_LAYER = 17.47
+ACT_PER_INTERMEDIATE_LAYER = 9.228
 ACT_PER_HIDDEN_LAYER_GC = 2.0  # bytes per token: the checkpointed layer inputs
 ACT_PER_VOCAB = 0.47  # bytes per token per vocabulary entry
 # Factors on the in-layer activations, each from one pair of runs in docs/benchmarks.md (peak GiB per GPU):
@@ -166,7 +171,10 @@ def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | Non
         weights = gathered + adapter / world
         optimizer = 0.0
     elif sharded_weights:
-        weights = base / world + gathered + adapter / world
+        # ZeRO-3 over 4-bit weights measured as if every GPU held them all (Llama-3.1-70B: 88.8 GiB, where shards
+        # would give 55; docs/memory.md): counted whole until the cause is found
+        held = base if strategy == "zero3" and bits else base / world
+        weights = held + gathered + adapter / world
         optimizer = trainable * opt_bytes / world
     else:
         weights = base + adapter
@@ -177,10 +185,11 @@ def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | Non
         gradients = trainable * 2 / world
     tokens = tokens or tokens_per_micro_batch(micro_batch, method, seq_len)
     h_layers = shape.hidden * shape.layers
-    in_layer = ACT_PER_HIDDEN_LAYER * (ACT_LIGER if liger else 1.0)
+    in_layer = ACT_PER_HIDDEN_LAYER * shape.hidden + ACT_PER_INTERMEDIATE_LAYER * shape.intermediate  # one layer
+    in_layer *= ACT_LIGER if liger else 1.0
     in_layer *= ACT_KBIT_DDP if strategy == "ddp" and lora and bits else ACT_BF16_ADAPTERS
-    per_token = (ACT_PER_HIDDEN_LAYER_GC * h_layers + in_layer * shape.hidden if gradient_checkpointing
-                 else in_layer * h_layers) + ACT_PER_VOCAB * shape.vocab
+    per_token = (ACT_PER_HIDDEN_LAYER_GC * h_layers + in_layer if gradient_checkpointing
+                 else in_layer * shape.layers) + ACT_PER_VOCAB * shape.vocab
     activations = tokens * per_token * (ACT_SFT if method == "sft" else 1.0)
     reference = 0.0
     if method == "dpo" and not lora:  # a frozen copy, sharded like the policy's weights
@@ -225,21 +234,22 @@ def job_estimate(cfg: dict, shape: Shape, strategy: str, world: int, micro_batch
 
 
 def host_estimate(cfg: dict, shape: Shape, strategy: str, world: int, procs_per_node: int,
-                  bits: int | None | str = "cfg") -> host_memory.HostEstimate:
-    """launcher/host_memory.py's estimate for this config on one host running procs_per_node ranks."""
-    bits = cfg["quant"]["bits"] if bits == "cfg" else bits
+                  bits: int | None = None) -> host_memory.HostEstimate:
+    """launcher/host_memory.py's estimate for this config on one host running procs_per_node ranks (bits: the
+    quantization to plan for instead of the config's)."""
+    bits = cfg["quant"]["bits"] if bits is None else bits
     lora = cfg["lora"]["r"] is not None
     trainable = shape.lora_params(cfg["lora"]["r"], cfg["lora"].get("target_modules")) if lora else shape.total_params()
-    return host_memory.estimate(shape.total_params(), trainable, strategy=strategy, bits=bits, world=world,
-                                procs_per_node=min(procs_per_node, world),
+    held = shape.linear_params() * {None: 2.0, 4: BYTES_4BIT, 8: 1.0}[bits or None] + shape.other_params() * 2.0
+    return host_memory.estimate(held, shape.total_params() * 2.0, trainable, strategy=strategy, bits=bits, lora=lora,
+                                world=world, procs_per_node=min(procs_per_node, world),
                                 reference_copy=cfg["method"]["name"] == "dpo" and not lora)
 
 
-def host_fits(cfg, shape, strategy, world, host: Host | None, **changes) -> bool:
+def host_fits(cfg, shape, strategy, world, host: Host | None, bits: int | None = None) -> bool:
     if host is None or host.mem_gib is None:
         return True
-    return host_memory.fits(host_estimate(cfg, shape, strategy, world, host.procs_per_node,
-                                          bits=changes.get("bits", "cfg")), host)
+    return host_memory.fits(host_estimate(cfg, shape, strategy, world, host.procs_per_node, bits), host)
 
 
 def at_cap(cfg, micro_batch: int, strategy: str) -> bool:
@@ -286,19 +296,19 @@ def sized(cfg, shape, strategy, world, gpu_mem_gib, micro_batch) -> tuple[bool, 
     return bool(gc), mb, job_estimate(cfg, shape, strategy, world, max(mb, 1), gradient_checkpointing=bool(gc))
 
 
-def candidates(cfg, deepspeed: bool = True, deepspeed_only: bool = False) -> list[str]:
+def candidates(cfg, deepspeed: bool = True, deepspeed_only: bool = False, exclude=()) -> list[str]:
     """The strategies this job can use (the DeepSpeed ones only where deepspeed is installed; only those where
-    backend=deepspeed or DeepSpeed settings were given)."""
-    return [s for s in STRATEGIES if supported(s, cfg["quant"]["bits"], cfg["lora"]["r"])
+    backend=deepspeed or DeepSpeed settings were given; none of `exclude`)."""
+    return [s for s in STRATEGIES if supported(s, cfg["quant"]["bits"], cfg["lora"]["r"]) and s not in exclude
             and (deepspeed or RULES[s].deepspeed_template is None)
             and (not deepspeed_only or RULES[s].deepspeed_template is not None)]
 
 
 def choose(cfg, shape, world, gpu_mem_gib, micro_batch, deepspeed: bool = True,
-           deepspeed_only: bool = False, host: Host | None = None) -> tuple[str | None, int, str]:
+           deepspeed_only: bool = False, host: Host | None = None, exclude=()) -> tuple[str | None, int, str]:
     """(strategy, micro_batch, why): the fastest strategy that fits the GPUs and the host (micro_batch: an int,
     or 'auto')."""
-    for strategy in sorted(candidates(cfg, deepspeed, deepspeed_only), key=lambda s: -RELATIVE_SPEED[s]):
+    for strategy in sorted(candidates(cfg, deepspeed, deepspeed_only, exclude), key=lambda s: -RELATIVE_SPEED[s]):
         _, mb, est = sized(cfg, shape, strategy, world, gpu_mem_gib, micro_batch)
         if mb and fits(est, gpu_mem_gib) and host_fits(cfg, shape, strategy, world, host):
             return strategy, mb, (f"{strategy}: the fastest that fits ({est.total:.1f} GiB of {gpu_mem_gib:.0f} GiB "
@@ -326,12 +336,12 @@ def smallest_change(cfg, shape, world, gpu_mem_gib, host: Host | None = None) ->
         for strategy in candidates(cfg) if "bits" not in kwargs else STRATEGIES:
             if supported(strategy, kwargs.get("bits", bits), cfg["lora"]["r"]) and fits(
                     job_estimate(cfg, shape, strategy, w, mb, **kwargs), gpu_mem_gib):
-                if host_fits(cfg, shape, strategy, w, here, **kwargs):
+                if host_fits(cfg, shape, strategy, w, here, kwargs.get("bits")):
                     if change:  # (as it is, it fits: not this function's question)
                         return f"{change} (then {strategy} fits)"
                     continue
                 if short_host is None:
-                    est = host_estimate(cfg, shape, strategy, w, here.procs_per_node, bits=kwargs.get("bits", "cfg"))
+                    est = host_estimate(cfg, shape, strategy, w, here.procs_per_node, kwargs.get("bits"))
                     short_host = change, strategy, host_memory.needed_gib(est)
     if short_host:
         change, strategy, need = short_host

@@ -6,7 +6,6 @@ them out and logs what it did.
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from pathlib import Path
 
@@ -65,12 +64,7 @@ def load_model(cfg: dict, local_rank: int):
         kwargs["device_map"] = {"": local_rank}
     log.info("loading %s: dtype=%s quant=%s device_map=%s", plan["model_path"], plan["dtype"],
              cfg["quant"]["name"], kwargs.get("device_map"))
-    started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(plan["model_path"], **kwargs)
-    model.load_seconds = round(time.perf_counter() - started, 1)
-    model.host_peak_gib = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1)  # kB on Linux
-    log.info("loaded in %.1f s; this process's host memory peak so far %.1f GiB", model.load_seconds,
-             model.host_peak_gib)
     model.config.use_cache = False  # the cache only matters for generation, and it breaks checkpointing
     if quant is not None and plan["kbit_prepare"]:
         from peft import prepare_model_for_kbit_training
@@ -80,6 +74,27 @@ def load_model(cfg: dict, local_rank: int):
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     return model
+
+
+def private_memory_gib() -> float | None:
+    """This process's own memory (RssAnon): not the checkpoint pages it maps, which are the page cache's."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return round(int(line.split()[1]) / 2**20, 1)  # kB
+    except OSError:
+        pass
+    return None
+
+
+def load_model_timed(cfg: dict, local_rank: int):
+    """load_model, and what it took: {"load_seconds", "host_private_gib_after_load"}."""
+    started = time.perf_counter()
+    model = load_model(cfg, local_rank)
+    took = {"load_seconds": round(time.perf_counter() - started, 1), "host_private_gib_after_load": private_memory_gib()}
+    log.info("loaded in %.1f s; this process's own host memory %s GiB", took["load_seconds"],
+             took["host_private_gib_after_load"])
+    return model, took
 
 
 def lora_config(cfg: dict):

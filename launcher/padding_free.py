@@ -146,12 +146,15 @@ def packed_varlen_attention(module, query, key, value, attention_mask, dropout=0
     window = {}
     if kwargs.get("sliding_window"):  # a sliding layer (Mistral, Gemma, Qwen2 with use_sliding_window)
         window = dict(window_size_left=kwargs["sliding_window"] - 1, window_size_right=0)
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, dim]
+    # The kernel takes 16-bit inputs only; a model prepared for k-bit training (4-bit under ddp) runs its norms,
+    # and so the projections' inputs, in float32
+    dtype = query.dtype if query.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))  # [tokens, heads, dim]
     cu = cu_seq_lens_q.to(torch.int32)
     out = torch.ops.aten._flash_attention_forward(
         q, k, v, cu, cu, int(max_length_q), int(max_length_q), dropout if module.training else 0.0, True, False,
         scale=scaling, **window)[0]
-    return out.unsqueeze(0), None
+    return out.unsqueeze(0).to(query.dtype), None
 
 
 def _varlen_mask(*args, attention_mask=None, **kwargs):

@@ -118,7 +118,9 @@ def with_liger(cfg: dict, on_gpu: bool, installed: bool) -> dict:
 
 
 def host_of(cfg: dict, machine: Machine, procs_per_node: int) -> Host:
-    return Host(cfg.get("host_mem_gib") or machine.host_mem_gib, procs_per_node)
+    """host_mem_gib, or this host's memory where it has the GPUs to run on (a plan made on a login node or a
+    laptop is for another machine: its memory is unknown unless given)."""
+    return Host(cfg.get("host_mem_gib") or (machine.host_mem_gib if machine.gpu_count else None), procs_per_node)
 
 
 def size_the_job(cfg: dict, machine: Machine, world: int, on_gpu: bool, decisions: list[str],
@@ -155,18 +157,22 @@ def size_the_job(cfg: dict, machine: Machine, world: int, on_gpu: bool, decision
         return cfg
     # backend=deepspeed, or DeepSpeed settings given: strategy=auto chooses among the DeepSpeed strategies
     ds_only = cfg["backend"] == "deepspeed" or bool(cfg["strategy"].get("deepspeed"))
+    # a checkpoint saved in 4 bits stored as uint8 cannot be sharded (FSDP and ZeRO-3 need the compute dtype)
+    saved = validate.prequantized(cfg["model"]["path"]) or {}
+    exclude = (("fsdp_qlora", "zero3", "zero3_offload")
+               if saved.get("load_in_4bit") and saved.get("bnb_4bit_quant_storage", "uint8") == "uint8" else ())
     if auto_gc:  # decided for the strategy asked for, or the fastest that fits without checkpointing
         name = cfg["strategy"]["name"]
         if auto_strategy:
             without = dict(cfg, train=dict(cfg["train"], gradient_checkpointing=False))
             name = memory.choose(without, shape, world, gpu_mem, cfg["micro_batch"], machine.deepspeed,
-                                 ds_only, host)[0] or "ddp"
+                                 ds_only, host, exclude)[0] or "ddp"
         on, why = memory.checkpointing_pays(cfg, shape, name, world, gpu_mem, cfg["micro_batch"])
         cfg["train"]["gradient_checkpointing"] = on
         decisions.append(f"train.gradient_checkpointing=auto -> {why}")
     if auto_strategy:
         name, mb, why = memory.choose(cfg, shape, world, gpu_mem, cfg["micro_batch"], machine.deepspeed, ds_only,
-                                      host)
+                                      host, exclude)
         if name is None:
             raise ConfigError("strategy", f"strategy=auto: no strategy fits {gpu_mem:.0f} GiB per GPU with this "
                                           f"config; the smallest change that fits: "
@@ -206,8 +212,9 @@ def memory_decision(cfg: dict, machine: Machine, world: int, token_budget: int |
     if host.mem_gib:
         on_host = memory.host_estimate(cfg, shape, name, world, host.procs_per_node)
         fits = host_memory.fits(on_host, host)
-        line += (f"; host {on_host.total:.0f} GiB of {host.mem_gib:.0f} (weights loaded {on_host.loading_how}"
-                 f"{', ZeRO-3-offload states %.0f GiB' % on_host.offloaded if on_host.offloaded else ''}; "
+        parts = [f"{what} {gib:.0f} GiB" for what, gib in (("loading", on_host.loading), ("saving", on_host.saving),
+                                                              ("ZeRO-3-offload states", on_host.offloaded)) if gib]
+        line += (f"; host {on_host.total:.0f} GiB of {host.mem_gib:.0f} ({', '.join(parts + [''])}"
                  f"{'fits' if fits else 'WARNING: over the host memory there is, expect the OOM killer'})")
     return line
 

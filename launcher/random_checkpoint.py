@@ -9,8 +9,8 @@ loads it through transformers' own pre-quantized path, as it loads users' pre-qu
 reads the 4-bit tensors and moves them to its GPU, and no process ever holds the bf16 model (about 40 GB for
 Llama-3.1-70B; loading it needs a shard of host memory, not the model).
 
-Weights are N(0, initializer_range), norms one, biases zero; each tensor is drawn from its own seeded generator
-(on the GPU where there is one), so the checkpoint does not depend on the sharding.
+Weights are N(0, initializer_range), norms one, biases zero; each tensor is drawn from a generator seeded by its
+name, so it does not depend on the sharding (CPU and GPU generators draw differently).
 
     python -m launcher.random_checkpoint OUT_DIR PRESET [--quant none|4bit] [--storage bfloat16|uint8]
 """
@@ -20,6 +20,7 @@ import argparse
 import json
 import resource
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -72,21 +73,22 @@ def write(config, out_dir: str | Path, quant: str = "none", storage: str = "bflo
         skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     shapes = {n: t.shape for n, t in skeleton.state_dict().items()}
     # what bitsandbytes quantizes: the Linear layers, not the output embedding
-    linear = {f"{n}.weight" for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    output = skeleton.get_output_embeddings()
+    linear = {f"{n}.weight" for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and m is not output}
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)  # transformers ties it to the embedding again
     groups = _groups(list(shapes))
     weight_map, total = {}, 0
     for number, names in enumerate(groups, 1):
         tensors = {}
-        for index, name in enumerate(names):
+        for name in names:
             if name.endswith("norm.weight"):
                 tensors[name] = torch.ones(shapes[name], dtype=torch.bfloat16)
                 continue
             if name.endswith(".bias"):
                 tensors[name] = torch.zeros(shapes[name], dtype=torch.bfloat16)
                 continue
-            gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + number * 1000 + index)
+            gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             weight = torch.empty(shapes[name], dtype=torch.bfloat16, device=device)
             weight.normal_(0.0, config.initializer_range, generator=gen)
             if quant == "4bit" and name in linear:

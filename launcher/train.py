@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -167,8 +166,7 @@ def main(config_path: str) -> int:
         return 2
     log.info(report.line(cfg["data"]["max_length"]))
 
-    model = modeling.load_model(cfg, local_rank)
-    loading = {"load_seconds": model.load_seconds, "host_peak_gib_after_load": model.host_peak_gib}
+    model, loading = modeling.load_model_timed(cfg, local_rank)
     if plan["zero3_whole_layers"]:
         modeling.fetch_whole_layers_under_zero3(model)  # before the Trainer hands the model to DeepSpeed
     banner = StartupBanner(cfg, report)
@@ -233,7 +231,7 @@ def main(config_path: str) -> int:
     if trainer.is_world_process_zero():
         summary = {"run_dir": run_dir, "global_step": trainer.state.global_step,
                    "train_loss": result.training_loss, "seconds": round(time.time() - started, 1), **loading,
-                   "host_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1),  # rank 0, kB
+                   "host_private_gib": modeling.private_memory_gib(),  # rank 0's, at the end
                    **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
         Path(run_dir, "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print_summary(cfg, summary)

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -197,8 +198,6 @@ def prequantized(model_path: str) -> dict | None:
     path = Path(str(model_path)).expanduser() / "config.json"
     if not path.is_file():
         return None
-    import json
-
     quant = json.loads(path.read_text()).get("quantization_config")
     return quant if quant and quant.get("quant_method") == "bitsandbytes" else None
 

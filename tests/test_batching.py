@@ -88,3 +88,11 @@ def test_auto_stays_padded_under_strategies_where_padding_free_was_not_measured(
     forced = build_plan(compose_cfg(*REAL, "strategy=zero3", "train.padding_free=true"), H200X2).settings
     assert forced["padding_free"] and forced["token_budget"] == 2 * 2048 * int(
         yaml.safe_load(build_plan(compose_cfg(*REAL, "strategy=zero3"), H200X2).files["config.yaml"])["micro_batch"])
+
+
+def test_auto_stays_padded_over_4_bit_weights_where_it_was_not_measured():
+    plan = build_plan(compose_cfg(*REAL, "strategy=ddp", "quant=4bit"), H200X2)
+    assert not plan.settings["padding_free"]
+    assert any("off with quant=4bit, where it has not been measured" in d for d in plan.decisions)
+    forced = build_plan(compose_cfg(*REAL, "strategy=ddp", "quant=4bit", "train.padding_free=true"), H200X2)
+    assert forced.settings["padding_free"] and forced.settings["attn_implementation"] == "packed_varlen"

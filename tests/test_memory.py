@@ -10,6 +10,7 @@ from launcher.plan import build_plan
 
 QWEN_1_5B = memory.Shape(1536, 8960, 28, 12, 2, 151936, True)
 QWEN_7B = memory.Shape(3584, 18944, 28, 28, 4, 152064, False)
+LLAMA_70B = memory.Shape(8192, 28672, 80, 64, 8, 128256, False)
 GIB = 2**30
 
 
@@ -84,6 +85,9 @@ MEASURED = [
     (QWEN_1_5B, "zero2", None, "sft", 64, 384, False, True, 64.4),
     (QWEN_7B, "fsdp_qlora", 4, "dpo", 16, 384, False, True, 53.1),
     (QWEN_7B, "zero3", 4, "dpo", 16, 384, False, True, 55.1),
+    # 2026-11-30: Llama-3.1-70B's shape from a pre-quantized 4-bit checkpoint, 2 pairs of 384 (docs/memory.md)
+    (LLAMA_70B, "fsdp_qlora", 4, "dpo", 2, 384, False, True, 53.84),
+    (LLAMA_70B, "zero3", 4, "dpo", 2, 384, False, True, 88.75),
 ]
 
 

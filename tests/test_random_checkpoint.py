@@ -78,5 +78,6 @@ def test_the_plan_takes_the_checkpoint_as_it_was_saved(checkpoints):
         build_plan(compose_cfg(*uint8, "strategy=fsdp_qlora"), GPU_NODE)
     assert info.value.key == "quant.storage_dtype" and "stores its 4-bit weights as uint8" in str(info.value)
     assert build_plan(compose_cfg(*uint8, "strategy=ddp"), GPU_NODE).settings["quant_storage_dtype"] == "uint8"
+    assert build_plan(compose_cfg(*uint8, "strategy=auto"), GPU_NODE).strategy in ("ddp", "zero2")  # unshardable
     with pytest.raises(ConfigError, match="merge=true merges the adapter into the 16-bit base"):
         build_plan(compose_cfg(*base, "quant=4bit", "strategy=fsdp_qlora", "merge=true"), GPU_NODE)
