@@ -110,12 +110,28 @@ def run_child(argv: list[str], env: dict[str, str], stop_file: Path | None = Non
     return code
 
 
-def _kill_group(pgid: int) -> None:
-    """Whatever of the job is still alive (a rank that ignored the signal) goes now."""
+def _kill_group(pgid: int, wait_s: float = 30.0) -> None:
+    """Whatever of the job is still alive (a rank that ignored the signal, a dead rank's dataloader workers
+    holding its GPU memory) goes now; returns once none of it is left."""
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
-        pass
+        return
+    deadline = time.monotonic() + wait_s
+    while _alive_in_group(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _alive_in_group(pgid: int) -> bool:
+    """A process of this group that has not exited (zombies have: an orphan waits for its reaper)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":  # fields after the name: state, ppid, pgrp, ...
+            return True
+    return False
 
 
 def execute(plan: LaunchPlan, state: str) -> int:

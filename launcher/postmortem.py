@@ -1,39 +1,75 @@
-"""After a failed run: which rank went first, and its last log lines.
+"""After a failed run: which rank went first, its last log lines, and which were stopped because of it.
 
-Every rank's log ends with FINISHED, or FAILED and a traceback. A log that ends with neither belongs to
-a rank that was killed (SIGKILL, the OOM killer): the likely root cause, named first.
+Every rank's log ends with FINISHED, or FAILED and a traceback, or STOPPED where a signal stopped it (torchrun's
+agent sends SIGTERM to the others once one rank has failed). A log that ends with none of them belongs to a rank
+that was killed (SIGKILL, the OOM killer, a lost node): it went first, before the agent stopped anyone. Among
+ranks that failed with a traceback, the earliest goes first.
 """
 from __future__ import annotations
 
+import os
 import re
+import signal
 from pathlib import Path
 
 STARTED = "rank started"  # each launch appends to the same log: only what follows the last start counts
 FINISHED = "rank finished"
 FAILED = "launcher.train failed"
+STOPPED = "rank stopped by signal"
 TAIL = 8
+
+
+def _this_launch(path: Path) -> list[str]:
+    lines = path.read_text(errors="replace").splitlines()
+    starts = [i for i, line in enumerate(lines) if STARTED in line]
+    return lines[starts[-1]:] if starts else lines
+
+
+def _time(line: str) -> str:
+    """The log line's clock time (the rank logs start with 'YYYY-MM-DD HH:MM:SS,mmm')."""
+    return line[11:23].replace(",", ".") if re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", line) else ""
+
+
+def say_when_stopped(log) -> None:
+    """A rank stopped by SIGTERM (torchrun's agent, once another rank has failed) says so in its log before it
+    goes, so that the post-mortem does not take it for the rank that went first. It still dies of the signal."""
+    def stopped(signum, _frame):
+        log.warning("%s %s", STOPPED, signal.Signals(signum).name)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, stopped)
 
 
 def explain_failure(run_dir: str) -> str:
     logs = sorted(Path(run_dir, "logs").glob("rank*.log"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
     if not logs:
         return "no rank wrote a log: the processes did not start (see the output above)"
-    killed, failed = [], []
+    killed, failed, stopped = [], [], []
     for path in logs:
-        lines = path.read_text(errors="replace").splitlines()
-        starts = [i for i, line in enumerate(lines) if STARTED in line]
-        lines = lines[starts[-1]:] if starts else lines
+        lines = _this_launch(path)
         text = "\n".join(lines)
         if FAILED in text:
-            failed.append((path, lines))
+            at = max(i for i, line in enumerate(lines) if FAILED in line)
+            failed.append((_time(lines[at]), path, lines, at))
+        elif STOPPED in text:
+            stopped.append((path, next(line for line in reversed(lines) if STOPPED in line)))
         elif FINISHED not in text:
             killed.append((path, lines))
+    failed.sort(key=lambda f: f[0])
     parts = []
     for path, lines in killed:
         parts.append(f"{path.stem} stopped without a word (killed: SIGKILL, the OOM killer, or a lost node); "
                      f"its last lines ({path}):\n" + "\n".join("    " + line for line in lines[-TAIL:]))
-    for path, lines in failed:
-        start = max(i for i, line in enumerate(lines) if FAILED in line)
+    for at_time, path, lines, at in failed:
         error = next((line for line in reversed(lines) if line and not line.startswith(" ")), "")
-        parts.append(f"{path.stem} failed: {error.strip()} (traceback from line {start + 1} of {path})")
+        parts.append(f"{path.stem} failed{' at ' + at_time if at_time else ''}: {error.strip()} "
+                     f"(traceback from line {at + 1} of {path})")
+    first = [p.stem for p, *_ in killed] or [f[1].stem for f in failed[:1]]
+    for path, line in stopped:
+        how = f"{line.split(STOPPED, 1)[1].strip() or 'a signal'} at {_time(line) or 'an unlogged time'}"
+        parts.append(f"{path.stem} was stopped because {' and '.join(first)} had gone ({how}: the launch stops every "
+                     "rank once one fails)" if first else f"{path.stem} was stopped ({how})")
+    if parts and first:
+        parts[0] = "first: " + parts[0]
     return "\n".join(parts) or "every rank finished; the launcher itself failed (see the output above)"

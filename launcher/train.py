@@ -151,6 +151,7 @@ def main(config_path: str) -> int:
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     logs.setup_logging(run_dir, rank)
     log.debug("%s: rank %d, pid %d", postmortem.STARTED, rank, os.getpid())
+    postmortem.say_when_stopped(log)
     started = time.time()
     report_to = logs.configure_trackers(cfg["logging"], cfg["run_name"], run_dir) if rank == 0 else []
     args = training_args(cfg, report_to)  # first: it sets up the process group (and ZeRO-3's zero.Init)

@@ -66,3 +66,20 @@ def test_child_failure_code_is_the_launchers(tmp_path):
     code = subprocess.run([sys.executable, "-c", "from launcher.execute import run_child; import sys; "
                            "sys.exit(run_child([sys.executable, '-c', 'import sys; sys.exit(3)'], {}))"]).returncode
     assert code == 3
+
+
+def test_the_launcher_returns_only_when_every_process_of_the_job_is_gone(tmp_path):
+    """A rank that dies leaves its dataloader worker behind (same process group, holding the rank's memory): the
+    launcher kills it and waits for it before it returns."""
+    pid_file = tmp_path / "worker.pid"
+    rank = ("import os, signal, subprocess, sys, time\n"
+            "w = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)'])\n"
+            f"open({str(pid_file)!r}, 'w').write(str(w.pid))\n"
+            "time.sleep(0.5)\n"
+            "os._exit(1)\n")
+    code = subprocess.run([sys.executable, "-c", "from launcher.execute import run_child; import sys; "
+                           f"sys.exit(run_child([sys.executable, '-c', {rank!r}], {{}}))"], timeout=60).returncode
+    worker = int(pid_file.read_text())
+    assert code == 1
+    assert not alive(worker), "the dead rank's worker outlived the launcher's return"

@@ -57,10 +57,10 @@ def test_rank_killed_mid_step_ends_the_job_names_the_rank_and_resume_finishes(tm
     out = proc.communicate(timeout=60)[0]
     assert time.time() - t0 < 60
     assert proc.returncode != 0
-    assert "rank1 stopped without a word (killed" in out
+    assert "first: rank1 stopped without a word (killed" in out  # not rank 0, which torchrun stopped after it
+    assert "rank0 stopped without a word" not in out
     assert "its last lines" in out and "logs/rank1.log" in out
-    time.sleep(1)
-    assert not any(alive(p) for p in pids.values()), "a rank outlived the job"
+    assert not any(alive(p) for p in pids.values()), "a rank outlived the launcher's return"
     assert subprocess.run(["pgrep", "-f", str(run)], capture_output=True).stdout == b""
 
     res = run_launcher(*args[:1], "train.max_steps=30", "save_steps=5", "data.max_length=64", "resume=auto",
@@ -108,3 +108,30 @@ def test_busy_port_single_node_takes_a_free_one_multi_node_names_it(tmp_path):
                             f"run_dir={tmp_path}/b", "dry_run=true")
         assert many.returncode == 2
         assert f"master_port: port {port} is already in use on this host" in many.stderr
+
+
+def test_the_post_mortem_names_the_rank_that_went_first_and_the_ones_stopped_because_of_it(tmp_path):
+    """As seen on 2x H200: rank 1 SIGKILLed, rank 0 then stopped by torchrun's SIGTERM (its log says so), rank 2
+    failed with a traceback after it."""
+    from launcher import postmortem
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    day = "2026-11-30 14:22:"
+    (logs / "rank0.log").write_text(f"{day}01,000 rank0 launcher DEBUG {postmortem.STARTED}: rank 0, pid 10\n"
+                                    f"{day}05,000 rank0 launcher INFO step 5: loss=0.69\n"
+                                    f"{day}09,500 rank0 launcher WARNING {postmortem.STOPPED} SIGTERM\n")
+    (logs / "rank1.log").write_text(f"{day}01,000 rank1 launcher DEBUG {postmortem.STARTED}: rank 1, pid 11\n"
+                                    f"{day}02,000 rank1 launcher INFO data: 10 rows\n")
+    (logs / "rank2.log").write_text(f"{day}01,000 rank2 launcher DEBUG {postmortem.STARTED}: rank 2, pid 12\n"
+                                    f"{day}09,700 rank2 launcher ERROR {postmortem.FAILED}\nTraceback (most recent "
+                                    "call last):\n  File \"x\", line 1\nRuntimeError: Connection closed by peer\n")
+    lines = postmortem.explain_failure(str(tmp_path)).splitlines()
+    assert lines[0].startswith("first: rank1 stopped without a word")
+    assert any(line.startswith("rank2 failed at 14:22:09.700: RuntimeError: Connection closed by peer") for line in lines)
+    assert ("rank0 was stopped because rank1 had gone (SIGTERM at 14:22:09.500: the launch stops every rank once "
+            "one fails)") in lines
+    (logs / "rank1.log").write_text(f"{day}01,000 rank1 launcher DEBUG {postmortem.STARTED}: rank 1, pid 11\n"
+                                    f"{day}08,000 rank1 launcher ERROR {postmortem.FAILED}\nValueError: bad row\n")
+    first = postmortem.explain_failure(str(tmp_path)).splitlines()[0]
+    assert first.startswith("first: rank1 failed at 14:22:08.000: ValueError: bad row")  # before rank2's
