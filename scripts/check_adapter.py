@@ -13,22 +13,27 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-run = Path(sys.argv[1])
-cfg = yaml.safe_load((run / "config.yaml").read_text())
-device = "cuda:0" if torch.cuda.is_available() else "cpu"
-started = time.perf_counter()
-base = AutoModelForCausalLM.from_pretrained(cfg["plan"]["model_path"], dtype=torch.bfloat16, device_map={"": device})
-loaded = time.perf_counter() - started
-model = PeftModel.from_pretrained(base, run / "final")
-lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
-ids = torch.arange(10, 42, device=device).unsqueeze(0)
-with torch.no_grad():
-    tuned = model(input_ids=ids).logits.float()
-    with model.disable_adapter():
-        plain = model(input_ids=ids).logits.float()
-change = (tuned - plain).abs().max().item()
-trained = sum(int(p.abs().sum() > 0) for p in lora_b)
-ok = lora_b and trained == len(lora_b) and change > 0
-print(f"{run.name}: {'ok' if ok else 'MISSED'}: base loaded in {loaded:.0f} s, adapter of {len(lora_b)} LoRA pairs "
-      f"({trained} trained), largest logit change with it on {change:.4f}")
-sys.exit(0 if ok else 1)
+
+def main(run: Path) -> int:
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    started = time.perf_counter()
+    base = AutoModelForCausalLM.from_pretrained(cfg["plan"]["model_path"], dtype=torch.bfloat16, device_map={"": device})
+    loaded = time.perf_counter() - started
+    model = PeftModel.from_pretrained(base, run / "final")
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    ids = torch.arange(10, 42, device=device).unsqueeze(0)
+    with torch.no_grad():
+        tuned = model(input_ids=ids).logits.float()
+        with model.disable_adapter():
+            plain = model(input_ids=ids).logits.float()
+    change = (tuned - plain).abs().max().item()
+    trained = sum(int(p.abs().sum() > 0) for p in lora_b)
+    ok = bool(lora_b) and trained == len(lora_b) and change > 0
+    print(f"{run.name}: {'ok' if ok else 'MISSED'}: base loaded in {loaded:.0f} s, adapter of {len(lora_b)} LoRA pairs "
+          f"({trained} trained), largest logit change with it on {change:.4f}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))

@@ -12,6 +12,10 @@
 #    then resume=auto to 25) and ddp; the 8B matrix, bf16 LoRA and 4-bit QLoRA under every strategy;
 # 3. loads the 70B fsdp_qlora runs' adapters onto the base (scripts/check_adapter.py; ADAPTERS=zero3 for those).
 # Writes $OUT/big-<part>.md and .json, the logs in $OUT/big-<part>-logs.tgz.
+# Measured on 2x H200 (docs/benchmarks.md, 2026-11-30): the 70B checkpoint takes 55 s to write; a 70B zero3 case
+# with its resume 156 s + 90 s; a 70B fsdp_qlora case about 7 minutes with its resume (each FULL_STATE_DICT save
+# gathers the whole model into rank 0: 133 s). A lent machine stops a command after 10 minutes: there, one or
+# two cases per call (ONLY=..., BUDGET_S=440, CASE_TIMEOUT_S=400), each call building the checkpoint again.
 set -uo pipefail
 . scripts/gpu_env.sh
 ASSETS=${ASSETS:-/tmp/big-assets}
