@@ -41,6 +41,12 @@ def say_when_stopped(log) -> None:
     signal.signal(signal.SIGTERM, stopped)
 
 
+def _on_host(lines: list[str]) -> str:
+    """' on <host>' from the rank's start line, where it says."""
+    start = next((line for line in lines if STARTED in line), "")
+    return f" on {start.rsplit('host ', 1)[1].strip()}" if ", host " in start else ""
+
+
 def explain_failure(run_dir: str) -> str:
     logs = sorted(Path(run_dir, "logs").glob("rank*.log"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
     if not logs:
@@ -59,11 +65,11 @@ def explain_failure(run_dir: str) -> str:
     failed.sort(key=lambda f: f[0])
     parts = []
     for path, lines in killed:
-        parts.append(f"{path.stem} stopped without a word (killed: SIGKILL, the OOM killer, or a lost node); "
-                     f"its last lines ({path}):\n" + "\n".join("    " + line for line in lines[-TAIL:]))
+        parts.append(f"{path.stem} stopped without a word{_on_host(lines)} (killed: SIGKILL, the OOM killer, or a "
+                     f"lost node); its last lines ({path}):\n" + "\n".join("    " + line for line in lines[-TAIL:]))
     for at_time, path, lines, at in failed:
         error = next((line for line in reversed(lines) if line and not line.startswith(" ")), "")
-        parts.append(f"{path.stem} failed{' at ' + at_time if at_time else ''}: {error.strip()} "
+        parts.append(f"{path.stem} failed{_on_host(lines)}{' at ' + at_time if at_time else ''}: {error.strip()} "
                      f"(traceback from line {at + 1} of {path})")
     first = [p.stem for p, *_ in killed] or [f[1].stem for f in failed[:1]]
     for path, line in stopped:

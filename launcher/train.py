@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -150,7 +151,7 @@ def main(config_path: str) -> int:
     plan, run_dir = cfg["plan"], cfg["run_dir"]
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     logs.setup_logging(run_dir, rank)
-    log.debug("%s: rank %d, pid %d", postmortem.STARTED, rank, os.getpid())
+    log.debug("%s: rank %d, pid %d, host %s", postmortem.STARTED, rank, os.getpid(), socket.gethostname())
     postmortem.say_when_stopped(log)
     started = time.time()
     report_to = logs.configure_trackers(cfg["logging"], cfg["run_name"], run_dir) if rank == 0 else []

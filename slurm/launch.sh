@@ -2,7 +2,7 @@
 # Starts one launcher per node of a Slurm allocation; called by the sbatch scripts in this folder
 # (and by the ones `python -m launcher cluster=slurm` renders). Arguments are launcher overrides.
 #
-# - master address: the allocation's first host; port: derived from the job id (same on every node)
+# - master address: the allocation's first host (its NodeAddr); port: derived from the job id (same on every node)
 # - node rank: SLURM_NODEID of each srun task; nodes: SLURM_NNODES
 # - run_dir: runs/<job name>-<job id> unless given, so a requeued job finds its checkpoints
 # - resume=auto unless given: a requeued (or resubmitted) job continues from the newest complete checkpoint
@@ -22,10 +22,13 @@ value_of() {  # the last KEY=value among the arguments
 run_dir=${LAUNCHER_RUN_DIR:-$(value_of run_dir)}  # a rendered job.sbatch exports the plain path
 if [ -z "$run_dir" ]; then run_dir="runs/${SLURM_JOB_NAME:-job}-${SLURM_JOB_ID}"; args+=("run_dir=$run_dir"); fi
 [ -n "$(value_of resume)" ] || args+=("resume=auto")
-master=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# the first node's address as Slurm reaches it (NodeAddr), which every node can resolve; its name otherwise
+master=$(scontrol show node "$first" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
+master=${master:-$first}
 port=$((20000 + SLURM_JOB_ID % 20000))
 stop_file="$run_dir/STOP"
-rm -f "$stop_file"
+rm -f "$stop_file" "$run_dir/STOPPED"
 
 echo "launcher(slurm): job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_NNODES node(s), master $master:$port, run_dir $run_dir"
 trap 'echo "launcher(slurm): warning signal: checkpoint, then requeue"; mkdir -p "$run_dir"; touch "$stop_file"' USR1
@@ -41,7 +44,9 @@ while true; do  # `wait` returns early when the trap runs: keep waiting for srun
   kill -0 "$pid" 2>/dev/null || break
 done
 
-if [ "$rc" -eq 75 ]; then
+# 75: stopped at a checkpoint. On several nodes srun may report another code: the first node's 75 ends the step
+# (--kill-on-bad-exit) while the others are still exiting; rank 0's STOPPED marker says the checkpoint is complete.
+if [ "$rc" -eq 75 ] || { [ -f "$stop_file" ] && [ -f "$run_dir/STOPPED" ]; }; then
   echo "launcher(slurm): stopped at a checkpoint; requeueing job $SLURM_JOB_ID"
   scontrol requeue "$SLURM_JOB_ID"
 fi
