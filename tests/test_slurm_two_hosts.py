@@ -58,6 +58,13 @@ def job_processes(cluster, host: str) -> list[str]:
     return [n for n in names if n not in ("slurmctld", "slurmscriptd", "slurmd")]
 
 
+def two_per_host(run) -> bool:
+    """Ranks 0-1 on one host and 2-3 on the other (c10d hands node ranks out in arrival order: which host holds
+    rank 0 varies), from each rank log's start line (the last launch's)."""
+    hosts = hosts_of_ranks(run)
+    return sorted(hosts) == [0, 1, 2, 3] and hosts[0] == hosts[1] != hosts[2] == hosts[3]
+
+
 def hosts_of_ranks(run) -> dict:
     """rank -> host, from each rank log's start line (the last launch's)."""
     seen = {}
@@ -76,7 +83,7 @@ def test_a_job_on_two_hosts_joins_one_world(cluster, tmp_path, tiny_dir, script,
     out = (tmp_path / "job.out").read_text()
     assert state == "COMPLETED", out[-4000:]
     assert "on 2 node(s), master 10.77.0.1:" in out and metric in out
-    assert hosts_of_ranks(run) == {0: "hosta", 1: "hosta", 2: "hostb", 3: "hostb"}  # world size 4, 2 per host
+    assert two_per_host(run), hosts_of_ranks(run)  # world size 4, 2 per host
     assert json.loads((run / "summary.json").read_text())["global_step"] == 6
     assert (run / "plan.node1.json").exists() and (run / "command.node1.sh").exists()  # host B's own files
 
@@ -103,8 +110,8 @@ def test_a_lost_host_ends_the_job_on_both_and_resume_continues(cluster, tmp_path
         assert time.time() < deadline, f"processes of the job left on host A: {left}"
         time.sleep(0.5)
     out = (tmp_path / "job.out").read_text()
-    assert "first: rank2 stopped without a word" in out or "first: rank3 stopped without a word" in out, out[-3000:]
-    assert "on hostb" in out  # the post-mortem names the host of the rank that went first
+    on_b = min(r for r, host in hosts_of_ranks(run).items() if host == "hostb")
+    assert f"first: rank{on_b} stopped without a word on hostb (killed" in out, out[-3000:]
 
     cluster.start_slurmd("hostb")
     cluster.run("scontrol", "update", "NodeName=hostb", "State=RESUME")
@@ -139,7 +146,7 @@ def test_the_warning_signal_checkpoints_both_hosts_requeues_and_resumes(cluster,
     assert field(cluster, job, "Restarts") == "1" and "requeueing job" in out
     stopped = int(re.search(r"stopped on request at step (\d+)", out).group(1))  # its checkpoint
     assert stopped < 40 and f"continuing from {run}/checkpoints/checkpoint-{stopped} (step {stopped})" in out
-    assert hosts_of_ranks(run) == {0: "hosta", 1: "hosta", 2: "hostb", 3: "hostb"}  # the resumed launch's
+    assert two_per_host(run), hosts_of_ranks(run)  # the resumed launch's
     assert json.loads((run / "summary.json").read_text())["global_step"] == 40
 
 
@@ -151,5 +158,5 @@ def test_cluster_slurm_submits_to_two_hosts(cluster, tmp_path, tiny_dir):
     assert res.returncode == 0, res.stderr
     job = res.stdout.strip().splitlines()[-1]
     assert wait(cluster, job) == "COMPLETED", next(run.glob("slurm-*.out")).read_text()[-4000:]
-    assert hosts_of_ranks(run) == {0: "hosta", 1: "hosta", 2: "hostb", 3: "hostb"}
+    assert two_per_host(run), hosts_of_ranks(run)
     assert json.loads((run / "summary.json").read_text())["global_step"] == 4
