@@ -1,6 +1,6 @@
 """Slurm and multi-node: the rendered sbatch (pure), two nodes on one machine, and a real one-node Slurm
-(Debian's slurmctld, slurmd and munge, started here when installed; .ci/run installs them). Requeue on the warning
-signal, a lost host and `cluster=slurm` run on two hosts: tests/test_slurm_two_hosts.py."""
+(Debian's slurmctld, slurmd and munge, started here when installed; .ci/run installs them). Two hosts, a lost host
+and `cluster=slurm nodes=2`: tests/test_slurm_two_hosts.py."""
 import json
 import os
 import shutil
@@ -154,3 +154,24 @@ def test_sbatch_dpo_runs_the_embedded_default(slurm, tmp_path, tiny_dir):
     out = (tmp_path / "job.out").read_text()
     assert "on 1 node(s), master" in out and "held-out reward accuracy" in out
     assert json.loads((run / "summary.json").read_text())["global_step"] == 8
+
+
+@pytest.mark.slow
+def test_warning_signal_checkpoints_requeues_and_resumes(slurm, tmp_path, tiny_dir):
+    run = tmp_path / "run"
+    job = _run("sbatch", "--parsable", "--gpus-per-node=0", f"--cpus-per-task={os.cpu_count()}", f"--output={tmp_path}/job.out", "slurm/dpo.sbatch",
+               f"run_dir={run}", "train.max_steps=400", "save_steps=100", "data.max_length=64",
+               env=slurm).stdout.strip()
+    deadline = time.time() + 300
+    while not list(run.glob("metrics.jsonl")):
+        assert time.time() < deadline and job_field(slurm, job, "JobState") in ("PENDING", "RUNNING")
+        time.sleep(0.5)
+    _run("scancel", "--signal=USR1", "--batch", job, env=slurm)  # what --signal=B:USR1@300 sends
+    assert wait_job(slurm, job, timeout=900) == "COMPLETED", (tmp_path / "job.out").read_text()[-4000:]
+    out = (tmp_path / "job.out").read_text()
+    assert job_field(slurm, job, "Restarts") == "1"
+    assert "warning signal: checkpoint, then requeue" in out and "requeueing job" in out
+    stopped = [int(p.parent.name.split("-")[1]) for p in run.glob("checkpoints/checkpoint-*/COMPLETE")]
+    assert "(restart 1)" in out and f"continuing from {run}/checkpoints/checkpoint-" in out
+    assert json.loads((run / "summary.json").read_text())["global_step"] == 400
+    assert min(stopped) < 400
