@@ -14,6 +14,7 @@ import pytest
 from conftest import GPU_NODE, compose_cfg, run_launcher
 from launcher import ROOT
 from launcher.plan import build_plan
+from two_hosts import SLURM_BASICS
 
 
 def test_sbatch_for_this_config_passes_the_overrides_quoted(tmp_path):
@@ -59,16 +60,7 @@ def test_two_nodes_on_one_machine_join_one_world(tmp_path, tiny_dir):
 
 SLURM_CONF = """ClusterName=launchertest
 SlurmctldHost={host}
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
+""" + SLURM_BASICS + """\
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool
 SlurmctldPidFile={d}/slurmctld.pid

@@ -18,9 +18,8 @@ from pathlib import Path
 
 HOSTS = {"hosta": "10.77.0.1", "hostb": "10.77.0.2"}
 MARK = "# launcher-test-two-hosts"
-CONF = """\
-ClusterName=launcher2
-SlurmctldHost=hosta({a})
+# what both test clusters share: daemons as root, munge, no cgroups (the test machines have none to give)
+SLURM_BASICS = """\
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -31,6 +30,11 @@ JobAcctGatherType=jobacct_gather/none
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
+"""
+CONF = """\
+ClusterName=launcher2
+SlurmctldHost=hosta({a})
+""" + SLURM_BASICS + """\
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool/%n
 SlurmctldPidFile={d}/slurmctld.pid
