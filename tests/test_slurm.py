@@ -14,7 +14,7 @@ import pytest
 from conftest import GPU_NODE, compose_cfg, run_launcher
 from launcher import ROOT
 from launcher.plan import build_plan
-from two_hosts import SLURM_BASICS
+from two_hosts import SLURM_BASICS, start_munged
 
 
 def test_sbatch_for_this_config_passes_the_overrides_quoted(tmp_path):
@@ -96,11 +96,7 @@ def slurm(tmp_path_factory):
     (d / "slurm.conf").write_text(SLURM_CONF.format(host=host, d=d, p1=free_port(), p2=free_port(),
                                                     cpus=os.cpu_count()))
     env = {**os.environ, "SLURM_CONF": str(d / "slurm.conf")}
-    started_munged = _run("munge", "-n", check=False).returncode != 0
-    if started_munged:
-        for sub in ("/run/munge", "/var/lib/munge", "/var/log/munge"):
-            os.makedirs(sub, exist_ok=True)
-        _run("munged", "--force")
+    started_munged = start_munged()
     _run("slurmctld", env=env)
     _run("slurmd", env=env)
     deadline = time.time() + 60

@@ -103,6 +103,16 @@ def daemon(netns: str, hostname: str, argv: list[str], env: dict) -> None:
         *argv, env=env)
 
 
+def start_munged() -> bool:
+    """munged, unless one runs already; whether it was started here (then the tests stop it)."""
+    if _sh("munge", "-n", check=False).returncode == 0:
+        return False
+    for sub in ("/run/munge", "/var/lib/munge", "/var/log/munge"):
+        os.makedirs(sub, exist_ok=True)
+    _sh("munged", "--force")
+    return True
+
+
 def start(d: Path) -> TwoHosts:
     tag = str(os.getpid() % 100000)
     names = {host: f"lt{tag}{host[-1]}" for host in HOSTS}
@@ -122,12 +132,7 @@ def start(d: Path) -> TwoHosts:
         (d / sub).mkdir(exist_ok=True)
     (d / "slurm.conf").write_text(CONF.format(a=HOSTS["hosta"], b=HOSTS["hostb"], d=d, cpus=os.cpu_count()))
     env = {**os.environ, "SLURM_CONF": str(d / "slurm.conf")}
-    started_munged = _sh("munge", "-n", check=False).returncode != 0
-    if started_munged:
-        for sub in ("/run/munge", "/var/lib/munge", "/var/log/munge"):
-            os.makedirs(sub, exist_ok=True)
-        _sh("munged", "--force")
-    cluster = TwoHosts(d, names, env, started_munged)
+    cluster = TwoHosts(d, names, env, start_munged())
     daemon(a, "hosta", ["slurmctld"], env)
     for host in HOSTS:
         cluster.start_slurmd(host)
