@@ -57,6 +57,7 @@ ACT_KBIT_DDP = 1.46  # ddp 4-bit 77.4 against ddp bf16 54.8
 # SFT micro_batch 64 peaked at 64.53 GiB against DPO micro_batch 32 at 47.65, 61.4 against 44.5 above the weights
 ACT_SFT = 1.38
 BYTES_4BIT = 0.53
+LINEAR_BYTES = {None: 2.0, 4: BYTES_4BIT, 8: 1.0}  # per linear-layer weight, by quant bits
 DEEPSPEED_BUFFERS_GIB = {"zero2": 0.0, "zero3": 0.8, "zero3_offload": 0.8}
 ZERO3_MAX_LIVE_PARAMS = 1e9
 CONTEXT_GIB = 1.0  # CUDA context and allocator slack, not counted by torch's peak
@@ -148,7 +149,7 @@ def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | Non
              liger: bool = False, tokens: int | None = None) -> Estimate:
     """Predicted peak GiB per GPU, split by what holds the memory. `tokens`: a micro-batch's tokens where they
     are given as a budget (padding-free batches) rather than micro_batch rows of seq_len."""
-    quant_linear = {None: 2.0, 4: BYTES_4BIT, 8: 1.0}[bits]
+    quant_linear = LINEAR_BYTES[bits]
     other_bytes = 4.0 if bits and strategy == "ddp" else 2.0  # kbit preparation upcasts them (see above)
     base = shape.linear_params() * quant_linear + shape.other_params() * other_bytes
     lora = lora_r is not None
@@ -240,7 +241,7 @@ def host_estimate(cfg: dict, shape: Shape, strategy: str, world: int, procs_per_
     bits = cfg["quant"]["bits"] if bits is None else bits
     lora = cfg["lora"]["r"] is not None
     trainable = shape.lora_params(cfg["lora"]["r"], cfg["lora"].get("target_modules")) if lora else shape.total_params()
-    held = shape.linear_params() * {None: 2.0, 4: BYTES_4BIT, 8: 1.0}[bits or None] + shape.other_params() * 2.0
+    held = shape.linear_params() * LINEAR_BYTES[bits or None] + shape.other_params() * 2.0
     return host_memory.estimate(held, shape.total_params() * 2.0, trainable, strategy=strategy, bits=bits, lora=lora,
                                 world=world, procs_per_node=min(procs_per_node, world),
                                 reference_copy=cfg["method"]["name"] == "dpo" and not lora)
