@@ -1,20 +1,36 @@
-"""`python -m launcher [overrides]`: compose the config, plan the launch, print it (dry_run) or run it."""
+"""`python -m launcher [overrides]`: compose the config, plan the launch, print it (dry_run) or run it.
+
+Subcommands: `plan`, `report <run_dir>`, `generate <run_dir> "prompt" ...`; `--help` lists them and the config."""
 from __future__ import annotations
 
 import sys
 
+# Subcommands before Hydra parses the command line; each imports only what it needs.
+if sys.argv[1:2] == ["report"]:
+    from launcher import report
+
+    sys.exit(report.main(sys.argv[2:]))
+if sys.argv[1:2] == ["generate"]:
+    from launcher import generate
+
+    sys.exit(generate.main(sys.argv[2:]))
 if len(sys.argv) > 1 and sys.argv[1] == "plan":  # `python -m launcher plan ...`: the per-GPU memory plan
     sys.argv[1:2] = ["memory_plan=true"]
+if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+    from launcher.usage import print_usage
+
+    sys.exit(print_usage([arg for arg in sys.argv[1:] if arg not in ("--help", "-h")]))
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from launcher import ROOT, validate  # noqa: E402
+from launcher import validate  # noqa: E402
 from launcher.config import register_resolvers, to_plain  # noqa: E402
 from launcher.errors import ConfigError  # noqa: E402
 from launcher.machine import detect_machine  # noqa: E402
 from launcher.plan import build_plan, host_of, with_liger  # noqa: E402
+from launcher.resources import shipped  # noqa: E402
 
 register_resolvers()
 
@@ -48,7 +64,7 @@ def memory_plan_text(cfg: dict, machine) -> str:
     return f"{text}\nnothing fits; the smallest change that fits: {change}"
 
 
-@hydra.main(config_path=str(ROOT / "conf"), config_name="config", version_base="1.3")
+@hydra.main(config_path=str(shipped("conf")), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         plain = to_plain(cfg)

@@ -35,6 +35,7 @@ import yaml
 
 from launcher import ROOT, memory
 from launcher.bench_cases import CASES, DEFAULT_CASES, MAX_LENGTH, Case  # noqa: F401  (the bench's API)
+from launcher.resources import shipped
 
 WARMUP_STEPS = 5
 PEAK_BF16_FLOPS = 790e12  # dense bf16 matrix rate measured on the lent H100/H200s (an 8192^3 product)
@@ -177,7 +178,7 @@ def run_case(name: str, case: Case, args) -> dict:
     if not (assets / "DONE").exists():  # in a child process, so that no GPU memory stays held here
         subprocess.run([sys.executable, "-m", "launcher.bench_assets", str(assets), case.preset, case.mix, "-",
                         case.weights], check=True)
-    shape = yaml.safe_load((ROOT / "conf" / "model" / f"{case.preset}.yaml").read_text())["shape"]
+    shape = yaml.safe_load((shipped("conf") / "model" / f"{case.preset}.yaml").read_text())["shape"]
     n_params = memory.Shape.from_config(shape).total_params()
     out = Path(args.out)
     if case.kind == "launcher":

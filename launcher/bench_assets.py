@@ -24,7 +24,8 @@ import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from launcher import ROOT, random_checkpoint
+from launcher import random_checkpoint
+from launcher.resources import shipped
 from launcher.tiny import CHAT_TEMPLATE, SPECIAL
 
 # (median tokens, sigma of the log) of the realistic mix; the cap keeps a rare draw from dominating the file
@@ -52,7 +53,7 @@ def build(out: str, preset: str, mix: str = "uniform", rows: int | None = None, 
     if mix not in ROWS:
         raise SystemExit(f"mix {mix!r}: give uniform or realistic")
     rows = rows or ROWS[mix]
-    shape = yaml.safe_load((ROOT / "conf" / "model" / f"{preset}.yaml").read_text())["shape"]
+    shape = yaml.safe_load((shipped("conf") / "model" / f"{preset}.yaml").read_text())["shape"]
     specials = [*SPECIAL, "<unk>", "user", "assistant", "system"]
     words = [f"w{i}" for i in range(min(8000, shape["vocab_size"] - len(specials)))]
     vocab = {t: i for i, t in enumerate(specials + words)}

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from launcher import ROOT
+from launcher.resources import shipped
 
 
 def model_config(shape: dict, **extra):
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
                    help="4-bit storage dtype: bfloat16 for FSDP and ZeRO-3 (they shard it), uint8 otherwise")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    preset = ROOT / "conf" / "model" / f"{args.preset}.yaml"
+    preset = shipped("conf") / "model" / f"{args.preset}.yaml"
     if not preset.is_file():
         p.error(f"preset {args.preset}: no {preset}")
     config = model_config(yaml.safe_load(preset.read_text())["shape"])

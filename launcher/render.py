@@ -11,7 +11,7 @@ from functools import cache
 
 import yaml
 
-from launcher import ROOT
+from launcher.resources import shipped
 from launcher.strategies import Strategy
 
 TRAIN_MODULE = "launcher.train"
@@ -19,12 +19,12 @@ TRAIN_MODULE = "launcher.train"
 
 @cache
 def accelerate_template(strategy: str) -> dict:
-    return yaml.safe_load((ROOT / "accelerate_configs" / f"{strategy}.yaml").read_text())
+    return yaml.safe_load((shipped("accelerate_configs") / f"{strategy}.yaml").read_text())
 
 
 @cache
 def deepspeed_template(name: str) -> dict:
-    return json.loads((ROOT / "ds_configs" / name).read_text())
+    return json.loads((shipped("ds_configs") / name).read_text())
 
 
 def mixed_precision(dtype: str) -> str:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 import shlex
 
-from launcher import ROOT
 from launcher.errors import ConfigError
+from launcher.resources import shipped
 
 SBATCH_FILE = "job.sbatch"
 # Set per node by slurm/launch.sh, or by this module: never passed through from the submit command.
@@ -61,7 +61,7 @@ def render_sbatch(cfg: dict, overrides: list[str], cwd: str) -> str:
         f"#SBATCH --signal=B:USR1@{warn}",
         f"cd {shlex.quote(cwd)}",
         f"export LAUNCHER_RUN_DIR={shlex.quote(cfg['run_dir'])}",
-        "exec bash " + shlex.join([str(ROOT / "slurm" / "launch.sh"), *passed_through(overrides),
+        "exec bash " + shlex.join([str(shipped("slurm") / "launch.sh"), *passed_through(overrides),
                                     f"run_dir={hydra_quote(cfg['run_dir'])}", "resume=auto"]),
     ]
     return "\n".join(lines) + "\n"

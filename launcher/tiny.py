@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from launcher import ROOT
+from launcher.resources import PACKAGE
 
 # A ChatML template, as Qwen2.5-Instruct uses.
 CHAT_TEMPLATE = (
@@ -34,7 +34,7 @@ def build_tokenizer(vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    corpus = [str(p) for p in sorted((ROOT / "launcher" / "assets").glob("*.jsonl"))]
+    corpus = [str(p) for p in sorted((PACKAGE / "assets").glob("*.jsonl"))]
     tok.train(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    bos_token=None, unk_token=None)

@@ -9,9 +9,14 @@
 # - the warning signal (sbatch --signal=B:USR1@...) writes <run_dir>/STOP: every rank checkpoints at the end
 #   of its step and exits 75, and the job requeues itself
 set -uo pipefail
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-py=${LAUNCHER_PYTHON:-$root/.venv/bin/python}
-[ -x "$py" ] || py=python3
+# The Python that runs the launcher: LAUNCHER_PYTHON, else that of the environment this file belongs to, else python3
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+case $here in
+  */lib/python3*/*-packages/launcher/slurm) env_py=${here%/lib/python3*}/bin/python3 ;;  # installed: <env>/lib/...
+  *) env_py=$(dirname "$here")/.venv/bin/python ;;  # a checkout: its .venv
+esac
+py=${LAUNCHER_PYTHON:-$env_py}
+command -v "$py" >/dev/null || py=python3
 
 args=("$@")
 value_of() {  # the last KEY=value among the arguments

@@ -1,7 +1,11 @@
 """`python -m launcher` as a user runs it: a subprocess, Hydra's own flags, exit codes, no side effects."""
 import json
+import re
 
 from conftest import run_launcher
+
+from launcher import ROOT
+from launcher.usage import key_comments, usage
 
 
 def test_dry_run_end_to_end_prints_the_plan_and_writes_nothing(tmp_path):
@@ -43,6 +47,48 @@ def test_hydra_cfg_job_and_help():
     assert job.returncode == 0 and "name: zero2" in job.stdout and "micro_batch:" in job.stdout
     helped = run_launcher("--help")
     assert helped.returncode == 0 and "strategy: auto, ddp, fsdp_qlora, zero2, zero3, zero3_offload" in helped.stdout
+    planned = run_launcher("plan", "-h", "quant=4bit")
+    assert planned.returncode == 0 and "quant: 4bit, 8bit, none  [4bit]" in planned.stdout
+
+
+def test_help_text_lists_subcommands_groups_and_top_level_keys():
+    text = usage([])
+    for command in ("python -m launcher plan", "python -m launcher report <run_dir>",
+                    'python -m launcher generate <run_dir> "prompt"'):
+        assert re.search(rf"^  {re.escape(command)}.* {{2}}\S", text, re.M), command
+    assert "  strategy: auto, ddp, fsdp_qlora, zero2, zero3, zero3_offload  [auto]" in text
+    assert "  model: " in text and "tiny" in text.split("  model: ")[1].split("\n")[0]
+    assert re.search(r"^  gpus=auto +GPUs per node: an int, or auto", text, re.M)
+    assert re.search(r"^  train.lr=5e-05$", text, re.M)  # no comment in config.yaml, no trailing spaces
+    assert re.search(r"^  train.padding_free=auto +only real tokens.*\(launcher/batching.py: ddp\)$", text, re.M)
+    assert not re.search(r"^  (model|strategy|quant|hydra)\.", text, re.M)  # a group's contents are not top-level keys
+    assert f"Config folders: {ROOT / 'conf'} (shipped)" in text
+
+
+def test_help_text_follows_the_overrides():
+    text = usage(["strategy=zero3", "gpus=4", "model=qwen2.5-7b-instruct"])
+    assert "zero3_offload  [zero3]" in text and "[qwen2.5-7b-instruct]" in text
+    assert re.search(r"^  gpus=4 ", text, re.M)
+
+
+def test_key_comments_of_nested_and_continued_lines():
+    text = """# header
+a: 1        # first
+b: x        # second,
+            # continued
+c: 3
+train:
+  lr: 5     # rate
+hydra:
+  run: {}
+"""
+    assert key_comments(text) == {"a": "first", "b": "second, continued", "train.lr": "rate"}
+
+
+def test_help_with_a_bad_override_is_hydras_message():
+    res = run_launcher("--help", "strategy=zero9")
+    assert res.returncode == 2
+    assert "Could not find 'strategy/zero9'" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_multirun_plans_each_strategy(tmp_path):
