@@ -35,7 +35,7 @@ def trim(trainer, cfg: dict) -> list[str]:
         if cfg["method"]["name"] == "dpo" and not cfg["method"]["precompute_ref_log_probs"]:
             layers = switch_adapters_off_by_flag(model)
             done.append(f"DPO's reference pass switches {layers} LoRA layers off by their flag")
-    log.info("host work trimmed: %s", "; ".join(done))
+    log.debug("host work trimmed: %s", "; ".join(done))
     return done
 
 

@@ -1,5 +1,5 @@
-"""Rank-aware logging: every rank writes <run_dir>/logs/rank<R>.log, only rank 0 talks to the console
-and to trackers, and rank 0 appends every logged metric to <run_dir>/metrics.jsonl.
+"""The run's records: rank 0 talks to the trackers (wandb, tensorboard) and appends every logged metric to
+<run_dir>/metrics.jsonl; train.step_clock times single steps. What the console shows: launcher/console.py.
 """
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -15,32 +14,6 @@ import torch
 from transformers import TrainerCallback
 
 log = logging.getLogger("launcher")
-
-
-def setup_logging(run_dir: str, rank: int) -> None:
-    logs = Path(run_dir, "logs")
-    logs.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter(f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
-    file_handler = logging.FileHandler(logs / f"rank{rank}.log")
-    file_handler.setFormatter(fmt)
-    file_handler.setLevel(logging.DEBUG)
-    handlers: list[logging.Handler] = [file_handler]
-    if rank == 0:
-        console = logging.StreamHandler(sys.stdout)
-        console.setFormatter(logging.Formatter("%(message)s"))
-        console.setLevel(logging.INFO)
-        handlers.append(console)
-    for name in ("launcher", "transformers", "trl", "peft", "accelerate", "datasets"):
-        lib = logging.getLogger(name)
-        lib.handlers = list(handlers) if name == "launcher" else [file_handler]
-        lib.setLevel(logging.DEBUG if name == "launcher" else logging.WARNING)
-        lib.propagate = False
-    if rank != 0:
-        import datasets
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
 
 
 def configure_trackers(logging_cfg: dict, run_name: str, run_dir: str) -> list[str]:
@@ -124,11 +97,6 @@ class MetricsCallback(TrainerCallback):
         if state.is_world_process_zero:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}) + "\n")
-            dpo = any(k.startswith(("rewards/", "eval_rewards/")) for k in logs)
-            shown = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in logs.items()
-                     if (k in SHOWN or k.startswith("eval_rewards/accuracies")) and not (dpo and "token_acc" in k)}
-            if shown:
-                log.info("step %d: %s", state.global_step, " ".join(f"{k}={v}" for k, v in shown.items()))
 
 
 class StepClock(TrainerCallback):
@@ -155,7 +123,3 @@ class StepClock(TrainerCallback):
         if state.is_world_process_zero:
             with open(self.path, "a") as f:
                 f.write(f"{state.global_step} {time.perf_counter() - self.started:.6f}\n")
-
-
-SHOWN = ("loss", "eval_loss", "rewards/accuracies", "rewards/margins", "mean_token_accuracy", "learning_rate",
-         "tokens_per_sec_per_gpu", "peak_gpu_mem_gib")

@@ -62,7 +62,7 @@ def load_model(cfg: dict, local_rank: int):
         kwargs["quantization_config"] = quant
     if plan["device_map"] == "local_rank":
         kwargs["device_map"] = {"": local_rank}
-    log.info("loading %s: dtype=%s quant=%s device_map=%s", plan["model_path"], plan["dtype"],
+    log.debug("loading %s: dtype=%s quant=%s device_map=%s", plan["model_path"], plan["dtype"],
              cfg["quant"]["name"], kwargs.get("device_map"))
     model = AutoModelForCausalLM.from_pretrained(plan["model_path"], **kwargs)
     model.config.use_cache = False  # the cache only matters for generation, and it breaks checkpointing
@@ -92,7 +92,7 @@ def load_model_timed(cfg: dict, local_rank: int):
     started = time.perf_counter()
     model = load_model(cfg, local_rank)
     took = {"load_seconds": round(time.perf_counter() - started, 1), "host_private_gib_after_load": private_memory_gib()}
-    log.info("loaded in %.1f s; this process's own host memory %s GiB", took["load_seconds"],
+    log.debug("loaded in %.1f s; this process's own host memory %s GiB", took["load_seconds"],
              took["host_private_gib_after_load"])
     return model, took
 
@@ -177,7 +177,7 @@ def add_adapter_outputs_inside_the_matmul(model) -> int:
     layers = [m for m in model.modules() if type(m) is LoraLinear]
     for layer in layers:
         layer.forward = forward.__get__(layer)
-    log.info("LoRA sums in the lora_B matmul: %d layers", len(layers))
+    log.debug("LoRA sums in the lora_B matmul: %d layers", len(layers))
     return len(layers)
 
 
@@ -199,7 +199,7 @@ def fetch_whole_layers_under_zero3(model) -> list[str]:
     if marked:
         model.enable_input_require_grads()
     classes = sorted({type(m).__name__ for m in marked})
-    log.info("ZeRO-3 fetches whole layers: %d %s modules", len(marked), "/".join(classes) or "(none found)")
+    log.debug("ZeRO-3 fetches whole layers: %d %s modules", len(marked), "/".join(classes) or "(none found)")
     return classes
 
 

@@ -294,6 +294,8 @@ def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: l
         train_config_path=path(CONFIG_FILE),
     )
     env = dict(BASE_ENV, LAUNCHER_RUN_DIR=run_dir)
+    if settings["device"] == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's own guess says it with a warning on every rank
     files[node_file(COMMAND_FILE, node_rank)] = render_command_script(argv, env, cwd or os.getcwd())
     plan = LaunchPlan(
         backend=backend, strategy=strategy.name, run_dir=run_dir, argv=argv, env=env, files=files,

@@ -114,7 +114,7 @@ def use_planned_sampler(trainer, plan: dict, max_length: int, seed: int) -> str 
             lengths = row_tokens(dataset if dataset is not None else trainer.train_dataset, max_length)
             s = box.sampler = TokenBudgetSampler(lengths, plan["token_budget"], args.world_size, args.process_index,
                                                  seed)
-            log.info("token budget %d: %d micro-batches per rank per epoch, %.1f rows and %.0f tokens each on average",
+            log.debug("token budget %d: %d micro-batches per rank per epoch, %.1f rows and %.0f tokens each on average",
                      plan["token_budget"], len(s), s.rows_per_micro_batch, sum(lengths) / (len(s) * args.world_size))
             return s
     elif plan["group_by_length"]:

@@ -1,5 +1,6 @@
 """launcher.train end to end on the CPU: 2 processes under torchrun (gloo), real TRL/PEFT/Trainer runs."""
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,12 @@ def test_dpo_default_learns_and_logs_per_rank(tmp_path, tiny_dir):
     assert "wrapped in DistributedDataParallel (gradient_as_bucket_view=True, broadcast_buffers=False)" in res.stdout
     assert "held-out reward accuracy" in res.stdout
     assert res.stdout.count("world size 2") == 1  # the banner comes from rank 0 only
+    # a quiet console: progress lines with an ETA (not a terminal here), no library noise, which the logs keep
+    assert re.search(r"^step 1/48 \(2%\), 0:\d\d elapsed, ETA \?$", res.stdout, re.M), res.stdout
+    assert re.search(r"^step 10/48 \(21%\), .* ETA \d+:\d\d, loss 0\.\d+, acc [01]\.\d\d", res.stdout, re.M)
+    for noise in ("FutureWarning", "Setting accelerator to CPU", "OMP_NUM_THREADS", "Tokenizing", "Loading weights"):
+        assert noise not in res.stdout + res.stderr
+    assert "`broadcast_buffers` is deprecated" in (run / "logs" / "rank1.log").read_text()
     assert (run / "logs" / "rank0.log").exists() and (run / "logs" / "rank1.log").exists()
     assert ("host work trimmed: package lookups cached; parameters counted once for the FLOP log; gradient "
             "checkpointing known to be off; DPO's reference pass switches 14 LoRA layers off by their flag"

@@ -1,0 +1,229 @@
+"""What a person sees while a run trains: rank 0 alone talks to the console, with one progress display;
+everything else goes to the rank logs (<run_dir>/logs/rank<R>.log).
+
+- Library warnings reach rank 0's console unless they are known noise (KNOWN_NOISE, matched by logger and
+  message), so an unknown warning still shows; every record, noise included, is in the rank's log.
+- Other ranks write nothing to the console: their stdout and stderr (stray prints, C++ warnings, a crash's
+  traceback) go to their own log, where the launcher's post-mortem reads them.
+- Progress: on a terminal, one tqdm bar (step / total, elapsed, ETA, loss, reward accuracy); elsewhere (a Slurm
+  log, a pipe) a plain line with the same fields at the first step and at every log.
+"""
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from transformers import TrainerCallback  # its package imports lazily: nothing that warns comes with it
+
+log = logging.getLogger("launcher")
+
+# (logger name prefix, words of the message): seen on our own runs, harmless, and printed once per rank
+KNOWN_NOISE = (
+    # accelerate 1.15 wrapping DDP: the deprecated name is what the Trainer passes for ddp_broadcast_buffers
+    ("py.warnings", "`broadcast_buffers` is deprecated"),
+    # bitsandbytes on CPUs with AVX512-BF16 when the optional `kernels` package is absent: it falls back
+    ("bitsandbytes", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+    # DeepSpeed imported on a machine without GPUs (the CPU runs of ZeRO)
+    ("DeepSpeed", "Setting accelerator to CPU"),
+    # transformers 5 on a model loaded in float32 for the CPU: SDPA is chosen anyway
+    ("py.warnings", "torch_dtype` is deprecated"),
+)
+LIBRARIES = ("transformers", "trl", "peft", "accelerate", "datasets", "DeepSpeed", "deepspeed", "bitsandbytes",
+             "torch", "py.warnings")
+
+
+class KnownNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(record.name.startswith(source) and words in message for source, words in KNOWN_NOISE)
+
+
+class AboveTheBar(logging.StreamHandler):
+    """Console lines printed above an open progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
+_early = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+
+
+def hold_early_records() -> None:
+    """Before the libraries are imported (some warn at import): keep their records until `setup` knows
+    where they go."""
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")  # each distinct warning once per place, as Python shows them
+    logging.getLogger().addHandler(_early)
+
+
+def setup(run_dir: str, rank: int) -> None:
+    logs = Path(run_dir, "logs")
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"rank{rank}.log"
+    file_handler = logging.FileHandler(log_path)
+    file_handler.setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s"))
+    file_handler.setLevel(logging.DEBUG)
+    ours, libraries = [file_handler], [file_handler]
+    if rank == 0:
+        console = AboveTheBar(sys.stdout)
+        console.setFormatter(logging.Formatter("%(message)s"))
+        console.setLevel(logging.INFO)
+        ours.append(console)
+        warning = AboveTheBar(sys.stderr)
+        warning.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
+        warning.setLevel(logging.WARNING)
+        warning.addFilter(KnownNoise())
+        libraries.append(warning)
+    else:  # nothing of this rank on the console; its log gets what it would have printed
+        sys.stdout.flush(), sys.stderr.flush()
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        os.dup2(fd, 1), os.dup2(fd, 2)
+        os.close(fd)
+    launcher = logging.getLogger("launcher")
+    launcher.handlers, launcher.propagate = ours, False
+    launcher.setLevel(logging.DEBUG)
+    root = logging.getLogger()
+    root.removeHandler(_early)
+    root.handlers = libraries
+    root.setLevel(logging.WARNING)
+    route_libraries()
+    logging.captureWarnings(True)
+    for record in _early.buffer:  # what was said before this
+        if record.levelno >= logging.WARNING:
+            root.handle(record)
+    _early.buffer.clear()
+    import datasets
+    import transformers
+
+    # The model's loading and the dataset's tokenizing bars of every rank would interleave; the data report and
+    # the banner say what they did
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def route_libraries() -> None:
+    """The libraries' loggers give up their own handlers (DeepSpeed's prints to stdout) for ours, through the
+    root; again once the trainer exists, for a library imported since (DeepSpeed sets up its logger then)."""
+    for name in LIBRARIES:
+        lib = logging.getLogger(name)
+        lib.handlers, lib.propagate = [], True
+        lib.setLevel(logging.WARNING)
+
+
+def clock(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class Progress(TrainerCallback):
+    """Rank 0's progress: a bar on a terminal, else plain lines; held-out results as lines either way."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.bar = None
+        self.total = self.first = self.step = 0
+        self.started = self.first_done = None
+        self.latest: dict = {}
+        self.printed = -1  # the step of the last plain line
+
+    def begin(self, step: int, total: int) -> None:
+        self.total, self.first, self.step, self.started = total, step, step, time.monotonic()
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=step, file=self.stream, dynamic_ncols=True,
+                            bar_format="{percentage:3.0f}% |{bar:24}| step {n_fmt}/{total_fmt}, {elapsed} elapsed, "
+                                       "ETA {remaining}{postfix}")
+
+    def advance(self, step: int) -> None:
+        self.step = step
+        if self.first_done is None:
+            self.first_done = time.monotonic()
+            if not self.tty:
+                self.print_line()
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def logged(self, logs: dict) -> None:
+        """A training log: the bar's loss and accuracy; off a terminal, a line."""
+        for key in ("loss", "rewards/accuracies", "tokens_per_sec_per_gpu"):
+            if key in logs:
+                self.latest[key] = logs[key]
+        if self.bar is not None:
+            self.bar.set_postfix_str(self.metrics_text(), refresh=True)
+        elif "loss" in logs and self.step > self.first + 1:
+            self.print_line()
+
+    def eta(self) -> float | None:
+        """From the steps after the first (the first carries warm-up: allocation, compilation, caches)."""
+        done = self.step - self.first - 1
+        if self.first_done is None or done <= 0:
+            return None
+        return (self.total - self.step) * (time.monotonic() - self.first_done) / done
+
+    def metrics_text(self) -> str:
+        parts = []
+        if "loss" in self.latest:
+            parts.append(f"loss {self.latest['loss']:.4g}")
+        if "rewards/accuracies" in self.latest:
+            parts.append(f"acc {self.latest['rewards/accuracies']:.2f}")
+        if "tokens_per_sec_per_gpu" in self.latest:
+            parts.append(f"{self.latest['tokens_per_sec_per_gpu']:,.0f} tok/s/GPU")
+        return ", ".join(parts)
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.started
+        eta = self.eta()
+        text = (f"step {self.step}/{self.total} ({100 * self.step / max(self.total, 1):.0f}%), "
+                f"{clock(elapsed)} elapsed, ETA {clock(eta) if eta is not None else '?'}")
+        metrics = self.metrics_text()
+        return f"{text}, {metrics}" if metrics else text
+
+    def print_line(self) -> None:
+        print(self.line(), file=self.stream, flush=True)
+        self.printed = self.step
+
+    def close(self) -> None:
+        if not self.tty and self.printed != self.step:  # the last step, where no log fell
+            self.print_line()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    # the Trainer's events, rank 0's only
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.begin(state.global_step, state.max_steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.advance(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not (state.is_world_process_zero and logs):
+            return
+        if any(k.startswith("eval_") for k in logs):
+            dpo = "eval_rewards/accuracies" in logs  # (TRL logs a token accuracy of 0 for DPO too)
+            shown = {k: v for k, v in logs.items() if k in ("eval_loss", "eval_rewards/accuracies",
+                                                            "eval_rewards/margins")
+                     or k == "eval_mean_token_accuracy" and not dpo}
+            log.info("step %d: held out: %s", state.global_step,
+                     ", ".join(f"{k.removeprefix('eval_')} {v:.4g}" for k, v in shown.items()))
+        else:
+            self.logged(logs)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.close()

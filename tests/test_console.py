@@ -1,0 +1,109 @@
+"""launcher/console.py: rank 0's progress lines and bar, known library noise kept off the console, other ranks
+silent there. The whole console of a real run is checked in tests/test_train.py."""
+import io
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from launcher import console
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(console.time, "monotonic", fake)
+    return fake
+
+
+def test_plain_lines_at_the_first_step_each_log_and_the_end_with_an_eta(clock):
+    out = io.StringIO()  # not a terminal: plain lines
+    progress = console.Progress(out)
+    progress.begin(0, 100)
+    clock.now += 30  # the first step: warm-up, left out of the ETA
+    progress.advance(1)
+    for step in range(2, 11):
+        clock.now += 2
+        progress.advance(step)
+    progress.logged({"loss": 0.6931, "rewards/accuracies": 0.75, "tokens_per_sec_per_gpu": 12345.6})
+    clock.now += 2
+    progress.advance(11)
+    progress.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "step 1/100 (1%), 0:30 elapsed, ETA ?"
+    # 9 steps in 18 s after the first: 90 left take 180 s
+    assert lines[1] == "step 10/100 (10%), 0:48 elapsed, ETA 3:00, loss 0.6931, acc 0.75, 12,346 tok/s/GPU"
+    assert lines[2].startswith("step 11/100 (11%), 0:50 elapsed, ETA 2:58")  # the last step, no log there
+    assert len(lines) == 3
+
+
+def test_resumed_progress_counts_from_the_checkpoint(clock):
+    out = io.StringIO()
+    progress = console.Progress(out)
+    progress.begin(40, 50)
+    clock.now += 10
+    progress.advance(41)
+    clock.now += 9
+    for step in range(42, 45):
+        clock.now += 3
+        progress.advance(step)
+    assert progress.eta() == pytest.approx(6 * 18 / 3)  # 6 steps left at the 3 s/step since step 41
+    assert out.getvalue().startswith("step 41/50 (82%)")
+
+
+def test_known_noise_is_recognised_by_source_and_words():
+    import logging
+
+    noise = console.KnownNoise()
+
+    def record(name, msg):
+        return logging.LogRecord(name, logging.WARNING, __file__, 1, msg, None, None)
+
+    assert not noise.filter(record("DeepSpeed", "Setting accelerator to CPU. If you have GPU ..."))
+    assert not noise.filter(record("bitsandbytes.backends.cpu.ops",
+                                   "Failed to load CPU gemm_4bit_forward from kernels-community: no module"))
+    assert noise.filter(record("transformers.trainer", "Setting accelerator to CPU"))  # the same words elsewhere
+    assert noise.filter(record("DeepSpeed", "ZeRO-3 found a parameter it does not know"))
+
+
+RANK_SCRIPT = textwrap.dedent("""
+    import logging, sys, warnings
+    from launcher import console
+    console.hold_early_records()
+    logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
+        "Failed to load CPU gemm_4bit_forward from kernels-community: x")   # known noise, before setup
+    logging.getLogger("peft.tuners").warning("an early warning nobody knows")
+    console.setup(sys.argv[1], int(sys.argv[2]))
+    warnings.warn("`broadcast_buffers` is deprecated. Use `forward_sync_buffers` instead.", FutureWarning)
+    warnings.warn("a new warning from somewhere", UserWarning)
+    logging.getLogger("launcher").info("launcher says hello")
+    print("a stray print", flush=True)
+""")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_shows_unknown_warnings_and_hides_known_noise_rank0_alone_on_the_console(tmp_path, rank):
+    res = subprocess.run([sys.executable, "-c", RANK_SCRIPT, str(tmp_path), str(rank)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    shown = res.stdout + res.stderr
+    logged = (tmp_path / "logs" / f"rank{rank}.log").read_text()
+    for text in ("gemm_4bit_forward", "broadcast_buffers", "an early warning nobody knows", "a new warning",
+                 "launcher says hello"):
+        assert text in logged  # every record is in the rank's log
+    if rank == 0:
+        assert "gemm_4bit_forward" not in shown and "broadcast_buffers" not in shown
+        assert "an early warning nobody knows" in shown and "a new warning from somewhere" in shown
+        assert "launcher says hello" in shown and "a stray print" in shown
+    else:
+        assert shown == ""
+        assert "a stray print" in logged  # what rank 1 prints goes to its log
