@@ -92,6 +92,7 @@ CASES = {
     "real-sft-defaults": Case("launcher", "sft", mix="realistic"),  # packed rows (padding-free)
     "real-sft-padded": Case("launcher", "sft", overrides=("method.packing=false",), mix="realistic"),
     "real-sft-metrics-at-log": Case("launcher", "sft", overrides=("train.metrics_sync=log",), mix="realistic"),
+    "defaults-metrics-at-log": Case("launcher", overrides=("train.metrics_sync=log",)),
     "defaults-padded-metrics-at-log": Case("launcher", overrides=("train.padding_free=false", "train.metrics_sync=log")),
     # Qwen2.5-7B's shape, QLoRA, on two GPUs
     "7b-fsdp_qlora-4bit": Case("launcher", overrides=("strategy=fsdp_qlora", "quant=4bit"), preset="qwen2.5-7b-instruct"),

@@ -88,6 +88,8 @@ MEASURED = [
     # 2026-11-30: Llama-3.1-70B's shape from a pre-quantized 4-bit checkpoint, 2 pairs of 384 (docs/memory.md)
     (LLAMA_70B, "fsdp_qlora", 4, "dpo", 2, 384, False, True, 53.84),
     (LLAMA_70B, "zero3", 4, "dpo", 2, 384, False, True, 88.75),
+    (LLAMA_70B, "ddp", 4, "dpo", 2, 384, False, True, 92.6),  # 2026-11-30 evening (docs/benchmarks.md)
+    (LLAMA_70B, "zero3", 4, "sft", 2, 384, False, True, 77.18),
 ]
 
 
