@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: install run test golden bench-plan slurm
+.PHONY: install run test golden bench-plan slurm chromium
 install: $(STAMP)
 $(STAMP):
 	$(PY) -m venv $(VENV)
@@ -19,7 +19,7 @@ $(STAMP):
 run: install
 	$(BIN)/python -m launcher
 
-test: install slurm
+test: install slurm chromium
 	$(BIN)/python -m pytest -q tests
 
 # Debian's Slurm and munge, for the tests that run a real one-node cluster (skipped where they cannot install)
@@ -27,6 +27,12 @@ slurm:
 	@command -v slurmctld >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd munge slurm-client \
 	  >/dev/null; } || echo "Slurm could not be installed: its tests will be skipped"
+
+# Debian's Chromium, for the test that renders the run report headless (skipped where it cannot install)
+chromium:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "Chromium could not be installed: the report's browser test will be skipped"
 
 # Rewrite tests/golden/ from the current renderers; review the diff before committing it.
 golden: install

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -189,9 +190,9 @@ def run_case(name: str, case: Case, args) -> dict:
     rows = sequence_lengths(assets, case.method, MAX_LENGTH[case.mix])
     started = time.time()
     with HostMemory() as host:
-        text, code = run_logged(argv, env, args.timeout, out / f"{name}.log")
+        text, code, lines = run_logged(argv, env, args.timeout, out / f"{name}.log")
     res = dict(case=name, method=case.method, preset=case.preset, mix=case.mix, wall_s=round(time.time() - started, 1),
-               rc=code, host_gib=host.peak_gib)
+               rc=code, host_gib=host.peak_gib, **start_and_exit_seconds(lines, args.steps))
     try:
         if case.kind == "launcher":
             res.update(read_launcher_run(out / "runs" / name, case, n_params, statistics.mean(map(sum, rows))))
@@ -202,31 +203,57 @@ def run_case(name: str, case: Case, args) -> dict:
     if case.resume_to and code == 0:  # after the row is read: the resumed steps land in the same run directory
         resumed = [a for a in argv if a != "overwrite=true" and not a.startswith("train.max_steps=")]
         resumed += [f"train.max_steps={case.resume_to}", "resume=auto"]
-        again, _ = run_logged(resumed, env, args.timeout, out / f"{name}-resumed.log")
+        again, _, _ = run_logged(resumed, env, args.timeout, out / f"{name}-resumed.log")
         res["resumed"] = resume_result(out / "runs" / name, again, args.steps, case.resume_to)
     return res
 
 
-def run_logged(argv: list[str], env: dict, timeout: int, log: Path) -> tuple[str, int]:
+def run_logged(argv: list[str], env: dict, timeout: int, log: Path) -> tuple[str, int, list[tuple[float, str]]]:
     """Runs a case to its end or its timeout; a case past its timeout is stopped with all of its processes (the
-    launcher passes a second SIGTERM on to its ranks at once), so that the next case has the GPUs to itself."""
+    launcher passes a second SIGTERM on to its ranks at once), so that the next case has the GPUs to itself.
+    Also each output line with its second since the command started (tqdm's updates count as lines)."""
+    import threading
+
+    started = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+                            start_new_session=True)  # text mode: a carriage return ends a line too
+    lines: list[tuple[float, str]] = []
+
+    def read():
+        for line in proc.stdout:
+            lines.append((time.monotonic() - started, line))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        text, _ = proc.communicate(timeout=timeout)
-        code = proc.returncode
+        code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         for _ in range(2):
             proc.send_signal(signal.SIGTERM)
             time.sleep(1)
         try:
-            text, _ = proc.communicate(timeout=60)
+            proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            text, _ = proc.communicate()
-        text, code = f"{text}\nTIMEOUT after {timeout} s", -1
+            proc.wait()
+        code = -1
+    reader.join(timeout=10)
+    lines.append((time.monotonic() - started, ""))  # the command's exit
+    text = "".join(line for _, line in lines) + (f"\nTIMEOUT after {timeout} s" if code == -1 else "")
     log.write_text(text)
-    return text, code
+    return text, code, lines
+
+
+def start_and_exit_seconds(lines: list[tuple[float, str]], steps: int) -> dict:
+    """Seconds from the command to the end of its first training step, and from the end of its last step to its
+    exit, by the progress the command prints: the launcher's `step 1/N` lines, the peer's tqdm `1/N [` bar."""
+    first = re.compile(rf"(^step 1/{steps}\b|\b1/{steps} \[)")
+    last = re.compile(rf"(^step {steps}/{steps}\b|\b{steps}/{steps} \[)")
+    at_first = next((t for t, line in lines if first.search(line)), None)
+    at_last = next((t for t, line in reversed(lines) if last.search(line)), None)
+    ended = lines[-1][0]
+    return dict(to_first_step_s=round(at_first, 1) if at_first is not None else None,
+                after_last_step_s=round(ended - at_last, 1) if at_last is not None else None)
 
 
 def resume_result(run: Path, text: str, saved_at: int, wanted: int) -> str:
@@ -269,10 +296,11 @@ COLUMNS = [("case", "{}"), ("mix", "{}"), ("strategy", "{}"), ("quant", "{}"), (
            ("checkpointing", "{}"), ("liger", "{}"), ("clock", "{}"), ("step_s", "{:.3f}"), ("per_s_per_gpu", "{:.1f}"),
            ("tokens_per_s_per_gpu", "{:.0f}"), ("padding", "{:.0%}"), ("mfu", "{:.1%}"), ("peak_gib", "{:.1f}"),
            ("plan_gib", "{:.1f}"), ("train_metric", "{:.3f}"), ("eval_metric", "{:.3f}"), ("load_s", "{:.0f}"),
-           ("host_gib", "{:.1f}"), ("resumed", "{}"), ("wall_s", "{:.0f}")]
+           ("host_gib", "{:.1f}"), ("resumed", "{}"), ("to_first_step_s", "{:.0f}"), ("after_last_step_s", "{:.0f}"),
+           ("wall_s", "{:.0f}")]
 HEADERS = ["case", "mix", "strategy", "quant", "mb", "ckpt", "liger", "clock", "s/step", "pairs|seqs/s/GPU",
            "real tokens/s/GPU", "padding", "MFU", "peak GiB/GPU", "plan GiB", "train acc|loss", "eval acc|loss",
-           "load s", "host GiB", "resumed", "wall s"]
+           "load s", "host GiB", "resumed", "to step 1 s", "after last step s", "wall s"]
 
 
 def table(results: list[dict]) -> str:

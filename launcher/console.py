@@ -15,7 +15,6 @@ import logging.handlers
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from transformers import TrainerCallback  # its package imports lazily: nothing that warns comes with it
@@ -30,17 +29,35 @@ KNOWN_NOISE = (
     ("bitsandbytes", "Failed to load CPU gemm_4bit_forward from kernels-community"),
     # DeepSpeed imported on a machine without GPUs (the CPU runs of ZeRO)
     ("DeepSpeed", "Setting accelerator to CPU"),
-    # transformers 5 on a model loaded in float32 for the CPU: SDPA is chosen anyway
-    ("py.warnings", "torch_dtype` is deprecated"),
+    # torch's barrier before the process group knows its device (accelerate's main_process_first; 2x H200)
+    ("py.warnings", "barrier(): using the device under current context"),
+    # Liger's optional backends for other hardware (CuTe DSL, Ascend) that this machine does not have (2x H200)
+    ("liger_kernel.backends", "could not be imported"),
 )
 LIBRARIES = ("transformers", "trl", "peft", "accelerate", "datasets", "DeepSpeed", "deepspeed", "bitsandbytes",
-             "torch", "py.warnings")
+             "torch", "liger_kernel", "py.warnings")
 
 
 class KnownNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return not any(record.name.startswith(source) and words in message for source, words in KNOWN_NOISE)
+
+
+class OncePerMessage(logging.Filter):
+    """A warning repeated for every row (TRL warns per row on some tokenizers: 1,780 lines seen on one run) shows
+    on the console once; the rank's log keeps every one."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, str(record.msg))
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
 
 
 class AboveTheBar(logging.StreamHandler):
@@ -61,8 +78,7 @@ _early = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRI
 def hold_early_records() -> None:
     """Before the libraries are imported (some warn at import): keep their records until `setup` knows
     where they go."""
-    logging.captureWarnings(True)
-    warnings.simplefilter("default")  # each distinct warning once per place, as Python shows them
+    logging.captureWarnings(True)  # Python's own filters still decide which warnings are raised at all
     logging.getLogger().addHandler(_early)
 
 
@@ -83,6 +99,7 @@ def setup(run_dir: str, rank: int) -> None:
         warning.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
         warning.setLevel(logging.WARNING)
         warning.addFilter(KnownNoise())
+        warning.addFilter(OncePerMessage())
         libraries.append(warning)
     else:  # nothing of this rank on the console; its log gets what it would have printed
         sys.stdout.flush(), sys.stderr.flush()

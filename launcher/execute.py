@@ -134,6 +134,20 @@ def _alive_in_group(pgid: int) -> bool:
     return False
 
 
+def write_report(plan: LaunchPlan) -> None:
+    """<run_dir>/report.html after every run that started its ranks, finished or not; node 0 writes it (the run
+    directory is shared). Only a look at the run: a failure to write it is a warning, never the job's exit code."""
+    if not plan.settings or plan.node_rank != 0 or not Path(plan.run_dir, "logs").is_dir():  # (sbatch: submitted)
+        return
+    try:
+        from launcher.report import write_report as write  # matplotlib: only now, not for a dry run
+
+        print(f"launcher: report: {write(plan.run_dir)}", flush=True)
+    except Exception as err:
+        print(f"launcher: warning: no report written ({type(err).__name__}: {err}); "
+              f"`python -m launcher report {plan.run_dir}` tries again", file=sys.stderr, flush=True)
+
+
 def execute(plan: LaunchPlan, state: str) -> int:
     if plan.settings:  # a local launch (cluster=slurm submits a job, whose nodes check for themselves)
         ensure_builtin_model(plan.settings)
@@ -143,7 +157,11 @@ def execute(plan: LaunchPlan, state: str) -> int:
     print(f"launcher: {plan.backend} -> {plan.world_size} process(es), run_dir {plan.run_dir}", flush=True)
     print("launcher: " + " ".join(plan.argv), flush=True)
     stop_file = Path(plan.run_dir, STOP_FILE) if plan.settings.get("checkpoint_on_signal") else None
-    code = run_child(plan.argv, plan.env, stop_file)
+    env = dict(plan.env)
+    if plan.procs_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = "1"  # torchrun's own choice for several ranks on a host, without its banner
+    code = run_child(plan.argv, env, stop_file)
+    write_report(plan)
     if (Path(plan.run_dir) / STOPPED_FILE).exists():
         print(f"launcher: stopped on request at a complete checkpoint; exit {EXIT_STOPPED} (resume=auto continues)",
               file=sys.stderr, flush=True)

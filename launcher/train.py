@@ -6,6 +6,10 @@ planner and arrive in the config's `plan` section.
 """
 from __future__ import annotations
 
+from launcher import console
+
+console.hold_early_records()  # first: some libraries warn as they are imported
+
 import json
 import logging
 import os
@@ -21,7 +25,7 @@ from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from launcher import (checkpoints, data, host_work, logs, modeling, padding_free, postmortem, profiling, samplers,
-                      step_metrics)
+                      samples, step_metrics)
 
 log = logging.getLogger("launcher")
 
@@ -150,7 +154,7 @@ def main(config_path: str) -> int:
     cfg = yaml.safe_load(Path(config_path).read_text())
     plan, run_dir = cfg["plan"], cfg["run_dir"]
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    logs.setup_logging(run_dir, rank)
+    console.setup(run_dir, rank)
     log.debug("%s: rank %d, pid %d, host %s", postmortem.STARTED, rank, os.getpid(), socket.gethostname())
     postmortem.say_when_stopped(log)
     started = time.time()
@@ -166,7 +170,7 @@ def main(config_path: str) -> int:
         if rank == 0:
             log.error("launcher: data error: %s", err)
         return 2
-    log.info(report.line(cfg["data"]["max_length"]))
+    log.debug(report.line(cfg["data"]["max_length"]))  # the banner shows it, once
 
     model, loading = modeling.load_model_timed(cfg, local_rank)
     if plan["zero3_whole_layers"]:
@@ -174,7 +178,7 @@ def main(config_path: str) -> int:
     banner = StartupBanner(cfg, report)
     stop = checkpoints.stop_request_callback(run_dir)
     metrics = logs.MetricsCallback(run_dir, plan["world_size"])
-    callbacks = [metrics, checkpoints.complete_marker_callback(), banner, stop]
+    callbacks = [metrics, console.Progress(), checkpoints.complete_marker_callback(), banner, stop]
     if cfg["train"]["step_clock"]:
         callbacks.append(logs.StepClock(run_dir))
     if cfg["train"]["profile_steps"]:
@@ -185,6 +189,7 @@ def main(config_path: str) -> int:
         modeling.keep_adapters_in_layer_units()
     trainer = build_trainer(cfg, args, model, tokenizer, train_ds, eval_ds, callbacks, local_rank)
     banner.trainer = trainer
+    console.route_libraries()  # DeepSpeed's logger, made as the trainer imported it
     if plan["padding_free"] and cfg["method"]["name"] == "dpo":
         padding_free.unpad_preference_batches(trainer)
     elif plan["padding_free"]:  # SFT: TRL's packing is padding-free already
@@ -199,10 +204,10 @@ def main(config_path: str) -> int:
     if plan["trim_host_work"]:
         host_work.trim(trainer, cfg)
     if plan["metrics_sync"] == "log":
-        log.info("%s", step_metrics.sync_metrics_at_log(trainer))
+        log.debug("%s", step_metrics.sync_metrics_at_log(trainer))
     if trainer.accelerator.ddp_handler is not None:  # DDP: gradients live in its all-reduce buckets, no copies
         trainer.accelerator.ddp_handler.gradient_as_bucket_view = True
-    trainer.remove_callback(PrinterCallback)  # MetricsCallback prints a shorter line from rank 0
+    trainer.remove_callback(PrinterCallback)  # console.Progress shows rank 0's progress instead
 
     resume_from = checkpoints.find_resume(run_dir, cfg["resume"])
     if resume_from and trainer.is_fsdp_enabled and cfg["lora"]["r"] is not None:
@@ -225,6 +230,7 @@ def main(config_path: str) -> int:
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(final)
         checkpoints.require_adapter_weights(final)
+    samples.write_samples(trainer, cfg, eval_ds, tokenizer)  # after the save: a failure here loses no weights
     if cfg["merge"] and cfg["lora"]["r"] is not None:
         trainer.accelerator.wait_for_everyone()
         if trainer.is_world_process_zero():

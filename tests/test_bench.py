@@ -97,3 +97,16 @@ def test_a_clocked_case_is_timed_by_single_steps_as_the_peer_is(tmp_path):
     (tmp_path / "step_clock.txt").unlink()
     assert bench.read_launcher_run(tmp_path, bench.CASES["defaults"], 1.5e9)["clock"] == "between logs"
 
+
+
+def test_seconds_to_the_first_step_and_after_the_last_read_from_either_sides_progress():
+    launcher_lines = [(1.0, "launcher: torchrun ...\n"), (20.5, "step 1/20 (5%), 0:01 elapsed, ETA ?\n"),
+                      (30.0, "step 20/20 (100%), 0:10 elapsed, ETA 0:00, loss 0.6\n"), (31.0, "done\n"), (36.5, "")]
+    assert bench.start_and_exit_seconds(launcher_lines, 20) == {"to_first_step_s": 20.5, "after_last_step_s": 6.5}
+    # the peer's tqdm bar, whose carriage returns end lines when read as text
+    peer_lines = [(3.0, "  0%|          | 0/20 [00:00<?, ?it/s]\n"), (25.0, "  5%|▌         | 1/20 [00:01<00:19]\n"),
+                  (40.0, "100%|██████████| 20/20 [00:15<00:00]\n"), (41.0, "100%|██████████| 20/20 [00:15<00:00]\n"),
+                  (50.0, "")]
+    assert bench.start_and_exit_seconds(peer_lines, 20) == {"to_first_step_s": 25.0, "after_last_step_s": 9.0}
+    assert bench.start_and_exit_seconds([(1.0, "crashed\n"), (2.0, "")], 20) == {"to_first_step_s": None,
+                                                                                 "after_last_step_s": None}

@@ -86,6 +86,8 @@ RANK_SCRIPT = textwrap.dedent("""
     warnings.warn("`broadcast_buffers` is deprecated. Use `forward_sync_buffers` instead.", FutureWarning)
     warnings.warn("a new warning from somewhere", UserWarning)
     logging.getLogger("launcher").info("launcher says hello")
+    for row in range(5):  # as TRL warns for each row on some tokenizers
+        logging.getLogger("trl.trainer.dpo_trainer").warning("row %d: the prompt is not a prefix", row)
     print("a stray print", flush=True)
 """)
 
@@ -104,6 +106,7 @@ def test_a_rank_shows_unknown_warnings_and_hides_known_noise_rank0_alone_on_the_
         assert "gemm_4bit_forward" not in shown and "broadcast_buffers" not in shown
         assert "an early warning nobody knows" in shown and "a new warning from somewhere" in shown
         assert "launcher says hello" in shown and "a stray print" in shown
+        assert shown.count("the prompt is not a prefix") == 1 and logged.count("the prompt is not a prefix") == 5
     else:
         assert shown == ""
         assert "a stray print" in logged  # what rank 1 prints goes to its log

@@ -127,10 +127,13 @@ def test_zero3_checkpoints_resumes_and_merges_on_deepspeeds_cpu_accelerator(tmp_
     log = (run / "logs" / "rank0.log").read_text()
     assert "wrapped in DeepSpeedEngine" in log and "ZeRO-3 fetches whole layers: 2 Qwen2DecoderLayer" in log
     # The merge runs on rank 0 alone; it used to hang there (from_pretrained inside ZeRO-3's zero.Init).
-    second = train(6, resume="auto", merge=True)
+    second = train(6, resume="auto", merge=True, report={"samples": 2, "max_new_tokens": 4})
     assert second.returncode == 0, second.stderr[-3000:]
     log = (run / "logs" / "rank0.log").read_text()
     assert "continuing from" in log and "checkpoint-4" in log
+    # every rank took part in generating the sample answers (ZeRO-3 holds a shard of each weight per rank)
+    samples = json.loads((run / "samples.json").read_text())["samples"]
+    assert len(samples) == 2 and all(s["tuned"] and s["base"] for s in samples)
     assert json.loads((run / "summary.json").read_text())["global_step"] == 6
     assert (run / "merged" / "config.json").exists()
     # With whole layers, the first layer's adapter once got no gradient (launcher/modeling.py says why)
