@@ -215,8 +215,8 @@ def run_logged(argv: list[str], env: dict, timeout: int, log: Path) -> tuple[str
     import threading
 
     started = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)  # text mode: a carriage return ends a line too
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                            env=env, start_new_session=True)  # text mode: a carriage return ends a line too
     lines: list[tuple[float, str]] = []
 
     def read():
@@ -237,8 +237,9 @@ def run_logged(argv: list[str], env: dict, timeout: int, log: Path) -> tuple[str
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         code = -1
-    reader.join(timeout=10)
-    lines.append((time.monotonic() - started, ""))  # the command's exit
+    exited = time.monotonic() - started
+    reader.join(timeout=10)  # the rest of the output (a process the command left behind may hold the pipe open)
+    lines = [*lines, (exited, "")]  # a copy, ending at the command's exit
     text = "".join(line for _, line in lines) + (f"\nTIMEOUT after {timeout} s" if code == -1 else "")
     log.write_text(text)
     return text, code, lines

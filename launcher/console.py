@@ -10,6 +10,7 @@ everything else goes to the rank logs (<run_dir>/logs/rank<R>.log).
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import logging.handlers
 import os
@@ -17,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from transformers import TrainerCallback  # its package imports lazily: nothing that warns comes with it
+# (this imports torch and accelerate already; what warns on import comes later, with trl, peft and bitsandbytes)
+from transformers import TrainerCallback
 
 log = logging.getLogger("launcher")
 
@@ -44,9 +46,10 @@ class KnownNoise(logging.Filter):
         return not any(record.name.startswith(source) and words in message for source, words in KNOWN_NOISE)
 
 
-class OncePerMessage(logging.Filter):
+class OncePerTemplate(logging.Filter):
     """A warning repeated for every row (TRL warns per row on some tokenizers: 1,780 lines seen on one run) shows
-    on the console once; the rank's log keeps every one."""
+    on the console once, by its logger and message template (before the row's values fill it in); the rank's log
+    keeps every one."""
 
     def __init__(self):
         super().__init__()
@@ -61,7 +64,8 @@ class OncePerMessage(logging.Filter):
 
 
 class AboveTheBar(logging.StreamHandler):
-    """Console lines printed above an open progress bar instead of through it."""
+    """Console lines printed above an open progress bar instead of through it (unflushed: the plan's environment
+    has PYTHONUNBUFFERED=1)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm import tqdm
@@ -76,10 +80,18 @@ _early = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRI
 
 
 def hold_early_records() -> None:
-    """Before the libraries are imported (some warn at import): keep their records until `setup` knows
-    where they go."""
+    """Before the training libraries are imported (some warn at import): keep their records until `setup` knows
+    where they go; printed to stderr at exit if `setup` never ran (a rank that died before it)."""
     logging.captureWarnings(True)  # Python's own filters still decide which warnings are raised at all
     logging.getLogger().addHandler(_early)
+    atexit.register(_print_held_records)
+
+
+def _print_held_records() -> None:
+    for record in _early.buffer:
+        if record.levelno >= logging.WARNING:
+            print(f"{record.name}: {record.levelname}: {record.getMessage()}", file=sys.stderr)
+    _early.buffer.clear()
 
 
 def setup(run_dir: str, rank: int) -> None:
@@ -99,7 +111,7 @@ def setup(run_dir: str, rank: int) -> None:
         warning.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
         warning.setLevel(logging.WARNING)
         warning.addFilter(KnownNoise())
-        warning.addFilter(OncePerMessage())
+        warning.addFilter(OncePerTemplate())
         libraries.append(warning)
     else:  # nothing of this rank on the console; its log gets what it would have printed
         sys.stdout.flush(), sys.stderr.flush()

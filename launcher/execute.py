@@ -29,7 +29,9 @@ def prepare_run_dir(plan: LaunchPlan, state: str) -> None:
     if state == "overwrite":
         shutil.rmtree(run_dir)  # validate.check_run_dir allows this only for a launcher run dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    for name in (STOP_FILE, STOPPED_FILE):  # a stop request was for the launch before this one
+    # a stop request was for the launch before this one; its results are not this launch's (a report would call a
+    # resumed run that fails "finished")
+    for name in (STOP_FILE, STOPPED_FILE, "summary.json", "samples.json"):
         (run_dir / name).unlink(missing_ok=True)
     for name, content in plan.files.items():
         tmp = run_dir / f".{name}.tmp-{os.getpid()}"
@@ -134,7 +136,7 @@ def _alive_in_group(pgid: int) -> bool:
     return False
 
 
-def write_report(plan: LaunchPlan) -> None:
+def write_report(plan: LaunchPlan, exit_code: int) -> None:
     """<run_dir>/report.html after every run that started its ranks, finished or not; node 0 writes it (the run
     directory is shared). Only a look at the run: a failure to write it is a warning, never the job's exit code."""
     if not plan.settings or plan.node_rank != 0 or not Path(plan.run_dir, "logs").is_dir():  # (sbatch: submitted)
@@ -142,7 +144,7 @@ def write_report(plan: LaunchPlan) -> None:
     try:
         from launcher.report import write_report as write  # matplotlib: only now, not for a dry run
 
-        print(f"launcher: report: {write(plan.run_dir)}", flush=True)
+        print(f"launcher: report: {write(plan.run_dir, exit_code)}", flush=True)
     except Exception as err:
         print(f"launcher: warning: no report written ({type(err).__name__}: {err}); "
               f"`python -m launcher report {plan.run_dir}` tries again", file=sys.stderr, flush=True)
@@ -158,14 +160,15 @@ def execute(plan: LaunchPlan, state: str) -> int:
     print("launcher: " + " ".join(plan.argv), flush=True)
     stop_file = Path(plan.run_dir, STOP_FILE) if plan.settings.get("checkpoint_on_signal") else None
     env = dict(plan.env)
-    if plan.procs_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = "1"  # torchrun's own choice for several ranks on a host, without its banner
+    if plan.backend in ("torchrun", "accelerate") and plan.procs_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = "1"  # torchrun's own choice for several ranks on a host, set without its banner
+        # (not for DeepSpeed's launcher, which leaves it unset: its CPU Adam runs on OpenMP threads)
     code = run_child(plan.argv, env, stop_file)
-    write_report(plan)
     if (Path(plan.run_dir) / STOPPED_FILE).exists():
         print(f"launcher: stopped on request at a complete checkpoint; exit {EXIT_STOPPED} (resume=auto continues)",
               file=sys.stderr, flush=True)
-        return EXIT_STOPPED
-    if code and Path(plan.run_dir, "logs").is_dir():
+        code = EXIT_STOPPED
+    elif code and Path(plan.run_dir, "logs").is_dir():
         print(f"launcher: the run failed (exit {code}):\n{explain_failure(plan.run_dir)}", file=sys.stderr, flush=True)
+    write_report(plan, code)
     return code

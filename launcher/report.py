@@ -55,8 +55,8 @@ def _json(path: Path):
         return None
 
 
-def run_state(run_dir: Path) -> tuple[str, str]:
-    """(finished | stopped | failed | running, what to say about it)."""
+def run_state(run_dir: Path, exit_code: int | None = None) -> tuple[str, str]:
+    """(finished | stopped | failed | running, what to say about it); exit_code: the launch's, where known."""
     from launcher.checkpoints import STOPPED_FILE
     from launcher.postmortem import FAILED, FINISHED, STOPPED, _this_launch, explain_failure
 
@@ -67,7 +67,7 @@ def run_state(run_dir: Path) -> tuple[str, str]:
         return "stopped", f"stopped on request at step {step}; `resume=auto` continues from its checkpoint"
     logs = list((run_dir / "logs").glob("rank*.log"))
     texts = ["\n".join(_this_launch(p)) for p in logs]  # an earlier launch's failure is not this one's
-    if any(FAILED in t or STOPPED in t for t in texts) or (logs and all(FINISHED in t for t in texts)):
+    if exit_code or any(FAILED in t or STOPPED in t for t in texts) or (logs and all(FINISHED in t for t in texts)):
         return "failed", "the run did not finish (no summary.json):\n" + explain_failure(str(run_dir))
     return "running", ("no summary.json yet: the run is still going, or was killed without a word "
                        "(then the rank logs end mid-run)")
@@ -153,7 +153,7 @@ pre{white-space:pre-wrap;background:#f6f6f6;padding:6px;font-size:12px;margin:4p
 .answers{display:grid;grid-template-columns:repeat(3,1fr);gap:8px}h3,h4{font-size:13px;margin:8px 0 2px}"""
 
 
-def render(run_dir: Path) -> str:
+def render(run_dir: Path, exit_code: int | None = None) -> str:
     import yaml
 
     config_path, metrics_path = run_dir / "config.yaml", run_dir / "metrics.jsonl"
@@ -165,7 +165,7 @@ def render(run_dir: Path) -> str:
     method = (cfg.get("method") or {}).get("name")
     rows = read_metrics(run_dir) if metrics_path.exists() else []
     summary = _json(run_dir / "summary.json")
-    state, state_text = run_state(run_dir)
+    state, state_text = run_state(run_dir, exit_code)
     last_step = max((r.get("step", 0) for r in rows), default=0)
     images, empty = plot_panels(rows, method)
     facts = [("method", method), ("model", plan.get("model_path") or (cfg.get("model") or {}).get("path")),
@@ -191,10 +191,11 @@ def render(run_dir: Path) -> str:
             f"</head><body>{''.join(body)}</body></html>\n")
 
 
-def write_report(run_dir) -> Path:
-    """Write <run_dir>/report.html (whole or not at all: a reader never sees half a page); returns its path."""
+def write_report(run_dir, exit_code: int | None = None) -> Path:
+    """Write <run_dir>/report.html (whole or not at all: a reader never sees half a page); returns its path.
+    exit_code: the launch's, from the launcher (a run killed without a word is then failed, not running)."""
     run_dir = Path(run_dir)
-    page = render(run_dir)
+    page = render(run_dir, exit_code)
     path = run_dir / REPORT_FILE
     tmp = run_dir / f".{REPORT_FILE}.tmp-{os.getpid()}"
     tmp.write_text(page, encoding="utf-8")

@@ -2,14 +2,16 @@
 base model's, with the tokenizer's chat template, into <run_dir>/samples.json (read by launcher/report.py).
 
 The base comes without a second load: with LoRA it is the same model under PEFT's `disable_adapter()`. A full
-fine-tune keeps no base weights in memory, so it has tuned answers only (`python -m launcher generate <run_dir>
+fine-tune has tuned answers only (`python -m launcher generate <run_dir>
 --base` loads the base). Where the weights live decides who generates:
 - DDP, ZeRO-2, one process: whole weights on every rank, so rank 0 alone generates on the unwrapped model;
 - ZeRO-3: each rank holds a shard, gathered layer by layer in the forward hooks, so every rank generates the same
   prompts with `synced_gpus=True` (a rank whose answer ended keeps joining the others' gathers);
 - FSDP: generating would mean gathering the whole model into every rank (`summon_full_params`), which a model that
   needed sharding may not fit: skipped, with the reason in samples.json and the report.
-A failure here is logged and never fails the run: the trained weights are saved before this runs.
+It runs last, once the weights, the summary and a merge are written. A failure is logged and the run still
+succeeds, except under ZeRO-3, where the other ranks would wait for the failed one inside generate: there it fails
+the job (everything else was written already) rather than hang it.
 """
 from __future__ import annotations
 
@@ -112,6 +114,8 @@ def write_samples(trainer, cfg: dict, eval_ds, tokenizer) -> Path | None:
             try:
                 result.update(_generate(trainer, cfg, eval_ds, tokenizer, count, max_new_tokens, zero3))
             except Exception as err:  # the answers are a look, not the run's result
+                if zero3:  # the other ranks wait in generate's gathers: fail the job rather than hang it
+                    raise
                 log.warning("sample answers failed: %s: %s", type(err).__name__, err, exc_info=True)
                 result["note"] = f"generating the sample answers failed: {type(err).__name__}: {err}"
     if rank0:
@@ -139,7 +143,7 @@ def _generate(trainer, cfg, eval_ds, tokenizer, count, max_new_tokens, synced_gp
                 base = answers(model, tokenizer, ids, max_new_tokens, synced_gpus)
     samples = [{"prompt": prompt, "prompt_text": text, "reference": reference_of(row), "tuned": t, "base": b}
                for prompt, (_, text), row, t, b in zip(prompts, tokenized, rows, tuned, base)]
-    note = "" if has_base else ("no base answers: a full fine-tune keeps no base weights in memory (`python -m "
-                                f"launcher generate {cfg['run_dir']} --base \"your prompt\"` loads it)")
+    note = "" if has_base else ("no base answers: without LoRA the base is not the trained model with its adapter "
+                                f"off (`python -m launcher generate {cfg['run_dir']} --base \"your prompt\"` loads it)")
     return {"base": "the same model with its LoRA adapter disabled" if has_base else None, "note": note,
             "samples": samples}

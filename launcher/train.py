@@ -230,7 +230,6 @@ def main(config_path: str) -> int:
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(final)
         checkpoints.require_adapter_weights(final)
-    samples.write_samples(trainer, cfg, eval_ds, tokenizer)  # after the save: a failure here loses no weights
     if cfg["merge"] and cfg["lora"]["r"] is not None:
         trainer.accelerator.wait_for_everyone()
         if trainer.is_world_process_zero():
@@ -243,6 +242,7 @@ def main(config_path: str) -> int:
                    **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
         Path(run_dir, "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print_summary(cfg, summary)
+    samples.write_samples(trainer, cfg, eval_ds, tokenizer)  # last: the run's results are all written by now
     log.debug("%s", postmortem.FINISHED)
     return 0
 

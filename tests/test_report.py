@@ -126,7 +126,7 @@ def test_report_of_a_failed_run_names_the_rank_that_failed(finished_run, tmp_pat
                 "last):\n  File \"train.py\", line 1\nRuntimeError: CUDA out of memory on rank1\n")
     with open(run / "logs" / "rank0.log", "a") as f:
         f.write(f"2026-01-01 10:00:01,000 rank0 launcher WARNING {postmortem.STOPPED} SIGTERM\n")
-    execute.write_report(SimpleNamespace(settings={"device": "cpu"}, node_rank=0, run_dir=str(run)))
+    execute.write_report(SimpleNamespace(settings={"device": "cpu"}, node_rank=0, run_dir=str(run)), 1)
     html = (run / "report.html").read_text()
     assert "class='state failed'" in html
     assert re.search(r"first: rank1 failed( on \S+)? at 10:00:00.000: RuntimeError: CUDA out of memory on rank1", html)
@@ -137,10 +137,16 @@ def test_report_of_a_failed_run_names_the_rank_that_failed(finished_run, tmp_pat
 def test_a_report_that_cannot_be_written_is_a_warning_only(tmp_path, capsys):
     (tmp_path / "logs").mkdir()
     (tmp_path / "config.yaml").write_text("model: [unclosed\n")
-    execute.write_report(SimpleNamespace(settings={"device": "cpu"}, node_rank=0, run_dir=str(tmp_path)))
+    execute.write_report(SimpleNamespace(settings={"device": "cpu"}, node_rank=0, run_dir=str(tmp_path)), 0)
     err = capsys.readouterr().err
     assert "launcher: warning: no report written (" in err and f"python -m launcher report {tmp_path}" in err
     assert not (tmp_path / "report.html").exists()
+
+
+def test_a_run_killed_without_a_word_is_failed_by_its_exit_code_not_running(finished_run, tmp_path):
+    run = partial_copy(finished_run, tmp_path / "killed", steps=3)  # rank logs end mid-run, no summary
+    assert report.run_state(run)[0] == "running"  # all the directory says
+    assert report.run_state(run, exit_code=137)[0] == "failed"  # the launcher saw the ranks die
 
 
 def test_report_of_a_directory_that_is_no_run_names_it(tmp_path, capsys):
