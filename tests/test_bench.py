@@ -71,6 +71,8 @@ def test_bench_runs_a_case_through_the_launcher_on_the_cpu(tmp_path):
     assert "| ddp-resumed | uniform | ddp | none | 4 |" in (out / "bench.md").read_text()
     # saved at its last step, then resume=auto to step 22 (read after the row: the timed steps are the first run's)
     assert row["resumed"] == "20->22" and row["load_s"] >= 0 and row["host_gib"] >= 0
+    # read from the launcher's own progress lines: the imports and the model come before step 1
+    assert row["to_first_step_s"] > 5 and 0 <= row["after_last_step_s"] < row["wall_s"] - row["to_first_step_s"]
     assert (out / "runs" / "ddp-resumed" / "checkpoints" / "checkpoint-22").is_dir()
     # logged every 5 steps: 1-5 warm up, 16-17 were profiled (in 16-20), so the median is of 6-10 and 11-15
     metrics = read_metrics(out / "runs" / "ddp-resumed")
