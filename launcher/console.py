@@ -248,8 +248,9 @@ class Progress(TrainerCallback):
             shown = {k: v for k, v in logs.items() if k in ("eval_loss", "eval_rewards/accuracies",
                                                             "eval_rewards/margins")
                      or k == "eval_mean_token_accuracy" and not dpo}
-            log.info("step %d: held out: %s", state.global_step,
-                     ", ".join(f"{k.removeprefix('eval_')} {v:.4g}" for k, v in shown.items()))
+            if shown:
+                log.info("step %d: held out: %s", state.global_step,
+                         ", ".join(f"{k.removeprefix('eval_')} {v:.4g}" for k, v in shown.items()))
         else:
             self.logged(logs)
 
