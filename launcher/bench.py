@@ -37,6 +37,7 @@ import yaml
 from launcher import ROOT, memory
 from launcher.bench_cases import CASES, DEFAULT_CASES, MAX_LENGTH, Case  # noqa: F401  (the bench's API)
 from launcher.resources import shipped
+from launcher.report import read_metrics  # (matplotlib only when a report is drawn)
 
 WARMUP_STEPS = 5
 PEAK_BF16_FLOPS = 790e12  # dense bf16 matrix rate measured on the lent H100/H200s (an 8192^3 product)
@@ -78,7 +79,7 @@ def read_launcher_run(run: Path, case: Case, n_params: float, tokens_per_row: fl
     """The run's row of the table. `tokens_per_row`: the data's mean real tokens per pair (or SFT row), which
     turns tokens/s into pairs/s where micro-batches hold varying numbers of rows."""
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run)
     first, last = cfg["train"].get("profile_steps") or (0, -1)
     steady, before = [], 0
     for r in (r for r in rows if "step_seconds" in r):  # each row: the mean over the steps since the previous log
