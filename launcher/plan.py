@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shlex
 from dataclasses import asdict, dataclass, field
 
@@ -219,6 +220,12 @@ def memory_decision(cfg: dict, machine: Machine, world: int, token_budget: int |
     return line
 
 
+def rendezvous_id(master_addr: str | None, master_port: int) -> str:
+    """torchrun's --rdzv-id: every node must give the same one. The endpoint is what the nodes share by
+    definition; run_name is not (its default is a time stamp each node takes for itself, a second apart)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", f"launcher-{master_addr}-{master_port}")
+
+
 def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: list[str] = ()) -> LaunchPlan:
     """cfg: the resolved config as plain containers, run_dir absolute. overrides: the command line's, which
     cluster=slurm passes on to the job."""
@@ -290,7 +297,8 @@ def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: l
 
     argv = render_command(
         backend, procs_per_node=procs, nodes=nodes, node_rank=node_rank, master_addr=cfg["master_addr"],
-        master_port=master_port, rdzv_id=cfg["run_name"], accelerate_config_path=path(ACCELERATE_FILE),
+        master_port=master_port, rdzv_id=rendezvous_id(cfg["master_addr"], master_port),
+        accelerate_config_path=path(ACCELERATE_FILE),
         train_config_path=path(CONFIG_FILE),
     )
     env = dict(BASE_ENV, LAUNCHER_RUN_DIR=run_dir)

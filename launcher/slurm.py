@@ -14,8 +14,9 @@ from launcher.resources import shipped
 
 SBATCH_FILE = "job.sbatch"
 # Set per node by slurm/launch.sh, or by this module: never passed through from the submit command.
-NODE_KEYS = {"cluster", "nodes", "node_rank", "master_addr", "master_port", "dry_run", "run_dir", "resume",
-             "overwrite"}
+# run_name is fixed here: its default is a time stamp, which each node would otherwise take for itself.
+NODE_KEYS = {"cluster", "nodes", "node_rank", "master_addr", "master_port", "dry_run", "run_dir", "run_name",
+             "resume", "overwrite"}
 
 
 def _key(override: str) -> str:
@@ -62,7 +63,8 @@ def render_sbatch(cfg: dict, overrides: list[str], cwd: str) -> str:
         f"cd {shlex.quote(cwd)}",
         f"export LAUNCHER_RUN_DIR={shlex.quote(cfg['run_dir'])}",
         "exec bash " + shlex.join([str(shipped("slurm") / "launch.sh"), *passed_through(overrides),
-                                    f"run_dir={hydra_quote(cfg['run_dir'])}", "resume=auto"]),
+                                    f"run_name={hydra_quote(cfg['run_name'])}", f"run_dir={hydra_quote(cfg['run_dir'])}",
+                                    "resume=auto"]),
     ]
     return "\n".join(lines) + "\n"
 

@@ -4,7 +4,7 @@
 #
 # - master address: the allocation's first host (its NodeAddr); port: derived from the job id (same on every node)
 # - node rank: SLURM_NODEID of each srun task; nodes: SLURM_NNODES
-# - run_dir: runs/<job name>-<job id> unless given, so a requeued job finds its checkpoints
+# - run_dir: runs/<job name>-<job id> unless given, so a requeued job finds its checkpoints; run_name: its name
 # - resume=auto unless given: a requeued (or resubmitted) job continues from the newest complete checkpoint
 # - the warning signal (sbatch --signal=B:USR1@...) writes <run_dir>/STOP: every rank checkpoints at the end
 #   of its step and exits 75, and the job requeues itself
@@ -26,6 +26,9 @@ value_of() {  # the last KEY=value among the arguments
 }
 run_dir=${LAUNCHER_RUN_DIR:-$(value_of run_dir)}  # a rendered job.sbatch exports the plain path
 if [ -z "$run_dir" ]; then run_dir="runs/${SLURM_JOB_NAME:-job}-${SLURM_JOB_ID}"; args+=("run_dir=$run_dir"); fi
+# one run_name on every node (its default is a time stamp each node would take for itself): the run_dir's name
+name=$(basename "$run_dir")
+if [ -z "$(value_of run_name)" ] && [[ $name =~ ^[A-Za-z0-9._-]+$ ]]; then args+=("run_name=$name"); fi
 [ -n "$(value_of resume)" ] || args+=("resume=auto")
 first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 # the first node's address as Slurm reaches it (NodeAddr), which every node can resolve; its name otherwise

@@ -147,6 +147,16 @@ def test_command_script_quotes_values(tmp_path):
     assert "'/runs/a b;$(touch x)/config.yaml'" in script
 
 
+def test_every_node_joins_one_rendezvous_whatever_time_each_took_for_its_run_name():
+    """Seen on the two-host cluster: node 0 at 19:53:07, node 1 at :08, two rendezvous ids, a 600 s wait."""
+    def rdzv_id(node_rank, run_name):
+        cfg = compose_cfg("backend=torchrun", "nodes=2", "master_addr=10.0.0.1", f"node_rank={node_rank}",
+                          f"run_name={run_name}")
+        argv = build_plan(cfg, GPU_NODE, cwd="/work/project").argv
+        return argv[argv.index("--rdzv-id") + 1]
+    assert rdzv_id(0, "dpo-20261130-195307") == rdzv_id(1, "dpo-20261130-195308") == "launcher-10-0-0-1-29500"
+
+
 def test_golden_slurm_submission():
     overrides = ["cluster=slurm", "nodes=4", "gpus=8", "strategy=zero3", "model=qwen2.5-7b-instruct"]
     plan = build_plan(compose_cfg(*overrides), GPU_NODE, cwd="/work/project", overrides=overrides)

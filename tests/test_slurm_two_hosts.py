@@ -123,10 +123,6 @@ def test_a_lost_host_ends_the_job_on_both_and_resume_continues(cluster, tmp_path
     assert json.loads((run / "summary.json").read_text())["global_step"] == 12
 
 
-@pytest.mark.skip(reason="passed on its own twice and right after the lost-host test once (2026-11-30, idle "
-                         "machine), but failed in a full run: both hosts' torchrun agents timed out in the c10d "
-                         "rendezvous after the lost-host test; not understood yet (test_slurm.py keeps the one-host "
-                         "requeue)")
 def test_the_warning_signal_checkpoints_both_hosts_requeues_and_resumes(cluster, tmp_path, tiny_dir):
     """What --signal=B:USR1@300 sends before the time limit: every rank of both hosts checkpoints, the job
     requeues itself and the requeued job resumes on both hosts to the planned step."""
