@@ -18,6 +18,10 @@ def _switch(cfg, key: str) -> bool | str:
     return value
 
 
+# The methods whose batches launcher/padding_free.py knows (DPO's concatenated pairs, SFT's packed rows); KTO, ORPO
+# and SimPO build their batches in code of their own and run padded rows, grouped by length by none of ours.
+UNPADDED_METHODS = ("dpo", "sft")
+
 # Where train.padding_free=auto turns it on: the strategies it was measured under on GPUs (docs/benchmarks.md,
 # 2026-11-30: ddp, realistic length mix, DPO 3.1x and SFT 5.5x the padded batches' real tokens/s). The others run
 # it with train.padding_free=true; the GPU tests (tests/test_gpu.py) hold a case for each, not yet run.
@@ -29,6 +33,12 @@ def padding_free(cfg, on_gpu: bool) -> tuple[bool, str]:
     costs more than the padding it saves on short rows). SFT is padding-free through TRL's packing."""
     wanted = _switch(cfg, "padding_free")
     method = cfg["method"]["name"]
+    if method not in UNPADDED_METHODS:
+        if wanted is True:
+            raise ConfigError("train.padding_free", f"train.padding_free=true with method={method}: padding-free "
+                                                    "batches are DPO's and SFT's (launcher/padding_free.py rewires "
+                                                    "their batches); drop it.")
+        return False, f"method={method} runs padded rows (padding-free batches are DPO's and SFT's)"
     if method == "sft":
         packing = cfg["method"].get("packing", "auto")
         if not (isinstance(packing, bool) or packing == "auto"):
@@ -72,8 +82,9 @@ def token_budget(cfg, unpadded: bool, micro_batch_was_auto: bool) -> int | None:
     if budget is None or (budget == "auto" and cfg["method"]["name"] != "dpo"):
         return None
     if cfg["method"]["name"] != "dpo":
-        raise ConfigError("micro_batch_tokens", f"micro_batch_tokens={budget} is for DPO; SFT packs its rows into "
-                                                "micro_batch rows of data.max_length tokens each: give micro_batch.")
+        raise ConfigError("micro_batch_tokens", f"micro_batch_tokens={budget} is for DPO (SFT packs its rows into "
+                                                "micro_batch rows of data.max_length tokens each; the other methods "
+                                                "run micro_batch rows): give micro_batch.")
     if budget == "auto":
         if not (unpadded and micro_batch_was_auto):
             return None
@@ -91,7 +102,7 @@ def decide_batching(cfg, on_gpu: bool, micro_batch_was_auto: bool, world_size: i
     decisions = []
     attn, attn_why = attention(cfg, on_gpu, unpadded)
     budget = token_budget(cfg, unpadded, micro_batch_was_auto)
-    if not unpadded and on_gpu and "not been measured" in why:  # said where the user might expect it on
+    if not unpadded and on_gpu and ("not been measured" in why or "padded rows" in why):  # said where expected
         decisions.append(why)
     if unpadded:
         how = ("TRL packs whole rows (best fit, none split) into micro_batch rows of data.max_length"
@@ -110,11 +121,15 @@ def decide_batching(cfg, on_gpu: bool, micro_batch_was_auto: bool, world_size: i
                              "which TRL's per-step gathers of per-pair metrics cannot take; each rank keeps its "
                              "metrics and the ranks average them at each log")
     group = _switch(cfg, "group_by_length")
+    if group is True and method not in UNPADDED_METHODS:
+        raise ConfigError("train.group_by_length", f"train.group_by_length=true with method={method}: its trainer "
+                                                   "orders the rows itself (KTO pairs each row with its neighbour for "
+                                                   "the KL term); drop it.")
     if group is True and unpadded:
         raise ConfigError("train.group_by_length", "train.group_by_length=true groups rows to pad less; padding-free "
                                                    "batches hold no padding. Drop it, or give train.padding_free=false.")
     if group == "auto":
-        group = on_gpu and not unpadded and cfg["micro_batch"] > 1
+        group = on_gpu and not unpadded and cfg["micro_batch"] > 1 and method in UNPADDED_METHODS
         if group:
             decisions.append("train.group_by_length=auto -> on: padded micro-batches of rows of similar length "
                              "(transformers' length-grouped sampler) pad less")

@@ -35,6 +35,7 @@ from pathlib import Path
 import yaml
 
 from launcher import ROOT, memory
+from launcher.methods import METHODS
 from launcher.bench_cases import CASES, DEFAULT_CASES, MAX_LENGTH, Case  # noqa: F401  (the bench's API)
 from launcher.resources import shipped
 from launcher.report import read_metrics  # (matplotlib only when a report is drawn)
@@ -47,10 +48,13 @@ TIMEOUT_S = 300
 def flops_per_token(n_params: float, method: str, lora: bool, precomputed_ref: bool) -> float:
     """Model FLOPs per token of one training step (recomputation by checkpointing not counted, as MFU goes):
     forward 2N, backward 2N for the input gradients (+2N for weight gradients without LoRA), and for DPO
-    the reference forward 2N unless its log-probs were precomputed."""
+    the reference forward 2N unless its log-probs were precomputed; KTO's KL pass adds a forward of the policy and
+    one of the reference (its KL rows are as long as the rows counted). ORPO and SimPO have no reference."""
     flops = 2 * n_params + (2 if lora else 4) * n_params
-    if method == "dpo" and not precomputed_ref:
+    if METHODS[method].reference and not precomputed_ref:
         flops += 2 * n_params
+    if method == "kto":
+        flops += (2 if precomputed_ref else 4) * n_params
     return flops
 
 
@@ -116,6 +120,8 @@ def read_launcher_run(run: Path, case: Case, n_params: float, tokens_per_row: fl
     if summary.exists():
         s = json.loads(summary.read_text())
         res["eval_metric"] = s.get("eval_rewards/accuracies", s.get("eval_loss"))
+        if case.method == "kto" and "eval_rewards/chosen" in s:  # the held-out reward gap
+            res["eval_metric"] = s["eval_rewards/chosen"] - s.get("eval_rewards/rejected", 0.0)
         res["load_s"] = s.get("load_seconds")
     return res
 

@@ -71,6 +71,11 @@ CASES = {
     # adapter's input and a saved copy of it (the profiled defaults' generic elementwise kernels, dropout's
     # among them, took 28 of the step's 464 GPU ms)
     "ddp-no-dropout": Case("launcher", overrides=("strategy=ddp", "lora.dropout=0")),
+    # the methods beyond DPO on the same model and pairs, with the launcher's defaults: ORPO and SimPO have no
+    # reference pass; KTO takes each pair as a desirable and an undesirable row (rows/s counts those)
+    "orpo-defaults": Case("launcher", "orpo"),
+    "simpo-defaults": Case("launcher", "simpo"),
+    "kto-defaults": Case("launcher", "kto"),
     # SFT on the same model and rows (prompt + chosen answer)
     "sft-defaults": Case("launcher", "sft"),
     "sft": Case("launcher", "sft", overrides=("strategy=ddp",)),

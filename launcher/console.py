@@ -244,10 +244,10 @@ class Progress(TrainerCallback):
         if not (state.is_world_process_zero and logs):
             return
         if any(k.startswith("eval_") for k in logs):
-            dpo = "eval_rewards/accuracies" in logs  # (TRL logs a token accuracy of 0 for DPO too)
+            pairs = "eval_rewards/margins" in logs  # (TRL logs a token accuracy of 0 for DPO too)
             shown = {k: v for k, v in logs.items() if k in ("eval_loss", "eval_rewards/accuracies",
                                                             "eval_rewards/margins")
-                     or k == "eval_mean_token_accuracy" and not dpo}
+                     or k == "eval_mean_token_accuracy" and not pairs}
             if shown:
                 log.info("step %d: held out: %s", state.global_step,
                          ", ".join(f"{k.removeprefix('eval_')} {v:.4g}" for k, v in shown.items()))

@@ -10,6 +10,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.methods import METHODS
+
 log = logging.getLogger("launcher")
 
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -32,12 +34,13 @@ class DataReport:
     fmt: str
     longest_row: int = 0  # the train row (counted from 1 in data.path's train split) that puts the most tokens
     longest_tokens: int = 0  # through the model: both sequences of a pair, each cut at max_length, with its EOS
+    note: str = ""  # what was done to the rows beyond the counts (KTO's pairs split)
 
     def line(self, max_length: int) -> str:
         return (f"data: {self.rows_read} rows read ({self.fmt}), dropped {self.dropped_empty} with empty fields and "
                 f"{self.dropped_duplicate} duplicates, {self.truncated} longer than max_length={max_length} "
                 f"(truncated), {self.prompt_too_long} whose prompt alone fills it (dropped by the trainer); "
-                f"{self.train_rows} train / {self.eval_rows} held out")
+                f"{self.train_rows} train / {self.eval_rows} held out{self.note}")
 
 
 def read_dataset(path: str, split: str, test_split: str):
@@ -67,38 +70,91 @@ def read_dataset(path: str, split: str, test_split: str):
 
 
 def _bad_json_line(p: Path) -> str:
-    """For a JSON Lines file, the first line that does not parse: users fix files line by line."""
+    """For a JSON Lines file, the first line that does not parse, or whose column holds another kind of value than
+    the lines before (a label "yes" among true and false): users fix files line by line."""
     if not (p.is_file() and p.suffix.lower() == ".jsonl"):
         return ""
+    kinds: dict[str, tuple[str, int]] = {}
     with open(p, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    json.loads(line)
+                    row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     return f"Line {number} is not valid JSON ({exc.msg}). "
+                for column, value in (row.items() if isinstance(row, dict) else ()):
+                    if value is None:
+                        continue
+                    kind, first = kinds.setdefault(column, (_kind(value), number))
+                    if _kind(value) != kind:
+                        return (f"Line {number}: column {column!r} holds {_kind(value)} {value!r}, where line {first} "
+                                f"holds {kind}. ")
     return ""
+
+
+def _kind(value) -> str:
+    return {bool: "a boolean", str: "a string", list: "a list", dict: "an object"}.get(
+        type(value), "a number")
 
 
 def detect_format(columns: list[str], method: str, path: str) -> str:
     cols = set(columns)
-    if method == "dpo":
-        if {"chosen", "rejected"} <= cols:
+    rows = METHODS[method].rows
+    pairs, labelled = {"chosen", "rejected"} <= cols, {"completion", "label"} <= cols
+    if rows == "pairs":
+        if pairs:
             return "preference"
+        kto = " These are KTO's rows (prompt/completion/label): use method=kto." if labelled else ""
         missing = [c for c in PREFERENCE if c not in cols]
-        raise DataError(f"data.path={path}: DPO needs columns prompt, chosen, rejected; missing {', '.join(missing)} "
-                        f"(columns found: {', '.join(columns)})")
+        raise DataError(f"data.path={path}: {method.upper()} needs columns prompt, chosen, rejected; missing "
+                        f"{', '.join(missing)} (columns found: {', '.join(columns)}).{kto}")
+    if rows == "labelled":
+        if labelled:
+            return "unpaired"
+        if pairs:
+            return "preference"
+        if "completion" in cols:
+            raise DataError(f"data.path={path}: KTO needs a 'label' column beside prompt and completion (true: a "
+                            f"desirable answer, false: an undesirable one), or preference pairs (prompt/chosen/"
+                            f"rejected), which are split into one of each; columns found: {', '.join(columns)}")
+        raise DataError(f"data.path={path}: KTO needs columns prompt, completion, label (or prompt, chosen, "
+                        f"rejected); columns found: {', '.join(columns)}")
     for fmt, needed in (("messages", {"messages"}), ("prompt_completion", {"prompt", "completion"}),
                         ("alpaca", {"instruction", "output"}), ("text", {"text"})):
         if needed <= cols:
             return fmt
+    other = (" This is a preference file (chosen/rejected): use method=dpo, orpo, simpo or kto, or give SFT rows."
+             if pairs else "")
     raise DataError(f"data.path={path}: SFT needs a 'messages' column, 'prompt' and 'completion', 'instruction' and "
-                    f"'output' (Alpaca), or 'text'; columns found: {', '.join(columns)}")
+                    f"'output' (Alpaca), or 'text'; columns found: {', '.join(columns)}.{other}")
 
 
 def required_columns(fmt: str) -> tuple[str, ...]:
-    return {"preference": PREFERENCE, "messages": ("messages",), "prompt_completion": ("prompt", "completion"),
-            "alpaca": ("instruction", "output"), "text": ("text",)}[fmt]
+    return {"preference": PREFERENCE, "unpaired": ("prompt", "completion", "label"), "messages": ("messages",),
+            "prompt_completion": ("prompt", "completion"), "alpaca": ("instruction", "output"),
+            "text": ("text",)}[fmt]
+
+
+def where(path: str, split: str, position: int) -> str:
+    """Row `position` (from 0) of a split, as a user finds it: its line in a JSON Lines file."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix.lower() == ".jsonl":
+        with open(p, encoding="utf-8", errors="replace") as f:
+            lines = (number for number, line in enumerate(f, 1) if line.strip())
+            for seen, number in enumerate(lines):
+                if seen == position:
+                    return f"line {number}"
+    return f"row {position + 1} of split {split!r}"
+
+
+def unpair(rows: list[dict]) -> list[dict]:
+    """Each preference pair as KTO's two rows: its chosen answer desirable, its rejected one undesirable."""
+    out = []
+    for row in rows:
+        prompt = {"prompt": row["prompt"]} if "prompt" in row else {}
+        out += [{**prompt, "completion": row["chosen"], "label": True},
+                {**prompt, "completion": row["rejected"], "label": False}]
+    return out
 
 
 def _empty(value) -> bool:
@@ -119,6 +175,12 @@ def to_trl_row(row: dict, fmt: str, conversational: bool) -> dict:
             return {"prompt": _as_messages(prompt, "user"), "chosen": _as_messages(row["chosen"], "assistant"),
                     "rejected": _as_messages(row["rejected"], "assistant")}
         return {"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"]}
+    if fmt == "unpaired":
+        completion = row["completion"]
+        if conversational:
+            return {"prompt": _as_messages(row["prompt"], "user"), "completion": _as_messages(completion, "assistant"),
+                    "label": row["label"]}
+        return {"prompt": row["prompt"], "completion": completion, "label": row["label"]}
     if fmt == "alpaca":
         prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
         row = {"prompt": prompt, "completion": row["output"]}
@@ -159,7 +221,8 @@ def prepare(data_cfg: dict, method: str, tokenizer, seed: int):
     if len(train) == 0:
         raise DataError(f"data.path={path}: the dataset is empty (split {data_cfg['split']!r})")
     fmt = detect_format(train.column_names, method, path)
-    needs_template = fmt == "messages" or (fmt == "preference" and isinstance(train[0]["chosen"], list))
+    answer = {"preference": "chosen", "unpaired": "completion"}.get(fmt)
+    needs_template = fmt == "messages" or (answer is not None and isinstance(train[0][answer], list))
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if needs_template and not has_template:
         raise DataError(f"data.path={path}: rows are conversations but the tokenizer has no chat template; "
@@ -175,6 +238,9 @@ def prepare(data_cfg: dict, method: str, tokenizer, seed: int):
             if any(_empty(row[c]) for c in cols):
                 empty += 1
                 continue
+            if fmt == "unpaired" and not isinstance(row["label"], bool):
+                raise DataError(f"data.path={path}, {where(path, name, position)}: column 'label' must be true "
+                                f"(a desirable answer) or false (an undesirable one), got {row['label']!r}")
             key = json.dumps([row.get(c) for c in cols], ensure_ascii=False, sort_keys=True)
             if key in seen:
                 dup += 1
@@ -205,6 +271,16 @@ def prepare(data_cfg: dict, method: str, tokenizer, seed: int):
         split = numbered.train_test_split(test_size=data_cfg["test_fraction"], seed=seed)
         sources = split["train"]["_row"]
         train_ds, eval_ds = split["train"].remove_columns("_row"), split["test"].remove_columns("_row")
+    note = ""
+    if METHODS[method].rows == "labelled":
+        if fmt == "preference":  # split after holding out, so no pair has a half on each side
+            note = f"; each of the {len(train_ds)} train pairs split into a desirable and an undesirable row for KTO"
+            sources = [s for s in sources for _ in (0, 1)]
+            train_ds, eval_ds = (datasets.Dataset.from_list(unpair(list(ds))) for ds in (train_ds, eval_ds))
+        # TRL's KTO reads its rows in order and takes the KL term from neighbours: no run of one label, no neighbour
+        # that is the same prompt's other answer
+        numbered = train_ds.add_column("_row", sources).shuffle(seed=seed).flatten_indices()
+        sources, train_ds = numbered["_row"], numbered.remove_columns("_row")
     max_length = data_cfg["max_length"]
     lengths = [_lengths(r, tokenizer) for r in train_ds]
     truncated = sum(max(seqs) > max_length for _, seqs in lengths)
@@ -216,5 +292,6 @@ def prepare(data_cfg: dict, method: str, tokenizer, seed: int):
     tokens = [sum(min(s + 1, max_length) for s in seqs) for _, seqs in lengths]  # + the EOS TRL adds to answers
     longest = max(range(len(tokens)), key=tokens.__getitem__)
     report = DataReport(read, empty, dup, truncated, prompt_too_long, len(train_ds), len(eval_ds),
-                        fmt + (", chat template" if conversational else ""), sources[longest] + 1, tokens[longest])
+                        fmt + (", chat template" if conversational else ""), sources[longest] + 1, tokens[longest],
+                        note)
     return train_ds, eval_ds, report

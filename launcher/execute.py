@@ -6,6 +6,7 @@ ranks a grace period to save, then kill the whole group.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -19,6 +20,8 @@ from pathlib import Path
 from launcher.checkpoints import EXIT_STOPPED, STOP_FILE, STOPPED_FILE
 from launcher.plan import LaunchPlan
 from launcher.postmortem import explain_failure
+
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
 GRACE_SECONDS = 20  # after a forwarded signal, before SIGKILL
 SAVE_SECONDS = 300  # checkpoint_on_signal: how long the ranks get to save before the signal goes through
@@ -69,6 +72,8 @@ def run_child(argv: list[str], env: dict[str, str], stop_file: Path | None = Non
 
     With a stop_file, the first signal asks the ranks to checkpoint and stop (launcher.checkpoints) and
     only a second signal, or SAVE_SECONDS without an exit, goes through to them."""
+    adopt_orphans()
+    spare = frozenset(_alive(None))  # what ran below us before the job
     proc = subprocess.Popen([resolve_executable(argv[0]), *argv[1:]], env={**os.environ, **env},
                             start_new_session=True)
     received: list[int] = []
@@ -99,11 +104,11 @@ def run_child(argv: list[str], env: dict[str, str], stop_file: Path | None = Non
                     if stop_file is not None and len(received) == 1:  # the save took too long: stop now
                         forward(received[0], None)
                     else:
-                        _kill_group(proc.pid)
+                        _kill_group(proc.pid, spare=spare)
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-        _kill_group(proc.pid)
+        _kill_group(proc.pid, spare=spare)
     if code < 0:
         code = 128 - code  # killed by a signal: the shell's convention
     if received and not (stop_file is not None and stop_file.with_name(STOPPED_FILE).exists()):
@@ -112,28 +117,82 @@ def run_child(argv: list[str], env: dict[str, str], stop_file: Path | None = Non
     return code
 
 
-def _kill_group(pgid: int, wait_s: float = 30.0) -> None:
+def adopt_orphans() -> None:
+    """Make the launcher the reaper of its job's orphans: torchrun starts each rank in a session of its own, out of
+    reach of the job's process group, and a killed rank's dataloader workers (holding its GPU memory) would pass to
+    init, alive for seconds after the launcher returned (seen on 2x H200). As the launcher's children they can be
+    found and ended. Linux's PR_SET_CHILD_SUBREAPER; elsewhere nothing changes."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _kill_group(pgid: int, wait_s: float = 30.0, spare: frozenset = frozenset()) -> None:
     """Whatever of the job is still alive (a rank that ignored the signal, a dead rank's dataloader workers
-    holding its GPU memory) goes now; returns once none of it is left."""
+    holding its GPU memory) goes now, in the job's process group or below the launcher; returns once none of it
+    is left."""
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
-        return
+        pass
     deadline = time.monotonic() + wait_s
-    while _alive_in_group(pgid) and time.monotonic() < deadline:
+    while True:
+        _reap(keep=pgid)  # (the job's command leads its group: its pid is the group's id)
+        left = _alive(pgid, spare)
+        if not left or time.monotonic() > deadline:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         time.sleep(0.05)
 
 
-def _alive_in_group(pgid: int) -> bool:
-    """A process of this group that has not exited (zombies have: an orphan waits for its reaper)."""
+def _reap(keep: int) -> None:
+    """Collect the exit of every child that has ended (orphans adopted from the job end as our zombies), but the
+    job's own command's (`keep`), which its Popen collects."""
+    me = os.getpid()
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":  # fields after the name: state, ppid, pgrp, ...
-            return True
-    return False
+        pid = int(stat.parent.name)
+        if fields[0] == "Z" and int(fields[1]) == me and pid != keep:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+def _alive(pgid: int | None, spare: frozenset = frozenset()) -> list[int]:
+    """The processes that have not exited (zombies have) in the job's group or below the launcher, except those
+    below it before the job started (`spare`: whatever else a caller of run_child has running)."""
+    parents, in_group = {}, []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the name: state, ppid, pgrp, ...
+        except OSError:
+            continue
+        if fields[0] == "Z":
+            continue
+        pid = int(stat.parent.name)
+        parents[pid] = int(fields[1])
+        if int(fields[2]) == pgid:
+            in_group.append(pid)
+    below, me = [], os.getpid()
+    for pid in parents:
+        up, seen = parents.get(pid), 0
+        if pid in spare:
+            continue
+        while up and up != me and up not in spare and seen < 64:
+            up, seen = parents.get(up), seen + 1
+        if up == me:
+            below.append(pid)
+    return sorted(set(in_group) | set(below))
 
 
 def write_report(plan: LaunchPlan, exit_code: int) -> None:

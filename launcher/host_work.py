@@ -21,6 +21,8 @@ import functools
 import logging
 from contextlib import contextmanager
 
+from launcher.methods import METHODS
+
 log = logging.getLogger("launcher")
 
 
@@ -32,9 +34,10 @@ def trim(trainer, cfg: dict) -> list[str]:
         if not cfg["plan"]["gradient_checkpointing"]:
             model.is_gradient_checkpointing = False  # the plan keeps it off for the whole run; read by TRL
             done.append("gradient checkpointing known to be off")
-        if cfg["method"]["name"] == "dpo" and not cfg["method"]["precompute_ref_log_probs"]:
+        method = cfg["method"]
+        if METHODS[method["name"]].reference and not method["precompute_ref_log_probs"]:
             layers = switch_adapters_off_by_flag(model)
-            done.append(f"DPO's reference pass switches {layers} LoRA layers off by their flag")
+            done.append(f"{method['name'].upper()}'s reference pass switches {layers} LoRA layers off by their flag")
     log.debug("host work trimmed: %s", "; ".join(done))
     return done
 

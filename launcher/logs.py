@@ -54,6 +54,7 @@ class MetricsCallback(TrainerCallback):
         self.world_size = world_size
         self.last = None  # (time, tokens seen, step)
         self.computed, self.real = 0, 0  # this rank's training forwards: positions run, and real tokens among them
+        self.own_tokens = 0  # the real tokens counted, for the trainers that log no num_tokens (ORPO, CPO)
 
     def count_computed_tokens(self, model) -> None:
         """Count the positions each training forward of `model` runs and the real tokens among them (a padded
@@ -62,13 +63,15 @@ class MetricsCallback(TrainerCallback):
             if not (module.training and torch.is_grad_enabled()):  # the policy's pass, not DPO's reference pass
                 return
             if kwargs.get("pf_index") is not None:  # launcher/padding_free.py: real tokens only
-                self.computed += kwargs["pf_index"].numel()
-                self.real = self.real + kwargs["pf_index"].numel()
+                real = kwargs["pf_index"].numel()
+                self.computed += real
+                self.real, self.own_tokens = self.real + real, self.own_tokens + real
                 return
             ids, mask = kwargs.get("input_ids", args[0] if args else None), kwargs.get("attention_mask")
             if ids is not None:
+                real = mask.sum() if mask is not None else ids.numel()
                 self.computed += ids.numel()
-                self.real = self.real + (mask.sum() if mask is not None else ids.numel())
+                self.real, self.own_tokens = self.real + real, self.own_tokens + real
 
         model.register_forward_pre_hook(count, with_kwargs=True)
 
@@ -84,8 +87,10 @@ class MetricsCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs if logs is not None else {}
-        now, tokens = time.perf_counter(), logs.get("num_tokens", 0)  # TRL's: non-padding tokens of all ranks
-        if self.last and "loss" in logs and tokens > self.last[1] and state.global_step > self.last[2]:
+        now, tokens = time.perf_counter(), logs.get("num_tokens")  # TRL's: non-padding tokens of all ranks
+        if tokens is None and "loss" in logs:  # ORPO and CPO log none: this rank's own count, as if every rank's
+            tokens = float(self.own_tokens) * self.world_size
+        if self.last and "loss" in logs and tokens and tokens > self.last[1] and state.global_step > self.last[2]:
             real_per_gpu = (tokens - self.last[1]) / self.world_size
             logs["tokens_per_sec_per_gpu"] = round(real_per_gpu / (now - self.last[0]), 1)
             logs["step_seconds"] = round((now - self.last[0]) / (state.global_step - self.last[2]), 4)

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from launcher import host_memory
 from launcher.host_memory import Host
+from launcher.methods import METHODS
 from launcher.strategies import STRATEGIES as RULES  # what each strategy shards, and where DeepSpeed runs
 
 GIB = 2**30
@@ -48,6 +49,9 @@ ACT_PER_HIDDEN_LAYER = 17.47
 ACT_PER_INTERMEDIATE_LAYER = 9.228
 ACT_PER_HIDDEN_LAYER_GC = 2.0  # bytes per token: the checkpointed layer inputs
 ACT_PER_VOCAB = 0.47  # bytes per token per vocabulary entry
+# ORPO and SimPO (TRL's experimental trainers) hold the whole bf16 logits for the backward and take a float32
+# log-softmax over them, where DPO's chunked LM head holds none: 2 + 4 bytes, not yet measured on a GPU
+ACT_WHOLE_VOCAB = 6.0
 # Factors on the in-layer activations, each from one pair of runs in docs/benchmarks.md (peak GiB per GPU):
 ACT_LIGER = 0.79  # ddp with Liger 54.8 against 68.9 without
 ACT_BF16_ADAPTERS = 0.86  # zero2 47.4 against ddp 54.8 when PEFT still ran DDP's adapters on float32 copies of
@@ -140,8 +144,8 @@ class Estimate:
 
 
 def tokens_per_micro_batch(micro_batch: int, method: str, seq_len: int) -> int:
-    """DPO runs each pair's chosen and rejected sequences together."""
-    return micro_batch * (2 if method == "dpo" else 1) * seq_len
+    """DPO, ORPO and SimPO run each pair's chosen and rejected sequences together."""
+    return micro_batch * METHODS[method].sequences_per_row * seq_len
 
 
 def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | None, lora_targets, world: int,
@@ -192,8 +196,10 @@ def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | Non
     per_token = (ACT_PER_HIDDEN_LAYER_GC * h_layers + in_layer if gradient_checkpointing
                  else in_layer * shape.layers) + ACT_PER_VOCAB * shape.vocab
     activations = tokens * per_token * (ACT_SFT if method == "sft" else 1.0)
+    if METHODS[method].whole_vocab_logits:
+        activations += tokens * shape.vocab * ACT_WHOLE_VOCAB
     reference = 0.0
-    if method == "dpo" and not lora:  # a frozen copy, sharded like the policy's weights
+    if METHODS[method].reference and not lora:  # a frozen copy, sharded like the policy's weights
         reference = base / world if sharded_weights else base
     return Estimate(strategy, *(x / GIB for x in (weights, gradients, optimizer, activations, reference)))
 
@@ -244,7 +250,7 @@ def host_estimate(cfg: dict, shape: Shape, strategy: str, world: int, procs_per_
     held = shape.linear_params() * LINEAR_BYTES[bits or None] + shape.other_params() * 2.0
     return host_memory.estimate(held, shape.total_params() * 2.0, trainable, strategy=strategy, bits=bits, lora=lora,
                                 world=world, procs_per_node=min(procs_per_node, world),
-                                reference_copy=cfg["method"]["name"] == "dpo" and not lora)
+                                reference_copy=METHODS[cfg["method"]["name"]].reference and not lora)
 
 
 def host_fits(cfg, shape, strategy, world, host: Host | None, bits: int | None = None) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import yaml
 
-from launcher import host_memory, memory, slurm, validate
+from launcher import host_memory, memory, methods, slurm, validate
 from launcher.batching import decide_batching
 from launcher.errors import ConfigError
 from launcher.host_memory import Host
@@ -238,6 +238,7 @@ def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: l
         decisions.append("no GPU visible here: planned for bf16-capable GPUs (dry run)")
     micro_batch_was_auto = cfg["micro_batch"] == "auto"
     cfg = size_the_job(cfg, machine, procs * cfg["nodes"], on_gpu, decisions, procs)
+    methods.check(cfg)  # again, with micro_batch sized
     strategy = resolve_strategy(cfg["strategy"]["name"])
     if not on_gpu and strategy.name != "ddp":
         raise ConfigError(

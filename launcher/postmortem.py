@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 from pathlib import Path
 
 STARTED = "rank started"  # each launch appends to the same log: only what follows the last start counts
@@ -32,13 +33,29 @@ def _time(line: str) -> str:
 
 def say_when_stopped(log) -> None:
     """A rank stopped by SIGTERM (torchrun's agent, once another rank has failed) says so in its log before it
-    goes, so that the post-mortem does not take it for the rank that went first. It still dies of the signal."""
+    goes, so that the post-mortem does not take it for the rank that went first. It still dies of the signal.
+
+    Python runs a signal's handler in the main thread, between two bytecodes: a rank waiting in a collective for
+    the rank that died may never get there before the agent's SIGKILL (seen on 2x H200 under accelerate: both
+    ranks' logs ended without a word). So the signal also wakes a thread of its own (Python's wakeup fd, written
+    by the C-level handler at once), which logs while the main thread waits in C++ with the GIL released."""
     def stopped(signum, _frame):
         log.warning("%s %s", STOPPED, signal.Signals(signum).name)
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 
     signal.signal(signal.SIGTERM, stopped)
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+
+    def watch():
+        while True:
+            for number in os.read(read, 64):
+                if number == signal.SIGTERM:
+                    log.warning("%s %s", STOPPED, "SIGTERM")
+
+    threading.Thread(target=watch, name="stopped-by-signal", daemon=True).start()
 
 
 def _on_host(lines: list[str]) -> str:

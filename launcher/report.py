@@ -18,20 +18,26 @@ import sys
 from pathlib import Path
 
 REPORT_FILE = "report.html"
-# (title, metrics drawn in it, methods it is for). Held-out values (eval_*) join their training curve as markers.
+PREFERENCE = ("dpo", "kto", "orpo", "simpo")
+# (title, metrics drawn in it, methods it is for: None for all). Held-out values (eval_*) join their training curve as markers.
 PANELS = [
     ("loss", ["loss", "eval_loss"], None),
-    ("DPO rewards", ["rewards/chosen", "rewards/rejected", "rewards/margins", "eval_rewards/chosen",
-                     "eval_rewards/rejected", "eval_rewards/margins"], "dpo"),
-    ("DPO reward accuracy", ["rewards/accuracies", "eval_rewards/accuracies"], "dpo"),
-    ("log-probabilities", ["logps/chosen", "logps/rejected", "eval_logps/chosen", "eval_logps/rejected"], "dpo"),
-    ("token accuracy", ["mean_token_accuracy", "eval_mean_token_accuracy"], "sft"),
+    ("rewards (KTO: desirable as chosen)", ["rewards/chosen", "rewards/rejected", "rewards/margins",
+                                            "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/margins"],
+     PREFERENCE),
+    ("reward accuracy", ["rewards/accuracies", "eval_rewards/accuracies"], ("dpo", "orpo", "simpo")),
+    ("KL estimate", ["kl", "eval_kl"], ("kto",)),
+    ("ORPO's terms", ["nll_loss", "log_odds_ratio", "eval_nll_loss", "eval_log_odds_ratio"], ("orpo",)),
+    ("log-probabilities", ["logps/chosen", "logps/rejected", "eval_logps/chosen", "eval_logps/rejected"],
+     PREFERENCE),
+    ("token accuracy", ["mean_token_accuracy", "eval_mean_token_accuracy"], ("sft",)),
     ("tokens/s per GPU (real tokens)", ["tokens_per_sec_per_gpu"], None),
     ("peak GPU memory (GiB)", ["peak_gpu_mem_gib"], None),
     ("learning rate", ["learning_rate"], None),
     ("gradient norm", ["grad_norm"], None),
 ]
 SUMMARY_KEYS = ("global_step", "train_loss", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins",
+                "eval_rewards/chosen", "eval_rewards/rejected",
                 "eval_mean_token_accuracy", "seconds", "load_seconds", "host_private_gib")
 
 
@@ -82,7 +88,7 @@ def plot_panels(rows: list[dict], method: str | None) -> tuple[list[tuple[str, s
 
     images, empty = [], []
     for title, keys, for_method in PANELS:
-        if for_method and method and for_method != method:
+        if for_method and method and method not in for_method:
             continue
         # by step, the later row winning: a resumed run logs again the steps after its checkpoint
         series = {k: sorted({r["step"]: r[k] for r in rows if isinstance(r.get(k), (int, float)) and "step" in r}

@@ -38,7 +38,10 @@ def prompt_of(row: dict):
 
 
 def reference_of(row: dict) -> str | None:
-    """The answer the data holds for the prompt (DPO's chosen, SFT's completion), to read the samples against."""
+    """The answer the data holds for the prompt (a pair's chosen, SFT's completion, KTO's completion labelled
+    desirable), to read the samples against."""
+    if row.get("label") is False:
+        return None  # an undesirable answer is no reference
     for key in ("chosen", "completion", "messages"):
         value = row.get(key)
         if isinstance(value, list):

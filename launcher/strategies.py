@@ -257,7 +257,7 @@ def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16:
         if strategy.name == "zero3_offload":
             decisions.append("offload_param and offload_optimizer to CPU (pinned): fits larger models, runs slower")
 
-    if cfg["method"]["name"] == "dpo" and cfg["method"].get("precompute_ref_log_probs") and world_size > 1:
+    if cfg["method"].get("precompute_ref_log_probs") and world_size > 1:  # DPO's and KTO's
         raise ConfigError(
             "method.precompute_ref_log_probs",
             "method.precompute_ref_log_probs=true runs on one process only: TRL 1.16 caches the reference "
@@ -299,7 +299,7 @@ def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16:
     if cfg["train"]["trim_host_work"]:
         settings["trim_host_work"] = True
         decisions.append("per-step host work the libraries repeat is done once (package lookups, parameter count, "
-                         "DPO's adapter switch; launcher/host_work.py): the GPU idles less "
+                         "the reference pass's adapter switch; launcher/host_work.py): the GPU idles less "
                          "(train.trim_host_work=false: as the libraries do it)")
 
     if cfg["train"]["metrics_sync"] == "log" and world_size > 1:

@@ -22,10 +22,9 @@ import torch
 import yaml
 from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
-from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from launcher import (checkpoints, data, host_work, logs, modeling, padding_free, postmortem, profiling, samplers,
-                      samples, step_metrics)
+from launcher import (checkpoints, data, host_work, logs, methods, modeling, padding_free, postmortem, profiling,
+                      samplers, samples, step_metrics)
 
 log = logging.getLogger("launcher")
 
@@ -80,13 +79,7 @@ def training_args(cfg: dict, report_to: list[str]):
         common.update(fsdp=True, fsdp_config=dict(plan["fsdp_config"]))
     if plan["device"] == "cpu":
         common["ddp_backend"] = "gloo"
-    if method["name"] == "dpo":
-        args = DPOConfig(beta=method["beta"], loss_type=[method["loss_type"]],
-                         precompute_ref_log_probs=method["precompute_ref_log_probs"], **common)
-    else:
-        # packing: whole rows into rows of max_length, padding-free (TRL's best-fit decreasing: no row is split)
-        args = SFTConfig(packing=plan["packing"], packing_strategy="bfd",
-                         completion_only_loss=method["completion_only_loss"], **common)
+    args = methods.training_config(method, common, plan)
     if plan["device"] == "cpu" and args.device.index is not None:
         # With several CPU processes transformers 5.17 picks device 'cpu:0', and torch 2.13 cannot map
         # a checkpoint's optimizer state to 'cpu:0' on resume. Plain 'cpu' is the same device.
@@ -139,17 +132,6 @@ class StartupBanner(TrainerCallback):
         log.info("=" * 72 + "\n" + "\n".join(lines) + "\n" + "=" * 72)
 
 
-def build_trainer(cfg, args, model, tokenizer, train_ds, eval_ds, callbacks, local_rank: int):
-    peft = modeling.lora_config(cfg)
-    if cfg["method"]["name"] == "dpo":
-        # With LoRA the reference is the adapter-disabled policy; without it, a frozen copy.
-        ref_model = modeling.load_model(cfg, local_rank) if peft is None else None
-        return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                          processing_class=tokenizer, peft_config=peft, callbacks=callbacks)
-    return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      processing_class=tokenizer, peft_config=peft, callbacks=callbacks)
-
-
 def main(config_path: str) -> int:
     cfg = yaml.safe_load(Path(config_path).read_text())
     plan, run_dir = cfg["plan"], cfg["run_dir"]
@@ -187,7 +169,9 @@ def main(config_path: str) -> int:
         modeling.find_adapter_weights_under_fsdp1()  # else PEFT 0.21 saves empty adapters under FSDP1
     if plan["fsdp_adapters_in_layers"]:
         modeling.keep_adapters_in_layer_units()
-    trainer = build_trainer(cfg, args, model, tokenizer, train_ds, eval_ds, callbacks, local_rank)
+    reference = lambda: modeling.load_model(cfg, local_rank)  # noqa: E731 (a full fine-tune's frozen copy)
+    trainer = methods.build_trainer(cfg, args, model, tokenizer, train_ds, eval_ds, callbacks,
+                                    peft=modeling.lora_config(cfg), load_reference=reference)
     banner.trainer = trainer
     console.route_libraries()  # DeepSpeed's logger, made as the trainer imported it
     if plan["padding_free"] and cfg["method"]["name"] == "dpo":
@@ -250,9 +234,8 @@ def main(config_path: str) -> int:
 def print_summary(cfg: dict, summary: dict) -> None:
     run_dir = summary["run_dir"]
     lines = [f"done: {summary['global_step']} steps in {summary['seconds']} s, train loss {summary['train_loss']:.4f}"]
-    if "eval_rewards/accuracies" in summary:
-        lines.append(f"held-out reward accuracy {summary['eval_rewards/accuracies']:.3f} "
-                     f"(chance 0.5), margin {summary.get('eval_rewards/margins', 0):.3f}")
+    if held_out := methods.held_out_summary(cfg["method"]["name"], summary):
+        lines.append(held_out)
     if "eval_loss" in summary:
         lines.append(f"held-out loss {summary['eval_loss']:.4f}")
     lines += [f"adapter + tokenizer: {run_dir}/final", f"checkpoints: {run_dir}/checkpoints",

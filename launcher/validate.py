@@ -12,6 +12,7 @@ import yaml
 
 from launcher.checkpoints import MARKER, is_complete
 from launcher.errors import ConfigError
+from launcher import methods
 from launcher.machine import Machine
 
 BUILTIN_PREFIX = "builtin:"
@@ -48,6 +49,7 @@ def procs_per_node(cfg, machine: Machine) -> tuple[int, bool]:
 
 
 def check_values(cfg, machine: Machine) -> None:
+    methods.check(cfg)
     if cfg["quant"]["bits"] and cfg["lora"]["r"] is None:  # before strategy=auto looks for a strategy
         raise ConfigError(
             "lora",

@@ -1,0 +1,176 @@
+"""The training methods, and the one module that knows where TRL keeps each: DPO, KTO, ORPO, SimPO and SFT.
+
+TRL 1.16 (pinned): DPOTrainer, KTOTrainer and SFTTrainer are stable; ORPO and CPO live in trl.experimental, and
+SimPO is CPO's loss_type="simpo" with cpo_alpha=0 (no NLL term). A TRL change touches this module only.
+
+Pure until `training_config` / `build_trainer`, which import TRL (the launcher itself never does).
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from launcher.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    rows: str  # what it learns from: "pairs" (prompt/chosen/rejected), "labelled" (prompt/completion/label), "sft"
+    sequences_per_row: int  # sequences run with gradients per row: a pair's two, one otherwise
+    reference: bool  # a reference model's forward at each step (the adapter-disabled base with LoRA, else a copy)
+    whole_vocab_logits: bool  # logits over the whole vocabulary held for the backward (no chunked LM head)
+    summary: str  # the held-out result the console, summary and report lead with
+
+
+METHODS = {
+    "dpo": Method("dpo", "pairs", 2, True, False, "reward accuracy"),
+    # KTO also runs a KL pass per step (mismatched prompt/completion pairs) without gradients, policy and reference
+    "kto": Method("kto", "labelled", 1, True, False, "reward gap"),
+    # ORPO and CPO compute log-probs from the model's whole logits tensor (TRL 1.16 orpo_trainer.py / cpo_trainer.py)
+    "orpo": Method("orpo", "pairs", 2, False, True, "reward accuracy"),
+    "simpo": Method("simpo", "pairs", 2, False, True, "reward accuracy"),
+    "sft": Method("sft", "sft", 1, False, False, "loss"),
+}
+
+# TRL 1.16's DPOConfig.loss_type values (trl/trainer/dpo_config.py); TRL itself checks them only at the first step
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+NEEDS_SMOOTHING = ("exo_pair",)  # TRL raises at the first step with label_smoothing=0
+
+
+def method_of(cfg: dict) -> Method:
+    name = cfg["method"]["name"]
+    if name not in METHODS:
+        raise ConfigError("method", f"method={name}: not a method the launcher knows; give one of "
+                                    f"{', '.join(METHODS)}.")
+    return METHODS[name]
+
+
+def loss_types(method_cfg: dict) -> list[str]:
+    value = method_cfg.get("loss_type", "sigmoid")
+    return [value] if isinstance(value, str) else list(value)
+
+
+def check(cfg: dict) -> None:
+    """The method's own settings, before anything starts (TRL would find most of these at the first step)."""
+    method, m = method_of(cfg), cfg["method"]
+    if method.name == "dpo":
+        types = loss_types(m)
+        unknown = [t for t in types if t not in DPO_LOSS_TYPES]
+        if unknown or not types:
+            raise ConfigError("method.loss_type", f"method.loss_type={m['loss_type']}: {', '.join(unknown) or 'empty'}"
+                                                  f" is not a DPO loss of TRL 1.16; give one or a list of "
+                                                  f"{', '.join(DPO_LOSS_TYPES)}.")
+        if any(t in NEEDS_SMOOTHING for t in types) and not m.get("label_smoothing"):
+            raise ConfigError("method.label_smoothing", "method.loss_type=exo_pair needs method.label_smoothing>0 "
+                                                        "(TRL suggests 1e-3).")
+    if method.name == "kto":
+        if m.get("loss_type", "kto") not in KTO_LOSS_TYPES:
+            raise ConfigError("method.loss_type", f"method.loss_type={m['loss_type']}: KTO's losses in TRL 1.16 are "
+                                                  f"{', '.join(KTO_LOSS_TYPES)}.")
+        if cfg["micro_batch"] == 1 and m.get("loss_type", "kto") == "kto":
+            raise ConfigError("micro_batch", "micro_batch=1 (given, or all that micro_batch=auto fits) with method=kto:"
+                                             " KTO's KL term is taken over the other rows of a micro-batch, so it needs"
+                                             " at least 2 (with less memory per row: a shorter data.max_length, or "
+                                             "method.loss_type=apo_zero_unpaired, which has no KL term).")
+    if m.get("precompute_ref_log_probs") and not method.reference:
+        raise ConfigError("method.precompute_ref_log_probs", f"method={method.name} has no reference model to "
+                                                             "precompute: drop method.precompute_ref_log_probs.")
+
+
+def _experimental(module: str, *names: str):
+    """A class from trl.experimental, whose import warns that its API may change (we pin TRL and test each)."""
+    import importlib
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*trl.experimental")
+        mod = importlib.import_module(f"trl.experimental.{module}")
+    return [getattr(mod, n) for n in names]
+
+
+def training_config(method_cfg: dict, common: dict, plan: dict):
+    """TRL's config object for this method: `common` holds the TrainingArguments every method shares."""
+    name = method_cfg["name"]
+    if name == "dpo":
+        from trl import DPOConfig
+
+        return DPOConfig(beta=method_cfg["beta"], loss_type=loss_types(method_cfg),
+                         label_smoothing=method_cfg.get("label_smoothing", 0.0),
+                         precompute_ref_log_probs=method_cfg["precompute_ref_log_probs"], **common)
+    if name == "kto":
+        from trl import KTOConfig
+
+        return KTOConfig(beta=method_cfg["beta"], loss_type=method_cfg["loss_type"],
+                         desirable_weight=method_cfg["desirable_weight"],
+                         undesirable_weight=method_cfg["undesirable_weight"],
+                         precompute_ref_log_probs=method_cfg["precompute_ref_log_probs"], **common)
+    if name == "orpo":
+        (ORPOConfig,) = _experimental("orpo", "ORPOConfig")
+        return ORPOConfig(beta=method_cfg["beta"], remove_unused_columns=False, **common)  # (else it warns, and sets it)
+    if name == "simpo":
+        (CPOConfig,) = _experimental("cpo", "CPOConfig")
+        return CPOConfig(loss_type="simpo", cpo_alpha=0.0, beta=method_cfg["beta"], simpo_gamma=method_cfg["gamma"],
+                         remove_unused_columns=False, **common)
+    from trl import SFTConfig
+
+    # packing: whole rows into rows of max_length, padding-free (TRL's best-fit decreasing: no row is split)
+    return SFTConfig(packing=plan["packing"], packing_strategy="bfd",
+                     completion_only_loss=method_cfg["completion_only_loss"], **common)
+
+
+@contextmanager
+def k_bit_preparation_as_planned(trainer_class, kbit_prepare: bool):
+    """ORPO's and CPO's trainers prepare a 4/8-bit model themselves (PEFT's prepare_model_for_kbit_training, then
+    TRL's norms in float32). Where the plan leaves that out (FSDP and ZeRO flatten parameters of one dtype: "Must
+    flatten tensors with uniform dtype", seen on 2x H200 with fsdp_qlora), they are kept from it, as the other
+    trainers are; where the plan does it (ddp), launcher/modeling.py has done it already."""
+    if kbit_prepare:
+        yield
+        return
+    module = sys.modules[trainer_class.__module__]
+    saved = module.prepare_model_for_kbit_training, module.peft_module_casting_to_bf16
+    module.prepare_model_for_kbit_training = lambda model, **kwargs: model
+    module.peft_module_casting_to_bf16 = lambda model: None
+    try:
+        yield
+    finally:
+        module.prepare_model_for_kbit_training, module.peft_module_casting_to_bf16 = saved
+
+
+def build_trainer(cfg: dict, args, model, tokenizer, train_ds, eval_ds, callbacks, peft, load_reference):
+    """The method's TRL trainer. `load_reference()` loads a frozen copy, asked for only where a full fine-tune
+    keeps a reference model (with LoRA the reference is the adapter-disabled policy)."""
+    method = method_of(cfg)
+    data = dict(args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+                peft_config=peft, callbacks=callbacks)
+    if method.name in ("dpo", "kto"):
+        from trl import DPOTrainer, KTOTrainer
+
+        trainer_class = DPOTrainer if method.name == "dpo" else KTOTrainer
+        precomputed = cfg["method"]["precompute_ref_log_probs"]
+        ref_model = load_reference() if peft is None and not precomputed else None
+        return trainer_class(model=model, ref_model=ref_model, **data)
+    if method.name in ("orpo", "simpo"):
+        (trainer_class,) = (_experimental("orpo", "ORPOTrainer") if method.name == "orpo"
+                            else _experimental("cpo", "CPOTrainer"))
+        with k_bit_preparation_as_planned(trainer_class, cfg["plan"]["kbit_prepare"]):
+            return trainer_class(model=model, **data)
+    from trl import SFTTrainer
+
+    return SFTTrainer(model=model, **data)
+
+
+def held_out_summary(method: str, metrics: dict) -> str | None:
+    """The line the console and the summary print for the held-out result, from the trainer's eval_* metrics."""
+    if method == "kto" and "eval_rewards/chosen" in metrics and "eval_rewards/rejected" in metrics:
+        gap = metrics["eval_rewards/chosen"] - metrics["eval_rewards/rejected"]
+        return (f"held-out reward gap {gap:.3f} (desirable {metrics['eval_rewards/chosen']:.3f} over undesirable "
+                f"{metrics['eval_rewards/rejected']:.3f}; 0 before training)")
+    if "eval_rewards/accuracies" in metrics:
+        return (f"held-out reward accuracy {metrics['eval_rewards/accuracies']:.3f} "
+                f"(chance 0.5), margin {metrics.get('eval_rewards/margins', 0):.3f}")
+    return None

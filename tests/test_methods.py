@@ -1,0 +1,156 @@
+"""The methods beyond DPO and SFT (launcher/methods.py): KTO, ORPO and SimPO. Their settings and data are checked
+before launch, the memory plan knows which keep a reference pass, and each learns on the CPU through the launcher."""
+import json
+import re
+
+import pytest
+import yaml
+
+from conftest import GPU_NODE, compose_cfg, read_metrics, run_launcher, untrained_adapters
+from launcher import memory, methods
+from launcher.data import DataError, prepare
+from launcher.errors import ConfigError
+from launcher.plan import build_plan
+from test_data import data_cfg, write_jsonl
+
+
+@pytest.mark.parametrize("overrides,key,words", [
+    (["method=kto", "micro_batch=1"], "micro_batch", "KL term"),
+    (["method=kto", "method.loss_type=sigmoid"], "method.loss_type", "kto, apo_zero_unpaired"),
+    (["method.loss_type=foo"], "method.loss_type", "not a DPO loss of TRL 1.16"),
+    (["method.loss_type=[sigmoid,bogus]"], "method.loss_type", "bogus is not"),
+    (["method.loss_type=exo_pair"], "method.label_smoothing", "label_smoothing>0"),
+    (["method=orpo", "+method.precompute_ref_log_probs=true"], "method.precompute_ref_log_probs", "no reference"),
+    (["method=kto", "method.precompute_ref_log_probs=true"], "method.precompute_ref_log_probs", "one process"),
+    (["method=simpo", "train.padding_free=true"], "train.padding_free", "DPO's and SFT's"),
+    (["method=kto", "train.group_by_length=true"], "train.group_by_length", "KL term"),
+    (["method=orpo", "micro_batch_tokens=4096"], "micro_batch_tokens", "give micro_batch"),
+    (["method=grpo"], "method", "Could not find"),
+])
+def test_bad_method_settings_are_refused_before_launch(overrides, key, words):
+    with pytest.raises(Exception) as info:
+        build_plan(compose_cfg("gpus=2", *overrides), GPU_NODE)
+    if isinstance(info.value, ConfigError):
+        assert info.value.key == key
+    assert words in str(info.value)
+
+
+def test_kto_with_micro_batch_auto_is_sized_to_at_least_two_or_refused():
+    cfg = compose_cfg("method=kto", "gpus=2", "gpu_mem_gib=80", "model=qwen2.5-1.5b-instruct")
+    plan = build_plan(cfg, GPU_NODE)
+    assert yaml.safe_load(plan.files["config.yaml"])["micro_batch"] >= 2
+    assert any(d.startswith("micro_batch=auto -> ") for d in plan.decisions)
+    with pytest.raises(ConfigError, match="all that micro_batch=auto fits"):  # a GPU that holds one row only
+        build_plan(compose_cfg("method=kto", "gpus=1", "gpu_mem_gib=40", "model=qwen2.5-7b-instruct",
+                               "strategy=ddp", "data.max_length=32768", "train.gradient_checkpointing=true"), GPU_NODE)
+
+
+def test_the_memory_plan_knows_which_methods_keep_a_reference_and_whole_logits():
+    shape = memory.model_shape(compose_cfg("model=qwen2.5-1.5b-instruct")["model"])
+
+    def est(method, lora_r=None):
+        return memory.estimate(shape, strategy="ddp", bits=None, lora_r=lora_r, lora_targets="all-linear", world=2,
+                               micro_batch=8, seq_len=512, method=method, gradient_checkpointing=True)
+
+    full = {m: est(m) for m in methods.METHODS}
+    assert full["dpo"].reference > 0 and full["kto"].reference == full["dpo"].reference  # a frozen copy each
+    assert full["orpo"].reference == full["simpo"].reference == full["sft"].reference == 0
+    assert est("dpo", 16).reference == est("kto", 16).reference == 0  # with LoRA: the adapter-disabled policy
+    # a pair's two sequences (DPO, ORPO, SimPO) against KTO's one row; ORPO's and SimPO's whole-vocabulary logits
+    assert full["kto"].activations == pytest.approx(full["dpo"].activations / 2)
+    assert full["orpo"].activations > full["dpo"].activations
+    # micro_batch=auto on a 40 GiB GPU (LoRA): twice DPO's rows for KTO, fewer pairs for ORPO's logits
+    mb = {m: memory.largest_micro_batch(compose_cfg(f"method={m}", "model=qwen2.5-1.5b-instruct",
+                                                    "data.max_length=1024", "train.gradient_checkpointing=true"),
+                                        shape, "ddp", 2, 40.0) for m in ("dpo", "kto", "orpo")}
+    assert mb["kto"] == 2 * mb["dpo"] and mb["orpo"] < mb["dpo"], mb
+
+
+def test_dpo_loss_types_are_trls_own_list():
+    from trl import DPOConfig
+
+    listed = re.findall(r"`'(\w+)'`", DPOConfig.__dataclass_fields__["loss_type"].metadata["help"])
+    assert set(listed) == set(methods.DPO_LOSS_TYPES)
+
+
+# ---- data: what each method takes, checked before launch ----------------------------------------------------
+
+def pairs(n):
+    return [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(n)]
+
+
+def test_kto_splits_each_pair_into_a_desirable_and_an_undesirable_row_and_mixes_them(tmp_path, tiny_tokenizer):
+    train, held_out, report = prepare(data_cfg(write_jsonl(tmp_path / "p.jsonl", pairs(40))), "kto",
+                                      tiny_tokenizer, 0)
+    assert (len(train), len(held_out)) == (64, 16) and report.train_rows == 64
+    assert "each of the 32 train pairs split into a desirable and an undesirable row for KTO" in report.line(64)
+    labels = train["label"]
+    assert labels.count(True) == labels.count(False) == 32
+    assert labels[:8] != [True] * 8 and labels[:16] != [True, False] * 8  # shuffled: no run, no pair side by side
+    prompts = lambda ds: {row["prompt"][0]["content"] for row in ds}  # noqa: E731
+    assert not prompts(train) & prompts(held_out)  # a pair is held out whole
+
+
+def test_kto_rows_with_labels(tmp_path, tiny_tokenizer):
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}", "label": i % 3 == 0} for i in range(20)]
+    train, _, report = prepare(data_cfg(write_jsonl(tmp_path / "k.jsonl", rows)), "kto", tiny_tokenizer, 0)
+    assert set(train.column_names) == {"prompt", "completion", "label"} and report.fmt.startswith("unpaired")
+    assert "split" not in report.line(64)
+
+
+@pytest.mark.parametrize("method,rows,words", [
+    ("kto", [{"prompt": "q", "completion": "a"}], "KTO needs a 'label' column beside prompt and completion"),
+    ("kto", [{"prompt": f"q{i}", "completion": "a", "label": True} for i in range(4)]
+     + [{"prompt": "q9", "completion": "a", "label": "yes"}], r"k.jsonl, line 5: column 'label' must be true"),
+    ("kto", [{"prompt": f"q{i}", "completion": "a", "label": 1} for i in range(4)], "line 1: column 'label'"),
+    ("sft", pairs(4), r"This is a preference file \(chosen/rejected\): use method=dpo, orpo, simpo or kto"),
+    ("dpo", [{"prompt": "q", "completion": "a", "label": True}], r"These are KTO's rows \(prompt/completion/label\): use method=kto"),
+    ("orpo", [{"prompt": "q", "completion": "a"}], "ORPO needs columns prompt, chosen, rejected"),
+])
+def test_data_of_another_method_is_refused_naming_file_line_and_column(tmp_path, tiny_tokenizer, method, rows,
+                                                                       words):
+    with pytest.raises(DataError) as info:
+        prepare(data_cfg(write_jsonl(tmp_path / "k.jsonl", rows)), method, tiny_tokenizer, 0)
+    assert "k.jsonl" in str(info.value) and re.search(words, str(info.value)), str(info.value)
+
+
+def test_a_label_of_another_kind_among_booleans_is_named_by_its_line(tmp_path, tiny_tokenizer):
+    rows = [{"prompt": f"q{i}", "completion": "a", "label": True} for i in range(6)]
+    rows[3]["label"] = {"x": 1}  # json cannot read this column as one type: the file is refused on reading
+    with pytest.raises(DataError, match=r"k.jsonl.*(Line 4: column 'label' holds an object|line 4)"):
+        prepare(data_cfg(write_jsonl(tmp_path / "k.jsonl", rows)), "kto", tiny_tokenizer, 0)
+
+
+# ---- each learns on the CPU, through the launcher as a user runs it ------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["orpo", "simpo"])
+def test_reference_free_methods_learn_to_prefer_the_chosen_answer(tmp_path, tiny_dir, method):
+    run = tmp_path / method
+    res = run_launcher(f"run_dir={run}", f"method={method}", "train.lr=2e-3", "save_steps=1000", timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval_rewards/accuracies"] > 0.7, summary  # held-out pairs; chance is 0.5
+    assert "held-out reward accuracy" in res.stdout and "trl.experimental" not in res.stdout + res.stderr
+    assert "remove_unused_columns" not in res.stdout + res.stderr
+    timed = [m for m in read_metrics(run) if "tokens_per_sec_per_gpu" in m]  # counted by us: TRL counts none here
+    assert timed and all(m["tokens_per_sec_per_gpu"] > 0 for m in timed)
+    assert re.search(r"^step 10/48 .* acc [01]\.\d\d, [\d,]+ tok/s/GPU", res.stdout, re.M), res.stdout
+
+
+@pytest.mark.slow
+def test_kto_from_pairs_learns_a_reward_gap_resumes_and_merges(tmp_path, tiny_dir):
+    run = tmp_path / "kto"
+    common = [f"run_dir={run}", "method=kto", "train.lr=5e-4", "save_steps=10"]
+    first = run_launcher(*common, "train.max_steps=10", timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "split into a desirable and an undesirable row for KTO" in first.stdout
+    second = run_launcher(*common, "train.max_steps=30", "resume=auto", "merge=true", timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"continuing from {run}/checkpoints/checkpoint-10 (step 10)" in second.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["global_step"] == 30
+    assert summary["eval_rewards/chosen"] - summary["eval_rewards/rejected"] > 0.02, summary  # 0 before training
+    assert "held-out reward gap" in second.stdout
+    assert untrained_adapters(run / "final") == [] and (run / "merged" / "config.json").exists()
+    assert "KTO's reference pass switches 14 LoRA layers off by their flag" in (run / "logs" / "rank1.log").read_text()
