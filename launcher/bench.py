@@ -137,10 +137,11 @@ def sequence_lengths(assets: Path, method: str, max_length: int) -> list[list[in
         return len(tok(text, add_special_tokens=False)["input_ids"])
 
     rows = []
-    with open(assets / ("pref.jsonl" if method == "dpo" else "sft.jsonl")) as f:
+    pairs = METHODS[method].rows != "sft"  # KTO's rows come from the same pairs
+    with open(assets / ("pref.jsonl" if pairs else "sft.jsonl")) as f:
         for line in f:
             r = json.loads(line)
-            answers = [r["chosen"], r["rejected"]] if method == "dpo" else [r["completion"]]
+            answers = [r["chosen"], r["rejected"]] if pairs else [r["completion"]]
             rows.append([min(n(r["prompt"]) + n(a) + 1, max_length) for a in answers])
     return rows
 

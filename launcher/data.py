@@ -39,7 +39,7 @@ class DataReport:
     def line(self, max_length: int) -> str:
         return (f"data: {self.rows_read} rows read ({self.fmt}), dropped {self.dropped_empty} with empty fields and "
                 f"{self.dropped_duplicate} duplicates, {self.truncated} longer than max_length={max_length} "
-                f"(truncated), {self.prompt_too_long} whose prompt alone fills it (dropped by the trainer); "
+                f"(truncated), {self.prompt_too_long} whose prompt alone fills it (dropped); "
                 f"{self.train_rows} train / {self.eval_rows} held out{self.note}")
 
 
@@ -100,7 +100,7 @@ def _kind(value) -> str:
 def detect_format(columns: list[str], method: str, path: str) -> str:
     cols = set(columns)
     rows = METHODS[method].rows
-    pairs, labelled = {"chosen", "rejected"} <= cols, {"completion", "label"} <= cols
+    pairs, labelled = {"chosen", "rejected"} <= cols, {"prompt", "completion", "label"} <= cols
     if rows == "pairs":
         if pairs:
             return "preference"
@@ -113,7 +113,7 @@ def detect_format(columns: list[str], method: str, path: str) -> str:
             return "unpaired"
         if pairs:
             return "preference"
-        if "completion" in cols:
+        if "completion" in cols and "label" not in cols:
             raise DataError(f"data.path={path}: KTO needs a 'label' column beside prompt and completion (true: a "
                             f"desirable answer, false: an undesirable one), or preference pairs (prompt/chosen/"
                             f"rejected), which are split into one of each; columns found: {', '.join(columns)}")
@@ -148,12 +148,16 @@ def where(path: str, split: str, position: int) -> str:
 
 
 def unpair(rows: list[dict]) -> list[dict]:
-    """Each preference pair as KTO's two rows: its chosen answer desirable, its rejected one undesirable."""
+    """Each preference pair as KTO's two rows: its chosen answer desirable, its rejected one undesirable. A pair
+    without a prompt column has it implicit, as the common start of chosen and rejected (TRL's extract_prompt)."""
     out = []
     for row in rows:
-        prompt = {"prompt": row["prompt"]} if "prompt" in row else {}
-        out += [{**prompt, "completion": row["chosen"], "label": True},
-                {**prompt, "completion": row["rejected"], "label": False}]
+        if "prompt" not in row:
+            from trl.data_utils import extract_prompt
+
+            row = extract_prompt(row)
+        out += [{"prompt": row["prompt"], "completion": row["chosen"], "label": True},
+                {"prompt": row["prompt"], "completion": row["rejected"], "label": False}]
     return out
 
 
@@ -238,6 +242,8 @@ def prepare(data_cfg: dict, method: str, tokenizer, seed: int):
             if any(_empty(row[c]) for c in cols):
                 empty += 1
                 continue
+            if fmt == "unpaired" and str(row["label"]).lower() in ("true", "false"):  # a CSV's column of strings
+                row = dict(row, label=str(row["label"]).lower() == "true")
             if fmt == "unpaired" and not isinstance(row["label"], bool):
                 raise DataError(f"data.path={path}, {where(path, name, position)}: column 'label' must be true "
                                 f"(a desirable answer) or false (an undesirable one), got {row['label']!r}")
@@ -278,9 +284,10 @@ def prepare(data_cfg: dict, method: str, tokenizer, seed: int):
             sources = [s for s in sources for _ in (0, 1)]
             train_ds, eval_ds = (datasets.Dataset.from_list(unpair(list(ds))) for ds in (train_ds, eval_ds))
         # TRL's KTO reads its rows in order and takes the KL term from neighbours: no run of one label, no neighbour
-        # that is the same prompt's other answer
+        # that is the same prompt's other answer (held-out rows too: their KL term is taken the same way)
         numbered = train_ds.add_column("_row", sources).shuffle(seed=seed).flatten_indices()
         sources, train_ds = numbered["_row"], numbered.remove_columns("_row")
+        eval_ds = eval_ds.shuffle(seed=seed).flatten_indices()
     max_length = data_cfg["max_length"]
     lengths = [_lengths(r, tokenizer) for r in train_ds]
     truncated = sum(max(seqs) > max_length for _, seqs in lengths)
@@ -289,6 +296,13 @@ def prepare(data_cfg: dict, method: str, tokenizer, seed: int):
         raise DataError(f"data.path={path}: every prompt is at least data.max_length={max_length} tokens long "
                         f"(shortest {min(p for p, _ in lengths)}), so nothing is left to learn from; "
                         "raise data.max_length")
+    if METHODS[method].whole_vocab_logits and prompt_too_long:  # ORPO, SimPO: their trainers keep such rows (NaN)
+        keep = [i for i, (prompt, _) in enumerate(lengths) if prompt < max_length]
+        train_ds, sources, lengths = train_ds.select(keep), [sources[i] for i in keep], [lengths[i] for i in keep]
+        eval_ds = eval_ds.select([i for i, row in enumerate(eval_ds) if _lengths(row, tokenizer)[0] < max_length])
+        if not len(eval_ds):
+            raise DataError(f"data.path={path}: every held-out prompt is at least data.max_length={max_length} "
+                            "tokens long; raise data.max_length")
     tokens = [sum(min(s + 1, max_length) for s in seqs) for _, seqs in lengths]  # + the EOS TRL adds to answers
     longest = max(range(len(tokens)), key=tokens.__getitem__)
     report = DataReport(read, empty, dup, truncated, prompt_too_long, len(train_ds), len(eval_ds),

@@ -73,7 +73,7 @@ def run_child(argv: list[str], env: dict[str, str], stop_file: Path | None = Non
     With a stop_file, the first signal asks the ranks to checkpoint and stop (launcher.checkpoints) and
     only a second signal, or SAVE_SECONDS without an exit, goes through to them."""
     adopt_orphans()
-    spare = frozenset(_alive(None))  # what ran below us before the job
+    spare = frozenset(_alive(None)) | frozenset(_zombie_children())  # what was below us before the job
     proc = subprocess.Popen([resolve_executable(argv[0]), *argv[1:]], env={**os.environ, **env},
                             start_new_session=True)
     received: list[int] = []
@@ -109,6 +109,7 @@ def run_child(argv: list[str], env: dict[str, str], stop_file: Path | None = Non
         for s, handler in old.items():
             signal.signal(s, handler)
         _kill_group(proc.pid, spare=spare)
+        _subreaper(False)  # what a caller starts later is none of ours
     if code < 0:
         code = 128 - code  # killed by a signal: the shell's convention
     if received and not (stop_file is not None and stop_file.with_name(STOPPED_FILE).exists()):
@@ -122,9 +123,12 @@ def adopt_orphans() -> None:
     reach of the job's process group, and a killed rank's dataloader workers (holding its GPU memory) would pass to
     init, alive for seconds after the launcher returned (seen on 2x H200). As the launcher's children they can be
     found and ended. Linux's PR_SET_CHILD_SUBREAPER; elsewhere nothing changes."""
+    _subreaper(True)
+
+
+def _subreaper(on: bool) -> None:
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
     except (OSError, AttributeError):
         pass
 
@@ -139,7 +143,7 @@ def _kill_group(pgid: int, wait_s: float = 30.0, spare: frozenset = frozenset())
         pass
     deadline = time.monotonic() + wait_s
     while True:
-        _reap(keep=pgid)  # (the job's command leads its group: its pid is the group's id)
+        _reap(keep=pgid, spare=spare)  # (the job's command leads its group: its pid is the group's id)
         left = _alive(pgid, spare)
         if not left or time.monotonic() > deadline:
             return
@@ -151,21 +155,27 @@ def _kill_group(pgid: int, wait_s: float = 30.0, spare: frozenset = frozenset())
         time.sleep(0.05)
 
 
-def _reap(keep: int) -> None:
+def _reap(keep: int, spare: frozenset = frozenset()) -> None:
     """Collect the exit of every child that has ended (orphans adopted from the job end as our zombies), but the
-    job's own command's (`keep`), which its Popen collects."""
-    me = os.getpid()
+    job's own command's (`keep`), which its Popen collects, and those a caller had before the job (`spare`)."""
+    for pid in _zombie_children():
+        if pid != keep and pid not in spare:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+def _zombie_children() -> list[int]:
+    me, found = os.getpid(), []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        pid = int(stat.parent.name)
-        if fields[0] == "Z" and int(fields[1]) == me and pid != keep:
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
+        if fields[0] == "Z" and int(fields[1]) == me:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def _alive(pgid: int | None, spare: frozenset = frozenset()) -> list[int]:

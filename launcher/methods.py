@@ -30,6 +30,8 @@ METHODS = {
     # KTO also runs a KL pass per step (mismatched prompt/completion pairs) without gradients, policy and reference
     "kto": Method("kto", "labelled", 1, True, False, "reward gap"),
     # ORPO and CPO compute log-probs from the model's whole logits tensor (TRL 1.16 orpo_trainer.py / cpo_trainer.py)
+    # and keep a row whose prompt fills max_length with an empty answer (a 0/0 average log-prob: NaN), where the
+    # others drop it: launcher/data.py drops those rows for them
     "orpo": Method("orpo", "pairs", 2, False, True, "reward accuracy"),
     "simpo": Method("simpo", "pairs", 2, False, True, "reward accuracy"),
     "sft": Method("sft", "sft", 1, False, False, "loss"),
@@ -151,8 +153,8 @@ def build_trainer(cfg: dict, args, model, tokenizer, train_ds, eval_ds, callback
         from trl import DPOTrainer, KTOTrainer
 
         trainer_class = DPOTrainer if method.name == "dpo" else KTOTrainer
-        precomputed = cfg["method"]["precompute_ref_log_probs"]
-        ref_model = load_reference() if peft is None and not precomputed else None
+        # (also where its log-probs are precomputed: TRL computes them with it, else it loads one of its own)
+        ref_model = load_reference() if peft is None else None
         return trainer_class(model=model, ref_model=ref_model, **data)
     if method.name in ("orpo", "simpo"):
         (trainer_class,) = (_experimental("orpo", "ORPOTrainer") if method.name == "orpo"

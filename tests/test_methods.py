@@ -91,6 +91,40 @@ def test_kto_splits_each_pair_into_a_desirable_and_an_undesirable_row_and_mixes_
     assert not prompts(train) & prompts(held_out)  # a pair is held out whole
 
 
+def test_kto_from_pairs_with_an_implicit_prompt_takes_their_common_start(tmp_path, tiny_tokenizer):
+    rows = [{"chosen": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "good"}],
+             "rejected": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "bad"}]}
+            for i in range(10)]
+    train, held_out, _ = prepare(data_cfg(write_jsonl(tmp_path / "p.jsonl", rows)), "kto", tiny_tokenizer, 0)
+    row = train[0]
+    assert row["prompt"][0]["content"].startswith("q") and len(row["completion"]) == 1
+    assert row["completion"][0]["content"] == ("good" if row["label"] else "bad")
+    assert held_out["label"] != [True, False] * (len(held_out) // 2)  # held-out rows are mixed too
+
+
+def test_kto_labels_from_a_csv_and_a_bad_cell_named(tmp_path, tiny_tokenizer):
+    lines = ["prompt,completion,label"] + [f"q{i},a{i},{'true' if i % 2 else 'false'}" for i in range(10)]
+    (tmp_path / "k.csv").write_text("\n".join(lines) + "\n")
+    train, _, _ = prepare(data_cfg(tmp_path / "k.csv"), "kto", tiny_tokenizer, 0)
+    assert set(train["label"]) == {True, False}
+    (tmp_path / "k.csv").write_text("\n".join(lines[:4] + ["q9,a9,maybe"] + lines[4:]) + "\n")
+    with pytest.raises(DataError, match=r"k.csv, row 4 of split 'train': column 'label' must be true .* got 'maybe'"):
+        prepare(data_cfg(tmp_path / "k.csv"), "kto", tiny_tokenizer, 0)
+
+
+@pytest.mark.parametrize("method,kept", [("orpo", 8), ("simpo", 8), ("dpo", 10)])
+def test_orpo_and_simpo_lose_rows_whose_prompt_fills_max_length_which_their_trainers_would_keep(
+        tmp_path, tiny_tokenizer, method, kept):
+    """TRL's ORPO and CPO keep such a row with an empty answer (a 0/0 average log-prob, NaN); DPO's trainer drops it."""
+    (tmp_path / "d").mkdir()
+    write_jsonl(tmp_path / "d" / "train.jsonl", [{"prompt": "word " * (100 if i < 2 else 2) + f"q{i}",
+                                                  "chosen": "yes", "rejected": "no"} for i in range(10)])
+    write_jsonl(tmp_path / "d" / "test.jsonl", [{"prompt": f"t{i}", "chosen": "yes", "rejected": "no"}
+                                                for i in range(3)])
+    train, held_out, report = prepare(data_cfg(tmp_path / "d"), method, tiny_tokenizer, 0)
+    assert report.prompt_too_long == 2 and (len(train), len(held_out)) == (kept, 3)
+
+
 def test_kto_rows_with_labels(tmp_path, tiny_tokenizer):
     rows = [{"prompt": f"q{i}", "completion": f"a{i}", "label": i % 3 == 0} for i in range(20)]
     train, _, report = prepare(data_cfg(write_jsonl(tmp_path / "k.jsonl", rows)), "kto", tiny_tokenizer, 0)
@@ -100,6 +134,7 @@ def test_kto_rows_with_labels(tmp_path, tiny_tokenizer):
 
 @pytest.mark.parametrize("method,rows,words", [
     ("kto", [{"prompt": "q", "completion": "a"}], "KTO needs a 'label' column beside prompt and completion"),
+    ("kto", [{"completion": "a", "label": True}], "KTO needs columns prompt, completion, label"),
     ("kto", [{"prompt": f"q{i}", "completion": "a", "label": True} for i in range(4)]
      + [{"prompt": "q9", "completion": "a", "label": "yes"}], r"k.jsonl, line 5: column 'label' must be true"),
     ("kto", [{"prompt": f"q{i}", "completion": "a", "label": 1} for i in range(4)], "line 1: column 'label'"),
