@@ -72,7 +72,7 @@ def run_child(argv: list[str], env: dict[str, str], stop_file: Path | None = Non
 
     With a stop_file, the first signal asks the ranks to checkpoint and stop (launcher.checkpoints) and
     only a second signal, or SAVE_SECONDS without an exit, goes through to them."""
-    adopt_orphans()
+    _subreaper(True)
     spare = frozenset(_alive(None)) | frozenset(_zombie_children())  # what was below us before the job
     proc = subprocess.Popen([resolve_executable(argv[0]), *argv[1:]], env={**os.environ, **env},
                             start_new_session=True)
@@ -118,15 +118,11 @@ def run_child(argv: list[str], env: dict[str, str], stop_file: Path | None = Non
     return code
 
 
-def adopt_orphans() -> None:
-    """Make the launcher the reaper of its job's orphans: torchrun starts each rank in a session of its own, out of
-    reach of the job's process group, and a killed rank's dataloader workers (holding its GPU memory) would pass to
-    init, alive for seconds after the launcher returned (seen on 2x H200). As the launcher's children they can be
-    found and ended. Linux's PR_SET_CHILD_SUBREAPER; elsewhere nothing changes."""
-    _subreaper(True)
-
-
 def _subreaper(on: bool) -> None:
+    """Make the launcher the reaper of its job's orphans (or stop): torchrun starts each rank in a session of its own,
+    out of reach of the job's process group, and a killed rank's dataloader workers (holding its GPU memory) would
+    pass to init, alive for seconds after the launcher returned (seen on 2x H200). As the launcher's children they
+    can be found and ended. Linux's PR_SET_CHILD_SUBREAPER; elsewhere nothing changes."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
     except (OSError, AttributeError):
@@ -166,33 +162,29 @@ def _reap(keep: int, spare: frozenset = frozenset()) -> None:
                 pass
 
 
-def _zombie_children() -> list[int]:
-    me, found = os.getpid(), []
+def _processes() -> list[tuple[int, str, int, int]]:
+    """(pid, state, parent pid, process group) of every process, from /proc."""
+    found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            state, ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]  # the fields after the name
+        except (OSError, ValueError):
             continue
-        if fields[0] == "Z" and int(fields[1]) == me:
-            found.append(int(stat.parent.name))
+        found.append((int(stat.parent.name), state, int(ppid), int(pgrp)))
     return found
+
+
+def _zombie_children() -> list[int]:
+    me = os.getpid()
+    return [pid for pid, state, ppid, _ in _processes() if state == "Z" and ppid == me]
 
 
 def _alive(pgid: int | None, spare: frozenset = frozenset()) -> list[int]:
     """The processes that have not exited (zombies have) in the job's group or below the launcher, except those
     below it before the job started (`spare`: whatever else a caller of run_child has running)."""
-    parents, in_group = {}, []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the name: state, ppid, pgrp, ...
-        except OSError:
-            continue
-        if fields[0] == "Z":
-            continue
-        pid = int(stat.parent.name)
-        parents[pid] = int(fields[1])
-        if int(fields[2]) == pgid:
-            in_group.append(pid)
+    living = [(pid, ppid, pgrp) for pid, state, ppid, pgrp in _processes() if state != "Z"]
+    parents = {pid: ppid for pid, ppid, _ in living}
+    in_group = [pid for pid, _, pgrp in living if pgrp == pgid]
     below, me = [], os.getpid()
     for pid in parents:
         up, seen = parents.get(pid), 0

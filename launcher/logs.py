@@ -54,7 +54,8 @@ class MetricsCallback(TrainerCallback):
         self.world_size = world_size
         self.last = None  # (time, tokens seen, step)
         self.computed, self.real = 0, 0  # this rank's training forwards: positions run, and real tokens among them
-        self.own_tokens = 0  # the real tokens counted, for the trainers that log no num_tokens (ORPO, CPO)
+        self.own_tokens = 0.0  # this rank's real tokens before the last padding_share(), for the trainers that log
+        # no num_tokens (ORPO, CPO)
 
     def count_computed_tokens(self, model) -> None:
         """Count the positions each training forward of `model` runs and the real tokens among them (a padded
@@ -63,22 +64,20 @@ class MetricsCallback(TrainerCallback):
             if not (module.training and torch.is_grad_enabled()):  # the policy's pass, not DPO's reference pass
                 return
             if kwargs.get("pf_index") is not None:  # launcher/padding_free.py: real tokens only
-                real = kwargs["pf_index"].numel()
-                self.computed += real
-                self.real, self.own_tokens = self.real + real, self.own_tokens + real
+                self.computed += kwargs["pf_index"].numel()
+                self.real = self.real + kwargs["pf_index"].numel()
                 return
             ids, mask = kwargs.get("input_ids", args[0] if args else None), kwargs.get("attention_mask")
             if ids is not None:
-                real = mask.sum() if mask is not None else ids.numel()
                 self.computed += ids.numel()
-                self.real, self.own_tokens = self.real + real, self.own_tokens + real
+                self.real = self.real + (mask.sum() if mask is not None else ids.numel())
 
         model.register_forward_pre_hook(count, with_kwargs=True)
 
     def padding_share(self) -> float | None:
         """Of the positions this rank's model ran since the last call, the share that was padding."""
         computed, real = self.computed, float(self.real)
-        self.computed, self.real = 0, 0
+        self.computed, self.real, self.own_tokens = 0, 0, self.own_tokens + real
         return round(1 - real / computed, 4) if computed else None
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -88,8 +87,8 @@ class MetricsCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs if logs is not None else {}
         now, tokens = time.perf_counter(), logs.get("num_tokens")  # TRL's: non-padding tokens of all ranks
-        if tokens is None and "loss" in logs:  # ORPO and CPO log none: this rank's own count, as if every rank's
-            tokens = float(self.own_tokens) * self.world_size
+        if tokens is None and "loss" in logs:  # ORPO and CPO log none: this rank's own count, as every rank's
+            tokens = (self.own_tokens + float(self.real)) * self.world_size
         if self.last and "loss" in logs and tokens and tokens > self.last[1] and state.global_step > self.last[2]:
             real_per_gpu = (tokens - self.last[1]) / self.world_size
             logs["tokens_per_sec_per_gpu"] = round(real_per_gpu / (now - self.last[0]), 1)
