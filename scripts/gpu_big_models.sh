@@ -30,13 +30,14 @@ for part in ${PART:-70b-dpo 70b-sft 8b}; do
   { free -g; df -h /tmp; nvidia-smi --query-gpu=name,memory.total --format=csv; } > "$OUT/big-$part-machine.txt" 2>&1
   timeout "${BUDGET_S:-3000}" python3 -m launcher.bench --gpus 2 --steps "${STEPS:-20}" --timeout "${CASE_TIMEOUT_S:-420}" \
     --out "$B" --assets "$ASSETS" --cases "${ONLY:-${CASES[$part]}}" || status=1
-  for run in "$B"/runs/70b-*-${ADAPTERS:-fsdp_qlora}; do  # one 40 GB load each: the fsdp_qlora runs by default
-    [ -f "$run/final/adapter_model.safetensors" ] && { python3 scripts/check_adapter.py "$run" || status=1; } \
-      >> "$OUT/big-$part-adapters.txt" 2>&1
-  done
+  # results first: a call cut by the machine's 10-minute limit during the adapter check keeps them
   cp "$B/bench.md" "$OUT/big-$part.md"; cp "$B/bench.json" "$OUT/big-$part.json"
   tar czf "$OUT/big-$part-logs.tgz" -C "$B" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' \
     $(cd "$B" && ls *.log 2>/dev/null) \
     $(cd "$B" && ls -d runs/*/logs runs/*/metrics.jsonl runs/*/plan.json runs/*/summary.json runs/*/config.yaml 2>/dev/null)
+  for run in "$B"/runs/70b-*-${ADAPTERS:-fsdp_qlora}; do  # one 40 GB load each: the fsdp_qlora runs by default
+    [ -f "$run/final/adapter_model.safetensors" ] && { python3 scripts/check_adapter.py "$run" || status=1; } \
+      >> "$OUT/big-$part-adapters.txt" 2>&1
+  done
 done
 exit $status
