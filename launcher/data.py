@@ -296,7 +296,7 @@ def prepare(data_cfg: dict, method: str, tokenizer, seed: int):
         raise DataError(f"data.path={path}: every prompt is at least data.max_length={max_length} tokens long "
                         f"(shortest {min(p for p, _ in lengths)}), so nothing is left to learn from; "
                         "raise data.max_length")
-    if METHODS[method].whole_vocab_logits and prompt_too_long:  # ORPO, SimPO: their trainers keep such rows (NaN)
+    if METHODS[method].keeps_empty_answers and prompt_too_long:  # ORPO, SimPO: their trainers keep such rows (NaN)
         keep = [i for i, (prompt, _) in enumerate(lengths) if prompt < max_length]
         train_ds, sources, lengths = train_ds.select(keep), [sources[i] for i in keep], [lengths[i] for i in keep]
         eval_ds = eval_ds.select([i for i, row in enumerate(eval_ds) if _lengths(row, tokenizer)[0] < max_length])

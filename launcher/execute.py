@@ -16,8 +16,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from launcher.checkpoints import EXIT_STOPPED, STOP_FILE, STOPPED_FILE
+from launcher.gate import Gate
 from launcher.plan import LaunchPlan
 from launcher.postmortem import explain_failure
 
@@ -67,21 +69,25 @@ def resolve_executable(name: str) -> str:
     return str(beside) if beside.exists() else (shutil.which(name) or name)
 
 
-def run_child(argv: list[str], env: dict[str, str], stop_file: Path | None = None) -> int:
+def run_child(argv: list[str], env: dict[str, str], stop_file: Path | None = None,
+              checks: Callable[[], int] | None = None, go: Callable[[], None] | None = None) -> int:
     """Run the launch command, forwarding Ctrl-C / SIGTERM to its whole process group; its exit code.
 
     With a stop_file, the first signal asks the ranks to checkpoint and stop (launcher.checkpoints) and
-    only a second signal, or SAVE_SECONDS without an exit, goes through to them."""
+    only a second signal, or SAVE_SECONDS without an exit, goes through to them.
+    With `checks` (ranks waiting at a gate, launcher/gate.py): run once the job has started; their non-zero code,
+    or a signal meanwhile, ends the job before `go` (which writes the run directory and opens the gate) is called."""
     _subreaper(True)
     spare = frozenset(_alive(None)) | frozenset(_zombie_children())  # what was below us before the job
     proc = subprocess.Popen([resolve_executable(argv[0]), *argv[1:]], env={**os.environ, **env},
                             start_new_session=True)
     received: list[int] = []
     deadline = [float("inf")]
+    saving = [stop_file is not None and checks is None]  # (no STOP file before the run directory is written)
 
     def forward(signum, _frame):
         received.append(signum)
-        if stop_file is not None and len(received) == 1:
+        if saving[0] and len(received) == 1:
             print(f"launcher: {signal.Signals(signum).name}: saving a checkpoint first "
                   "(signal again to stop at once)", file=sys.stderr, flush=True)
             stop_file.touch()
@@ -95,13 +101,22 @@ def run_child(argv: list[str], env: dict[str, str], stop_file: Path | None = Non
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        if checks is not None:
+            if code := checks():
+                return code
+            if received:
+                print(f"launcher: stopped by {signal.Signals(received[0]).name} before the launch", file=sys.stderr,
+                      flush=True)
+                return 128 + received[0]
+            go()
+            saving[0] = stop_file is not None
         while True:
             try:
                 code = proc.wait(timeout=0.5)
                 break
             except subprocess.TimeoutExpired:
                 if time.monotonic() > deadline[0]:
-                    if stop_file is not None and len(received) == 1:  # the save took too long: stop now
+                    if saving[0] and len(received) == 1:  # the save took too long: stop now
                         forward(received[0], None)
                     else:
                         _kill_group(proc.pid, spare=spare)
@@ -182,11 +197,13 @@ def _zombie_children() -> list[int]:
 def _alive(pgid: int | None, spare: frozenset = frozenset()) -> list[int]:
     """The processes that have not exited (zombies have) in the job's group or below the launcher, except those
     below it before the job started (`spare`: whatever else a caller of run_child has running)."""
-    living = [(pid, ppid, pgrp) for pid, state, ppid, pgrp in _processes() if state != "Z"]
-    parents = {pid: ppid for pid, ppid, _ in living}
-    in_group = [pid for pid, _, pgrp in living if pgrp == pgid]
+    processes = _processes()
+    # (a parent that has just exited is a zombie whose children are not yet handed on to us: walk through it)
+    parents = {pid: ppid for pid, _, ppid, _ in processes}
+    living = [(pid, pgrp) for pid, state, _, pgrp in processes if state != "Z"]
+    in_group = [pid for pid, pgrp in living if pgrp == pgid]
     below, me = [], os.getpid()
-    for pid in parents:
+    for pid, _ in living:
         up, seen = parents.get(pid), 0
         if pid in spare:
             continue
@@ -211,20 +228,41 @@ def write_report(plan: LaunchPlan, exit_code: int) -> None:
               f"`python -m launcher report {plan.run_dir}` tries again", file=sys.stderr, flush=True)
 
 
-def execute(plan: LaunchPlan, state: str) -> int:
-    if plan.settings:  # a local launch (cluster=slurm submits a job, whose nodes check for themselves)
-        ensure_builtin_model(plan.settings)
-        if code := preflight(plan):
-            return code
-    prepare_run_dir(plan, state)
+def announce(plan: LaunchPlan) -> None:
     print(f"launcher: {plan.backend} -> {plan.world_size} process(es), run_dir {plan.run_dir}", flush=True)
     print("launcher: " + " ".join(plan.argv), flush=True)
+
+
+def execute(plan: LaunchPlan, state: str) -> int:
     stop_file = Path(plan.run_dir, STOP_FILE) if plan.settings.get("checkpoint_on_signal") else None
     env = dict(plan.env)
     if plan.backend in ("torchrun", "accelerate") and plan.procs_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = "1"  # torchrun's own choice for several ranks on a host, set without its banner
         # (not for DeepSpeed's launcher, which leaves it unset: its CPU Adam runs on OpenMP threads)
-    code = run_child(plan.argv, env, stop_file)
+    if plan.settings:  # a local launch (cluster=slurm submits a job, whose nodes check for themselves)
+        ensure_builtin_model(plan.settings)
+    if plan.settings.get("start_ranks_early"):
+        gate, written = Gate(plan.settings["gate_imports"]), []
+
+        def go() -> None:
+            prepare_run_dir(plan, state)
+            written.append(True)
+            announce(plan)
+            gate.open()
+
+        try:
+            code = run_child(gate.stage(plan.argv, plan.files, plan.run_dir), {**env, **gate.env}, stop_file,
+                             checks=lambda: preflight(plan), go=go)
+        finally:
+            gate.remove()
+        if not written:  # the checks failed, or a signal came first: the run directory is as it was
+            return code
+    else:
+        if plan.settings and (code := preflight(plan)):
+            return code
+        prepare_run_dir(plan, state)
+        announce(plan)
+        code = run_child(plan.argv, env, stop_file)
     if (Path(plan.run_dir) / STOPPED_FILE).exists():
         print(f"launcher: stopped on request at a complete checkpoint; exit {EXIT_STOPPED} (resume=auto continues)",
               file=sys.stderr, flush=True)

@@ -49,9 +49,6 @@ ACT_PER_HIDDEN_LAYER = 17.47
 ACT_PER_INTERMEDIATE_LAYER = 9.228
 ACT_PER_HIDDEN_LAYER_GC = 2.0  # bytes per token: the checkpointed layer inputs
 ACT_PER_VOCAB = 0.47  # bytes per token per vocabulary entry
-# ORPO and SimPO (TRL's experimental trainers) hold the whole bf16 logits for the backward and take a float32
-# log-softmax over them, where DPO's chunked LM head holds none: 2 + 4 bytes, not yet measured on a GPU
-ACT_WHOLE_VOCAB = 6.0
 # Factors on the in-layer activations, each from one pair of runs in docs/benchmarks.md (peak GiB per GPU):
 ACT_LIGER = 0.79  # ddp with Liger 54.8 against 68.9 without
 ACT_BF16_ADAPTERS = 0.86  # zero2 47.4 against ddp 54.8 when PEFT still ran DDP's adapters on float32 copies of
@@ -196,8 +193,6 @@ def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | Non
     per_token = (ACT_PER_HIDDEN_LAYER_GC * h_layers + in_layer if gradient_checkpointing
                  else in_layer * shape.layers) + ACT_PER_VOCAB * shape.vocab
     activations = tokens * per_token * (ACT_SFT if method == "sft" else 1.0)
-    if METHODS[method].whole_vocab_logits:
-        activations += tokens * shape.vocab * ACT_WHOLE_VOCAB
     reference = 0.0
     if METHODS[method].reference and not lora:  # a frozen copy, sharded like the policy's weights
         reference = base / world if sharded_weights else base

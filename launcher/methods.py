@@ -21,7 +21,7 @@ class Method:
     rows: str  # what it learns from: "pairs" (prompt/chosen/rejected), "labelled" (prompt/completion/label), "sft"
     sequences_per_row: int  # sequences run with gradients per row: a pair's two, one otherwise
     reference: bool  # a reference model's forward at each step (the adapter-disabled base with LoRA, else a copy)
-    whole_vocab_logits: bool  # logits over the whole vocabulary held for the backward (no chunked LM head)
+    keeps_empty_answers: bool  # its trainer keeps a row whose prompt fills max_length (its answer: empty, a NaN loss)
     summary: str  # the held-out result the console, summary and report lead with
 
 
@@ -29,9 +29,8 @@ METHODS = {
     "dpo": Method("dpo", "pairs", 2, True, False, "reward accuracy"),
     # KTO also runs a KL pass per step (mismatched prompt/completion pairs) without gradients, policy and reference
     "kto": Method("kto", "labelled", 1, True, False, "reward gap"),
-    # ORPO and CPO compute log-probs from the model's whole logits tensor (TRL 1.16 orpo_trainer.py / cpo_trainer.py)
-    # and keep a row whose prompt fills max_length with an empty answer (a 0/0 average log-prob: NaN), where the
-    # others drop it: launcher/data.py drops those rows for them
+    # ORPO and CPO keep a row whose prompt fills max_length with an empty answer (a 0/0 average log-prob: NaN), where
+    # the others drop it: launcher/data.py drops those rows for them
     "orpo": Method("orpo", "pairs", 2, False, True, "reward accuracy"),
     "simpo": Method("simpo", "pairs", 2, False, True, "reward accuracy"),
     "sft": Method("sft", "sft", 1, False, False, "loss"),
@@ -84,13 +83,23 @@ def check(cfg: dict) -> None:
                                                              "precompute: drop method.precompute_ref_log_probs.")
 
 
-def _experimental(module: str, *names: str):
-    """A class from trl.experimental, whose import warns that its API may change (we pin TRL and test each)."""
+# Where TRL 1.16 keeps each method's trainer (a rank imports it while it waits for the launcher: launcher/gate.py)
+TRAINER_MODULES = {"dpo": "trl.trainer.dpo_trainer", "kto": "trl.trainer.kto_trainer",
+                   "orpo": "trl.experimental.orpo", "simpo": "trl.experimental.cpo", "sft": "trl.trainer.sft_trainer"}
+
+
+def import_module(name: str):
+    """A module, trl.experimental's without its warning that the API may change (we pin TRL and test each)."""
     import importlib
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*trl.experimental")
-        mod = importlib.import_module(f"trl.experimental.{module}")
+        return importlib.import_module(name)
+
+
+def _experimental(module: str, *names: str):
+    """Classes from trl.experimental.<module>."""
+    mod = import_module(f"trl.experimental.{module}")
     return [getattr(mod, n) for n in names]
 
 
@@ -160,10 +169,63 @@ def build_trainer(cfg: dict, args, model, tokenizer, train_ds, eval_ds, callback
         (trainer_class,) = (_experimental("orpo", "ORPOTrainer") if method.name == "orpo"
                             else _experimental("cpo", "CPOTrainer"))
         with k_bit_preparation_as_planned(trainer_class, cfg["plan"]["kbit_prepare"]):
-            return trainer_class(model=model, **data)
+            trainer = trainer_class(model=model, **data)
+        score_label_tokens_only(trainer, nll_over_whole_chosen=method.name == "orpo")
+        return trainer
     from trl import SFTTrainer
 
     return SFTTrainer(model=model, **data)
+
+
+def score_label_tokens_only(trainer, nll_over_whole_chosen: bool) -> None:
+    """TRL 1.16's ORPO and CPO trainers take their log-probs from the model's whole logits, [2 x pairs, length,
+    vocabulary] (float32 under accelerate's autocast wrapper): with Qwen's 152k vocabulary that is most of their memory
+    and much of their time (on 2x H200, ORPO ran 1.10x and SimPO 1.22x DPO's pairs/s, where no reference pass should
+    give about 1.3x). Here they score only the tokens they learn from, through the fused, chunked LM head that TRL's
+    own DPOTrainer uses (trl.trainer.utils.add_fused_lm_head). Their losses and metrics are TRL's, from the same
+    log-probs, but logits/chosen and logits/rejected: averaged over the answer tokens, as DPO's are (TRL's ORPO and
+    CPO average over every position of the padded batch, prompts and pads included)."""
+    import torch
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = trainer.model
+    if trainer.is_encoder_decoder or isinstance(model.get_output_embeddings(), BaseTunerLayer):
+        return  # (the head reads lm_head.weight directly: an adapter on it would not be trained)
+    add_fused_lm_head(model.get_base_model() if isinstance(model, PeftModel) else model,
+                      outputs=("log_probs", "mean_logits"))
+    # ORPO's NLL term covers every real token of the chosen rows, the prompt's too; CPO's (SimPO: none) the answer's
+    padding_value = trainer.padding_value if nll_over_whole_chosen else trainer.pad_token_id
+    average = nll_over_whole_chosen or trainer.loss_type in ("ipo", "simpo")
+    with_nll = nll_over_whole_chosen or trainer.cpo_alpha != 0
+
+    def concatenated_forward(model, batch):
+        inputs = trainer.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=padding_value,
+                                             device=trainer.accelerator.device)
+        n = batch["chosen_labels"].shape[0]
+        ids, attention, answers = (inputs["concatenated_input_ids"], inputs["concatenated_attention_mask"],
+                                   inputs["concatenated_labels"])
+        labels = answers
+        if nll_over_whole_chosen:  # the rejected rows need only their answers scored
+            labels = torch.cat([ids[:n].masked_fill(attention[:n] == 0, -100), answers[n:]])
+        kwargs = {"output_router_logits": True} if trainer.aux_loss_enabled else {}
+        out = model(ids, attention_mask=attention, labels=labels, fused_lm_head=True, use_cache=False, **kwargs)
+        log_probs = out.log_probs.float()  # [2n, length-1]: token t+1's, 0 where its label is -100
+        answer = answers[:, 1:] != -100
+        per_row = (log_probs * answer).sum(-1)
+        if average:
+            per_row = per_row / answer.sum(-1)
+        nll = torch.tensor(0.0, device=ids.device)
+        if with_nll:
+            scored = labels[:n, 1:] != -100
+            nll = -(log_probs[:n] * scored).sum() / scored.sum()
+        mean_logits = [(out.mean_logits[rows] * answer[rows]).sum() / answer[rows].sum()
+                       for rows in (slice(None, n), slice(n, None))]
+        result = (per_row[:n], per_row[n:], *mean_logits, nll)
+        return (*result, out.aux_loss) if trainer.aux_loss_enabled else result
+
+    trainer.concatenated_forward = concatenated_forward
 
 
 def held_out_summary(method: str, metrics: dict) -> str | None:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import yaml
 
-from launcher import host_memory, memory, methods, slurm, validate
+from launcher import gate, host_memory, memory, methods, slurm, validate
 from launcher.batching import decide_batching
 from launcher.errors import ConfigError
 from launcher.host_memory import Host
@@ -259,6 +259,8 @@ def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: l
     decisions += batch_decisions
     if on_gpu and (line := memory_decision(cfg, machine, world_size, batch_settings["token_budget"], procs)):
         decisions.append(line)
+    settings["start_ranks_early"], line = gate.decide(cfg)
+    decisions += [line] if line else []
     if not on_gpu:
         decisions.append(f"no GPU: {procs} CPU processes, torchrun with the gloo backend, float32")
 
@@ -284,6 +286,7 @@ def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: l
         settings["deepspeed_config"] = path(DEEPSPEED_FILE)
     if "fsdp_config" in acc_cfg:
         settings["fsdp_config"] = copy.deepcopy(acc_cfg["fsdp_config"])  # the same settings, whoever launches
+    settings["gate_imports"] = gate.imports_to_warm(cfg, settings) if settings["start_ranks_early"] else []
     settings.update(backend=backend, world_size=world_size, decisions=decisions, **model_paths(cfg["model"]))
 
     train_cfg = copy.deepcopy(cfg)

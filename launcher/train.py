@@ -23,8 +23,8 @@ import yaml
 from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from launcher import (checkpoints, data, host_work, logs, methods, modeling, padding_free, postmortem, profiling,
-                      samplers, samples, step_metrics)
+from launcher import (checkpoints, data, gate, host_work, logs, methods, modeling, padding_free, postmortem,
+                      profiling, samplers, samples, step_metrics)
 
 log = logging.getLogger("launcher")
 
@@ -133,11 +133,14 @@ class StartupBanner(TrainerCallback):
 
 
 def main(config_path: str) -> int:
+    waited = gate.wait()  # started early: the libraries are imported, the launcher's checks have passed
     cfg = yaml.safe_load(Path(config_path).read_text())
     plan, run_dir = cfg["plan"], cfg["run_dir"]
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     console.setup(run_dir, rank)
     log.debug("%s: rank %d, pid %d, host %s", postmortem.STARTED, rank, os.getpid(), socket.gethostname())
+    if os.environ.get(gate.ENV):
+        log.debug("imported its libraries, then waited %.1f s for the launcher's checks", waited)
     postmortem.say_when_stopped(log)
     started = time.time()
     report_to = logs.configure_trackers(cfg["logging"], cfg["run_name"], run_dir) if rank == 0 else []

@@ -85,6 +85,8 @@ def check_values(cfg, machine: Machine) -> None:
     for key in ("step_clock", "trim_host_work"):
         if not isinstance(cfg["train"][key], bool):
             raise ConfigError(f"train.{key}", f"train.{key}={cfg['train'][key]!r}: give true or false.")
+    if not isinstance(cfg.get("start_ranks_early", True), bool):
+        raise ConfigError("start_ranks_early", f"start_ranks_early={cfg['start_ranks_early']!r}: give true or false.")
     if cfg["train"]["metrics_sync"] not in ("step", "log"):
         raise ConfigError("train.metrics_sync", f"train.metrics_sync={cfg['train']['metrics_sync']!r}: give step "
                                                 "(TRL's gathers at every step) or log (once per log).")

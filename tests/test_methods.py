@@ -45,7 +45,7 @@ def test_kto_with_micro_batch_auto_is_sized_to_at_least_two_or_refused():
                                "strategy=ddp", "data.max_length=32768", "train.gradient_checkpointing=true"), GPU_NODE)
 
 
-def test_the_memory_plan_knows_which_methods_keep_a_reference_and_whole_logits():
+def test_the_memory_plan_knows_which_methods_keep_a_reference_and_how_many_sequences_a_row_runs():
     shape = memory.model_shape(compose_cfg("model=qwen2.5-1.5b-instruct")["model"])
 
     def est(method, lora_r=None):
@@ -56,14 +56,14 @@ def test_the_memory_plan_knows_which_methods_keep_a_reference_and_whole_logits()
     assert full["dpo"].reference > 0 and full["kto"].reference == full["dpo"].reference  # a frozen copy each
     assert full["orpo"].reference == full["simpo"].reference == full["sft"].reference == 0
     assert est("dpo", 16).reference == est("kto", 16).reference == 0  # with LoRA: the adapter-disabled policy
-    # a pair's two sequences (DPO, ORPO, SimPO) against KTO's one row; ORPO's and SimPO's whole-vocabulary logits
+    # a pair's two sequences (DPO, ORPO, SimPO) against KTO's one row; every method's LM head is chunked
     assert full["kto"].activations == pytest.approx(full["dpo"].activations / 2)
-    assert full["orpo"].activations > full["dpo"].activations
-    # micro_batch=auto on a 40 GiB GPU (LoRA): twice DPO's rows for KTO, fewer pairs for ORPO's logits
+    assert full["orpo"].activations == full["simpo"].activations == full["dpo"].activations
+    # micro_batch=auto on a 40 GiB GPU (LoRA): twice DPO's rows for KTO; as many pairs for ORPO (no reference)
     mb = {m: memory.largest_micro_batch(compose_cfg(f"method={m}", "model=qwen2.5-1.5b-instruct",
                                                     "data.max_length=1024", "train.gradient_checkpointing=true"),
                                         shape, "ddp", 2, 40.0) for m in ("dpo", "kto", "orpo")}
-    assert mb["kto"] == 2 * mb["dpo"] and mb["orpo"] < mb["dpo"], mb
+    assert mb["kto"] == 2 * mb["dpo"] and mb["orpo"] == mb["dpo"], mb
 
 
 def test_dpo_loss_types_are_trls_own_list():
@@ -157,6 +157,56 @@ def test_a_label_of_another_kind_among_booleans_is_named_by_its_line(tmp_path, t
 
 
 # ---- each learns on the CPU, through the launcher as a user runs it ------------------------------------------
+
+@pytest.mark.parametrize("method", ["orpo", "simpo"])
+def test_orpo_and_simpo_scoring_only_label_tokens_give_trls_loss_gradients_and_metrics(tiny_dir, tiny_tokenizer,
+                                                                                        method):
+    """methods.score_label_tokens_only against TRL's own whole-logits forward, on one batch of pairs of mixed lengths
+    (padding, prompts) through the tiny model with LoRA."""
+    import random
+    import warnings
+
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    rng = random.Random(0)
+    words = lambda k: " ".join(f"w{rng.randrange(300)}" for _ in range(k))  # noqa: E731
+    rows = Dataset.from_list([{"prompt": words(rng.randint(3, 20)), "chosen": words(rng.randint(2, 30)),
+                               "rejected": words(rng.randint(2, 30))} for _ in range(8)])
+    common = dict(output_dir=str(tiny_dir / "unused"), per_device_train_batch_size=4, use_cpu=True, report_to="none",
+                  remove_unused_columns=False, max_length=64)
+    runs = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", dtype=torch.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if method == "orpo":
+                (config, trainer_class) = methods._experimental("orpo", "ORPOConfig", "ORPOTrainer")
+                args = config(beta=0.1, **common)
+            else:
+                (config, trainer_class) = methods._experimental("cpo", "CPOConfig", "CPOTrainer")
+                args = config(loss_type="simpo", cpo_alpha=0.0, beta=2.0, simpo_gamma=0.5, **common)
+            trainer = trainer_class(model=model, args=args, train_dataset=rows, processing_class=tiny_tokenizer,
+                                    peft_config=LoraConfig(r=8, target_modules="all-linear"))
+        if fused:
+            methods.score_label_tokens_only(trainer, nll_over_whole_chosen=method == "orpo")
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert batch["prompt_input_ids"].shape[0] == 4
+        loss, metrics = trainer.get_batch_loss_metrics(trainer.model, batch)
+        loss.backward()
+        runs.append((loss.item(), metrics, {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}))
+    (loss, metrics, grads), (fused_loss, fused_metrics, fused_grads) = runs
+    assert fused_loss == pytest.approx(loss, rel=1e-5)
+    assert grads.keys() == fused_grads.keys() and len(grads) > 20
+    for name, grad in grads.items():
+        assert (fused_grads[name] - grad).abs().max() <= 1e-5 * grad.abs().max() + 1e-9, name
+    for key, value in metrics.items():
+        if not key.startswith("logits/"):  # (averaged over answer tokens here, over every position by TRL)
+            assert fused_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["orpo", "simpo"])
