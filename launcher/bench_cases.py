@@ -83,6 +83,7 @@ CASES = {
     "peer-sft-bs32": Case("peer_sft", "sft", env={"BS": "32", "GC": "0"}),
     # the defaults as they were before padding-free batches (padded, 32 pairs per micro-batch)
     "defaults-padded": Case("launcher", overrides=("train.padding_free=false",)),
+    "defaults-checks-first": Case("launcher", overrides=("start_ranks_early=false",)),  # issue 20: the launch before
     # the realistic length mix (launcher/bench_assets.py): lengths from a few tokens to 5,000, data.max_length=2048.
     # The peer pads as TRL does, its batch the largest that fits a batch of rows at max_length without checkpointing
     # (DPO 8 pairs measured 107.2 GiB on an H200, 10 would take about 133; SFT 16 rows measured 123.5 GiB)
