@@ -10,6 +10,7 @@ from launcher.plan import build_plan
 
 QWEN_1_5B = memory.Shape(1536, 8960, 28, 12, 2, 151936, True)
 QWEN_7B = memory.Shape(3584, 18944, 28, 28, 4, 152064, False)
+LLAMA_8B = memory.Shape(4096, 14336, 32, 32, 8, 128256, False)
 LLAMA_70B = memory.Shape(8192, 28672, 80, 64, 8, 128256, False)
 GIB = 2**30
 
@@ -90,6 +91,12 @@ MEASURED = [
     (LLAMA_70B, "zero3", 4, "dpo", 2, 384, False, True, 88.75),
     (LLAMA_70B, "ddp", 4, "dpo", 2, 384, False, True, 92.6),  # 2026-11-30 evening (docs/benchmarks.md)
     (LLAMA_70B, "zero3", 4, "sft", 2, 384, False, True, 77.18),
+    (LLAMA_70B, "fsdp_qlora", 4, "sft", 2, 384, False, True, 46.77),  # 2026-12-01
+    # 2026-12-01: Llama-3.1-8B's shape, 32 pairs of 384 (ddp: its token budget of 24576, the same tokens)
+    (LLAMA_8B, "ddp", None, "dpo", 32, 384, False, True, 120.6),
+    (LLAMA_8B, "zero2", None, "dpo", 32, 384, False, True, 111.3),
+    (LLAMA_8B, "fsdp_qlora", 4, "dpo", 32, 384, False, True, 100.9),
+    (LLAMA_8B, "zero3", None, "dpo", 32, 384, False, True, 105.57),
 ]
 
 
