@@ -35,6 +35,8 @@ KNOWN_NOISE = (
     ("py.warnings", "barrier(): using the device under current context"),
     # Liger's optional backends for other hardware (CuTe DSL, Ascend) that this machine does not have (2x H200)
     ("liger_kernel.backends", "could not be imported"),
+    # TRL 1.16 on `use_liger_kernel`, which is how transformers' Trainer applies Liger's kernels (2x H200)
+    ("py.warnings", "`use_liger_kernel=True` is deprecated"),
 )
 LIBRARIES = ("transformers", "trl", "peft", "accelerate", "datasets", "DeepSpeed", "deepspeed", "bitsandbytes",
              "torch", "liger_kernel", "py.warnings")

@@ -73,6 +73,8 @@ def test_known_noise_is_recognised_by_source_and_words():
                                    "Failed to load CPU gemm_4bit_forward from kernels-community: no module"))
     assert noise.filter(record("transformers.trainer", "Setting accelerator to CPU"))  # the same words elsewhere
     assert noise.filter(record("DeepSpeed", "ZeRO-3 found a parameter it does not know"))
+    assert not noise.filter(record("py.warnings", "/x/methods.py:167: FutureWarning: `use_liger_kernel=True` is "
+                                                  "deprecated and will be removed in v2.0.0. Use the Hub kernels"))
 
 
 RANK_SCRIPT = textwrap.dedent("""
