@@ -15,8 +15,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from launcher.checkpoints import EXIT_STOPPED, STOP_FILE, STOPPED_FILE
 from launcher.gate import Gate
@@ -55,12 +56,30 @@ def ensure_builtin_model(settings: dict) -> None:
                     settings["builtin_dir"]], check=True)
 
 
-def preflight(plan: LaunchPlan) -> int:
-    """Data, tokenizer and resume checks in a child process, before anything in the run directory changes."""
+@contextmanager
+def preflight_process(plan: LaunchPlan) -> Iterator[subprocess.Popen]:
+    """Data, tokenizer and resume checks in a child process, before anything in the run directory changes; ended
+    if still running when the block is left."""
     with tempfile.TemporaryDirectory(prefix="launcher-preflight-") as tmp:
         config = Path(tmp, "config.yaml")
         config.write_text(plan.files["config.yaml"])
-        return subprocess.run([sys.executable, "-m", "launcher.preflight", str(config)]).returncode
+        checks = subprocess.Popen([sys.executable, "-m", "launcher.preflight", str(config)])
+        try:
+            yield checks
+        finally:
+            if checks.poll() is None:
+                checks.terminate()
+            checks.wait()
+
+
+def preflight(plan: LaunchPlan) -> int:
+    with preflight_process(plan) as checks:
+        return shell_code(checks.wait())
+
+
+def shell_code(code: int) -> int:
+    """A child's exit status as a shell reports it: 128 + N when signal N killed it."""
+    return 128 - code if code < 0 else code
 
 
 def resolve_executable(name: str) -> str:
@@ -70,13 +89,14 @@ def resolve_executable(name: str) -> str:
 
 
 def run_child(argv: list[str], env: dict[str, str], stop_file: Path | None = None,
-              checks: Callable[[], int] | None = None, go: Callable[[], None] | None = None) -> int:
+              checks: subprocess.Popen | None = None, go: Callable[[], None] | None = None) -> int:
     """Run the launch command, forwarding Ctrl-C / SIGTERM to its whole process group; its exit code.
 
     With a stop_file, the first signal asks the ranks to checkpoint and stop (launcher.checkpoints) and
     only a second signal, or SAVE_SECONDS without an exit, goes through to them.
-    With `checks` (ranks waiting at a gate, launcher/gate.py): run once the job has started; their non-zero code,
-    or a signal meanwhile, ends the job before `go` (which writes the run directory and opens the gate) is called."""
+    With `checks` (the preflight, running while the ranks wait at a gate, launcher/gate.py): `go` (which writes the
+    run directory and opens the gate) is called once they pass. Their failure, a signal, or the job ending first
+    ends the job instead, and nothing is written."""
     _subreaper(True)
     spare = frozenset(_alive(None)) | frozenset(_zombie_children())  # what was below us before the job
     proc = subprocess.Popen([resolve_executable(argv[0]), *argv[1:]], env={**os.environ, **env},
@@ -102,12 +122,23 @@ def run_child(argv: list[str], env: dict[str, str], stop_file: Path | None = Non
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if checks is not None:
-            if code := checks():
-                return code
+            while checks.poll() is None and proc.poll() is None and not received:
+                time.sleep(0.05)
+            cut_short = checks.poll() is None
+            if cut_short:  # a signal, or the job ended: their verdict no longer matters
+                checks.terminate()
+                checks.wait()
             if received:
                 print(f"launcher: stopped by {signal.Signals(received[0]).name} before the launch", file=sys.stderr,
                       flush=True)
                 return 128 + received[0]
+            if not cut_short and checks.returncode:
+                return shell_code(checks.returncode)
+            if proc.poll() is not None:  # (its ranks could not even start: their error is above)
+                code = shell_code(proc.returncode) or 1
+                print(f"launcher: {argv[0]} ended (exit {code}) before the launch; the run directory is as it was",
+                      file=sys.stderr, flush=True)
+                return code
             go()
             saving[0] = stop_file is not None
         while True:
@@ -125,8 +156,7 @@ def run_child(argv: list[str], env: dict[str, str], stop_file: Path | None = Non
             signal.signal(s, handler)
         _kill_group(proc.pid, spare=spare)
         _subreaper(False)  # what a caller starts later is none of ours
-    if code < 0:
-        code = 128 - code  # killed by a signal: the shell's convention
+    code = shell_code(code)
     if received and not (stop_file is not None and stop_file.with_name(STOPPED_FILE).exists()):
         print(f"launcher: stopped by {signal.Signals(received[0]).name}", file=sys.stderr, flush=True)
         return code or 128 + received[0]
@@ -251,8 +281,9 @@ def execute(plan: LaunchPlan, state: str) -> int:
             gate.open()
 
         try:
-            code = run_child(gate.stage(plan.argv, plan.files, plan.run_dir), {**env, **gate.env}, stop_file,
-                             checks=lambda: preflight(plan), go=go)
+            with preflight_process(plan) as checks:
+                code = run_child(gate.stage(plan.argv, plan.files, plan.run_dir), {**env, **gate.env}, stop_file,
+                                 checks=checks, go=go)
         finally:
             gate.remove()
         if not written:  # the checks failed, or a signal came first: the run directory is as it was

@@ -30,6 +30,9 @@ def decide(cfg: dict) -> tuple[bool, str | None]:
     """Whether the ranks start while the checks run, and the plan's line saying so."""
     if not cfg.get("start_ranks_early", True):
         return False, None
+    if cfg["nodes"] > 1 and cfg.get("overwrite"):
+        return False, ("start_ranks_early -> off: with overwrite=true every node's launcher replaces the shared "
+                       "run directory, which must be done before any rank of any node starts writing to it")
     return True, ("start_ranks_early=true: the ranks import their libraries while the launcher checks the data and "
                   "the checkpoint, then wait at a gate, reading nothing of run_dir, until the checks pass "
                   "(launcher/gate.py; start_ranks_early=false: the checks first, then the ranks)")
@@ -42,9 +45,7 @@ def imports_to_warm(cfg: dict, settings: dict) -> list[str]:
         names.append("peft")
     if settings.get("deepspeed_config"):
         names.append("deepspeed")
-    if cfg["quant"]["bits"]:
-        names.append("bitsandbytes")
-    return names
+    return names  # (not bitsandbytes: its import asks CUDA for the device, before the rank has chosen its GPU)
 
 
 class Gate:

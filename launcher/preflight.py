@@ -121,7 +121,10 @@ def main(config_path: str) -> int:
 
 
 if __name__ == "__main__":
-    code = main(sys.argv[1])
+    try:
+        code = main(sys.argv[1])
+    except KeyboardInterrupt:  # Ctrl-C reaches the launcher too, which says so
+        code = 130
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # the interpreter's teardown of torch and datasets takes 2-3 s that the launch would wait for

@@ -51,6 +51,7 @@ CASES = [
     (["data.max_length=16", "data.path={d}/long.jsonl"], 2, "every prompt is at least data.max_length=16"),
     (["data.path={d}/no_rejected.jsonl"], 2, "no_rejected.jsonl: DPO needs columns prompt, chosen, rejected; "
                                              "missing rejected"),
+    (["data.path={d}/no_rejected.jsonl", "start_ranks_early=false"], 2, "missing rejected"),  # checks, then ranks
     (["data.path={d}/empty.jsonl"], 2, "empty.jsonl"),
     (["data.path={d}/garbage.jsonl"], 2, "garbage.jsonl: cannot be read"),
     (["data.path={d}/corrupt.jsonl"], 2, "Line 3 is not valid JSON"),

@@ -6,6 +6,8 @@ import sys
 import textwrap
 import time
 
+from launcher import execute
+
 WORKER = textwrap.dedent("""
     import os, sys, time
     open(os.path.join(sys.argv[1], f"pid{os.environ['RANK']}"), "w").write(str(os.getpid()))
@@ -83,3 +85,53 @@ def test_the_launcher_returns_only_when_every_process_of_the_job_is_gone(tmp_pat
     worker = int(pid_file.read_text())
     assert code == 1
     assert not alive(worker), "the dead rank's worker outlived the launcher's return"
+
+
+def test_a_parent_that_has_just_exited_does_not_hide_its_children(monkeypatch):
+    """A killed torchrun is a zombie for a moment, its ranks not yet handed on to the launcher (the subreaper): they
+    are still the job's, found through it (a failed check once left both ranks running this way)."""
+    me = os.getpid()
+    table = [(me, "S", 1, me), (9001, "Z", me, 9001), (9002, "S", 9001, 9002), (9003, "S", 9002, 9002),
+             (9004, "S", 1, 9004)]  # torchrun (exited), its rank, the rank's worker; someone else's process
+    monkeypatch.setattr(execute, "_processes", lambda: table)
+    assert execute._alive(None) == [9002, 9003]
+
+
+CHECKED = textwrap.dedent("""
+    import subprocess, sys
+    from pathlib import Path
+    from launcher.execute import run_child
+    job, checks, marker = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    with subprocess.Popen([sys.executable, "-c", checks]) as proc:
+        code = run_child([sys.executable, "-c", job], {}, checks=proc, go=lambda: marker.touch())
+        print("checks", proc.poll(), flush=True)
+    sys.exit(code)
+""")
+SLEEP = "import time; time.sleep(60)"
+
+
+def checked(tmp_path, job: str, checks: str, signal_after: float | None = None):
+    proc = subprocess.Popen([sys.executable, "-c", CHECKED, job, checks, str(tmp_path / "went")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if signal_after:
+        time.sleep(signal_after)
+        proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    return proc.returncode, out, (tmp_path / "went").exists()
+
+
+def test_the_launch_goes_on_only_when_the_checks_pass_and_the_job_is_still_there(tmp_path):
+    code, out, went = checked(tmp_path, "import time; time.sleep(4)", "import time; time.sleep(1)")
+    assert (code, went) == (0, True) and "checks 0" in out
+    code, out, went = checked(tmp_path / "a", SLEEP, "import sys; sys.exit(2)")  # the checks fail
+    assert (code, went) == (2, False)
+    code, out, went = checked(tmp_path / "b", "import sys; sys.exit(7)", SLEEP)  # the ranks could not start
+    assert (code, went) == (7, False) and "ended (exit 7) before the launch" in out
+    assert "checks -15" in out  # the checks were ended, not waited for
+
+
+def test_a_signal_during_the_checks_stops_checks_and_job_before_the_launch(tmp_path):
+    t0 = time.time()
+    code, out, went = checked(tmp_path, SLEEP, SLEEP, signal_after=3)
+    assert (code, went) == (143, False) and "stopped by SIGTERM before the launch" in out
+    assert "checks -15" in out and time.time() - t0 < 30

@@ -25,7 +25,10 @@ def test_the_plan_says_the_ranks_start_early_and_what_they_import_while_they_wai
     assert plan.settings["start_ranks_early"] is False and plan.settings["gate_imports"] == []
     assert not any("start_ranks_early" in d for d in plan.decisions)
     assert gate.imports_to_warm(compose_cfg("method=orpo", "quant=4bit", "lora=none"), {}) == [
-        "datasets", "trl.experimental.orpo", "bitsandbytes"]
+        "datasets", "trl.experimental.orpo"]  # (bitsandbytes would ask CUDA for a device before the rank has one)
+    several = build_plan(compose_cfg("gpus=2", "nodes=2", "master_addr=10.0.0.1", "overwrite=true"), GPU_NODE)
+    assert several.settings["start_ranks_early"] is False  # every node replaces the shared run dir first
+    assert any(d.startswith("start_ranks_early -> off: with overwrite=true") for d in several.decisions)
 
 
 def test_only_the_files_the_launch_command_reads_come_from_the_gate_directory(tmp_path):

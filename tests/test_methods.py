@@ -193,6 +193,7 @@ def test_orpo_and_simpo_scoring_only_label_tokens_give_trls_loss_gradients_and_m
                                     peft_config=LoraConfig(r=8, target_modules="all-linear"))
         if fused:
             methods.score_label_tokens_only(trainer, nll_over_whole_chosen=method == "orpo")
+            assert "concatenated_forward" in vars(trainer)  # (else both runs would be TRL's)
         batch = next(iter(trainer.get_train_dataloader()))
         assert batch["prompt_input_ids"].shape[0] == 4
         loss, metrics = trainer.get_batch_loss_metrics(trainer.model, batch)
@@ -206,6 +207,7 @@ def test_orpo_and_simpo_scoring_only_label_tokens_give_trls_loss_gradients_and_m
     for key, value in metrics.items():
         if not key.startswith("logits/"):  # (averaged over answer tokens here, over every position by TRL)
             assert fused_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert fused_metrics["logits/chosen"] != metrics["logits/chosen"]  # the fused forward ran
 
 
 @pytest.mark.slow
