@@ -286,7 +286,7 @@ def execute(plan: LaunchPlan, state: str) -> int:
                                  checks=checks, go=go)
         finally:
             gate.remove()
-        if not written:  # the checks failed, or a signal came first: the run directory is as it was
+        if not written:  # the checks failed, a signal came, or the job ended first: the run directory is as it was
             return code
     else:
         if plan.settings and (code := preflight(plan)):

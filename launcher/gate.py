@@ -7,7 +7,7 @@ then waits here, having read nothing of the run directory and touched no GPU, un
 directory is written (the launcher creates `go` in the gate directory). When the checks fail, the launcher ends the
 job; the run directory is as it was. A rank whose launcher is gone stops waiting and exits.
 
-The launcher side (`Gate`, `argv_through_gate`) imports nothing heavy; `wait` runs in the rank.
+The launcher side (`decide`, `imports_to_warm`, `Gate`) imports nothing heavy; `wait` runs in the rank.
 """
 from __future__ import annotations
 
