@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from launcher.checkpoints import EXIT_STOPPED, STOP_FILE, STOPPED_FILE
-from launcher.gate import Gate
+from launcher.gate import Gate, stat_fields
 from launcher.plan import LaunchPlan
 from launcher.postmortem import explain_failure
 
@@ -212,7 +212,7 @@ def _processes() -> list[tuple[int, str, int, int]]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            state, ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]  # the fields after the name
+            state, ppid, pgrp = stat_fields(stat.parent.name)[:3]
         except (OSError, ValueError):
             continue
         found.append((int(stat.parent.name), state, int(ppid), int(pgrp)))

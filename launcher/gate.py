@@ -103,6 +103,11 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         pass
     try:  # Linux: a launcher that has exited lingers as a zombie until its own parent reaps it
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return stat_fields(pid)[0] != "Z"
     except OSError:
         return True
+
+
+def stat_fields(pid: int | str) -> list[str]:
+    """The fields of /proc/<pid>/stat after the process's name (state, parent pid, process group, ...)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
