@@ -42,6 +42,9 @@ from launcher.report import read_metrics  # (matplotlib only when a report is dr
 
 WARMUP_STEPS = 5
 PEAK_BF16_FLOPS = 790e12  # dense bf16 matrix rate measured on the lent H100/H200s (an 8192^3 product)
+# dense FP8 rate (e4m3, a scale per row, an 8192^3 product): 1342 and 1422 TFLOP/s in two calls on an H200 on
+# 2026-12-01 (scripts/fp8_linear_bench.py; bf16 measured 755 and 780 in the same calls)
+PEAK_FP8_FLOPS = 1380e12
 TIMEOUT_S = 300
 
 
@@ -106,13 +109,16 @@ def read_launcher_run(run: Path, case: Case, n_params: float, tokens_per_row: fl
     shares = [r["padding_share"] for r in steady if "padding_share" in r]
     planned = [d for d in plan.get("decisions", []) if d.startswith("memory plan: ")]
     res = dict(clock=clock, micro_batch=f"{plan['token_budget']} tok" if plan.get("token_budget") else cfg["micro_batch"],
-               checkpointing=plan["gradient_checkpointing"], liger=plan["liger"], strategy=plan["strategy"],
+               checkpointing=plan["gradient_checkpointing"], liger=plan["liger"], fp8=plan.get("fp8", False),
+               strategy=plan["strategy"],
                quant=cfg["quant"]["name"], step_s=step_s, per_s_per_gpu=per_s, tokens_per_s_per_gpu=tokens,
                padding=statistics.median(shares) if shares else None,
                plan_gib=float(planned[0].split()[2]) if planned else None,
                mfu=tokens * flops_per_token(n_params, case.method, cfg["lora"]["r"] is not None, precomputed)
                / PEAK_BF16_FLOPS,
                peak_gib=max(r.get("peak_gpu_mem_gib", 0) for r in rows))
+    if res["fp8"]:  # the same work against the FP8 rate: a floor, as the LM head, attention and adapters run in bf16
+        res["mfu_fp8"] = res["mfu"] * PEAK_BF16_FLOPS / PEAK_FP8_FLOPS
     accs = [r["rewards/accuracies"] for r in rows if "rewards/accuracies" in r]
     losses = [r["loss"] for r in rows if "loss" in r]
     res["train_metric"] = statistics.mean(accs[-5:]) if accs else statistics.mean(losses[-5:])
@@ -302,13 +308,14 @@ class HostMemory:
 
 
 COLUMNS = [("case", "{}"), ("mix", "{}"), ("strategy", "{}"), ("quant", "{}"), ("micro_batch", "{}"),
-           ("checkpointing", "{}"), ("liger", "{}"), ("clock", "{}"), ("step_s", "{:.3f}"), ("per_s_per_gpu", "{:.1f}"),
-           ("tokens_per_s_per_gpu", "{:.0f}"), ("padding", "{:.0%}"), ("mfu", "{:.1%}"), ("peak_gib", "{:.1f}"),
+           ("checkpointing", "{}"), ("liger", "{}"), ("fp8", "{}"), ("clock", "{}"), ("step_s", "{:.3f}"), ("per_s_per_gpu", "{:.1f}"),
+           ("tokens_per_s_per_gpu", "{:.0f}"), ("padding", "{:.0%}"), ("mfu", "{:.1%}"), ("mfu_fp8", "{:.1%}"),
+           ("peak_gib", "{:.1f}"),
            ("plan_gib", "{:.1f}"), ("train_metric", "{:.3f}"), ("eval_metric", "{:.3f}"), ("load_s", "{:.0f}"),
            ("host_gib", "{:.1f}"), ("resumed", "{}"), ("to_first_step_s", "{:.0f}"), ("after_last_step_s", "{:.0f}"),
            ("wall_s", "{:.0f}")]
-HEADERS = ["case", "mix", "strategy", "quant", "mb", "ckpt", "liger", "clock", "s/step", "pairs|seqs/s/GPU",
-           "real tokens/s/GPU", "padding", "MFU", "peak GiB/GPU", "plan GiB", "train acc|loss", "eval acc|loss",
+HEADERS = ["case", "mix", "strategy", "quant", "mb", "ckpt", "liger", "fp8", "clock", "s/step", "pairs|seqs/s/GPU",
+           "real tokens/s/GPU", "padding", "MFU (bf16 rate)", "MFU (FP8 rate)", "peak GiB/GPU", "plan GiB", "train acc|loss", "eval acc|loss",
            "load s", "host GiB", "resumed", "to step 1 s", "after last step s", "wall s"]
 
 

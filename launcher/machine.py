@@ -19,6 +19,7 @@ class Machine:
     gpu_name: str | None = None
     gpu_mem_gib: float | None = None
     bf16: bool = False  # every visible GPU has compute capability >= 8.0
+    fp8: bool = False  # every visible GPU has FP8 tensor cores (compute capability >= 8.9)
     hostname: str = "localhost"
     free_port: int = 29500
     busy_ports: frozenset = frozenset()  # of the ports asked about, those something here already listens on
@@ -91,6 +92,7 @@ def detect_machine(ports=()) -> Machine:
         gpu_name=rows[0][1] if rows else None,
         gpu_mem_gib=min(r[2] for r in rows) if rows else None,
         bf16=bool(rows) and all(r[3] >= 8.0 for r in rows),
+        fp8=bool(rows) and all(r[3] >= 8.9 for r in rows),
         hostname=socket.gethostname(),
         free_port=find_free_port(),
         busy_ports=frozenset(p for p in ports if isinstance(p, int) and 0 < p < 65536 and port_in_use(p)),

@@ -6,6 +6,7 @@ Pure arithmetic (no torch, no weights). Bytes per parameter follow from what eac
 |---|---|---|---|
 | base linear weights | 2 | 0.53 (NF4 + double-quantized absmax) | 1.0 |
 | embeddings, norms, lm_head | 2 | 2 | 2 |
+| FP8 copies (train.fp8 under ddp/zero2) | +2 for linears of fp8_min_features+ (W and W.T in e4m3) | - | - |
 
 Trainable parameters (the LoRA adapter, or every weight with lora=none) also carry gradients and AdamW's
 two moments: in the parameter's dtype under torch's AdamW (adapters are float32: 4 + 4 + 8 bytes; a
@@ -36,7 +37,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher import host_memory
+from launcher import fp8, host_memory
 from launcher.host_memory import Host
 from launcher.methods import METHODS
 from launcher.strategies import STRATEGIES as RULES  # what each strategy shards, and where DeepSpeed runs
@@ -108,12 +109,19 @@ class Shape:
     def total_params(self) -> int:
         return self.linear_params() + self.other_params()
 
-    def lora_params(self, r: int, targets) -> int:
+    def projections(self) -> dict[str, tuple[int, int]]:
         h, i, kv = self.hidden, self.intermediate, self.kv_dim
-        shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-                  "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def lora_params(self, r: int, targets) -> int:
+        shapes = self.projections()
         names = shapes if targets == "all-linear" else [t for t in targets if t in shapes]
         return self.layers * sum(r * (shapes[n][0] + shapes[n][1]) for n in names)
+
+    def fp8_params(self, min_features: int) -> int:
+        """Weights of the linears FP8 computes with (launcher/fp8_linear.py: those min_features wide or wider)."""
+        return self.layers * sum(a * b for a, b in self.projections().values() if min(a, b) >= min_features)
 
 
 def model_shape(model_cfg: dict) -> Shape:
@@ -147,9 +155,11 @@ def tokens_per_micro_batch(micro_batch: int, method: str, seq_len: int) -> int:
 
 def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | None, lora_targets, world: int,
              micro_batch: int, seq_len: int, method: str, gradient_checkpointing: bool,
-             liger: bool = False, tokens: int | None = None) -> Estimate:
+             liger: bool = False, tokens: int | None = None, fp8_width: int | None = None) -> Estimate:
     """Predicted peak GiB per GPU, split by what holds the memory. `tokens`: a micro-batch's tokens where they
-    are given as a budget (padding-free batches) rather than micro_batch rows of seq_len."""
+    are given as a budget (padding-free batches) rather than micro_batch rows of seq_len. `fp8_width`: FP8 on for
+    linears this wide (launcher/fp8.py): where the strategy keeps weights whole, each such weight is also held in
+    FP8 twice (W and W.T, a byte per parameter each)."""
     quant_linear = LINEAR_BYTES[bits]
     other_bytes = 4.0 if bits and strategy == "ddp" else 2.0  # kbit preparation upcasts them (see above)
     base = shape.linear_params() * quant_linear + shape.other_params() * other_bytes
@@ -181,6 +191,8 @@ def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | Non
     else:
         weights = base + adapter
         optimizer = trainable * opt_bytes / (world if deepspeed else 1)
+    if fp8_width and strategy in fp8.CACHED_UNDER:
+        weights += 2.0 * shape.fp8_params(fp8_width)
     optimizer += buckets  # counted with the optimizer: DeepSpeed's own buffers
     gradients = trainable * grad_bytes / (world if (deepspeed or sharded_weights) else 1)
     if strategy == "zero3_offload":
@@ -230,7 +242,8 @@ def job_estimate(cfg: dict, shape: Shape, strategy: str, world: int, micro_batch
     args = dict(bits=cfg["quant"]["bits"], lora_r=cfg["lora"]["r"], lora_targets=cfg["lora"].get("target_modules"),
                 world=world, micro_batch=micro_batch, seq_len=cfg["data"]["max_length"], method=cfg["method"]["name"],
                 gradient_checkpointing=cfg["train"]["gradient_checkpointing"] is not False,  # auto: at least on
-                liger=cfg["train"].get("liger") is True)  # auto counts as off until the planner resolves it
+                liger=cfg["train"].get("liger") is True,  # auto counts as off until the planner resolves it
+                fp8_width=fp8.counted(cfg))
     args.update(changes)
     return estimate(shape, strategy=strategy, **args)
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import yaml
 
-from launcher import gate, host_memory, memory, methods, slurm, validate
+from launcher import fp8, gate, host_memory, memory, methods, slurm, validate
 from launcher.batching import decide_batching
 from launcher.errors import ConfigError
 from launcher.host_memory import Host
@@ -132,7 +132,8 @@ def size_the_job(cfg: dict, machine: Machine, world: int, on_gpu: bool, decision
     auto_gc = cfg["train"]["gradient_checkpointing"] == "auto"
     gpu_mem = cfg["gpu_mem_gib"] or machine.gpu_mem_gib
     host = host_of(cfg, machine, procs_per_node or world)
-    cfg = with_liger(copy.deepcopy(cfg), on_gpu, machine.liger)  # decided first: it changes the memory needed
+    cfg = with_liger(copy.deepcopy(cfg), on_gpu, machine.liger)  # decided first: they change the memory needed
+    cfg = fp8.with_fp8(cfg, on_gpu, fp8_gpus(machine), decisions)
     if not on_gpu or not gpu_mem:
         if auto_strategy:
             cfg["strategy"] = dict(cfg["strategy"], name="ddp")
@@ -196,6 +197,18 @@ def size_the_job(cfg: dict, machine: Machine, world: int, on_gpu: bool, decision
     return cfg
 
 
+def fp8_gpus(machine: Machine) -> bool:
+    """FP8 tensor cores here, or no GPU visible (a dry run for GPUs: planned as for bf16, for current ones)."""
+    return machine.fp8 or not machine.gpu_count
+
+
+def known_shape(cfg: dict):
+    try:
+        return memory.model_shape(cfg["model"])
+    except ValueError:
+        return None
+
+
 def memory_decision(cfg: dict, machine: Machine, world: int, token_budget: int | None,
                     procs_per_node: int | None = None) -> str | None:
     """The memory plan's peak per GPU and per host for the job as planned (a token budget counted as its tokens)."""
@@ -252,6 +265,10 @@ def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: l
     settings, rule_decisions = decide(cfg, strategy, world_size, on_gpu, machine.bf16 or not machine.gpu_count,
                                       machine.liger)
     decisions += rule_decisions
+    fp8_settings, line = fp8.decide_fp8(cfg, strategy.name, on_gpu, fp8_gpus(machine), known_shape(cfg),
+                                        settings["dtype"])
+    settings.update(fp8_settings)
+    decisions += [line] if line else []
     if line := validate.check_prequantized(cfg, settings):
         decisions.append(line)
     batch_settings, batch_decisions = decide_batching(cfg, on_gpu, micro_batch_was_auto, world_size)

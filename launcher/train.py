@@ -23,8 +23,8 @@ import yaml
 from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from launcher import (checkpoints, data, gate, host_work, logs, methods, modeling, padding_free, postmortem,
-                      profiling, samplers, samples, step_metrics)
+from launcher import (checkpoints, data, fp8_linear, gate, host_work, logs, methods, modeling, padding_free,
+                      postmortem, profiling, samplers, samples, step_metrics)
 
 log = logging.getLogger("launcher")
 
@@ -188,6 +188,8 @@ def main(config_path: str) -> int:
         modeling.feed_adapters_the_activations_as_they_are(trainer.model)
     if plan["fuse_lora_sum"]:
         modeling.add_adapter_outputs_inside_the_matmul(trainer.model)
+    if plan["fp8"]:
+        fp8_linear.compute_frozen_linears_in_fp8(trainer.model, plan["fp8_min_features"], plan["fp8_cache_weights"])
     if plan["trim_host_work"]:
         host_work.trim(trainer, cfg)
     if plan["metrics_sync"] == "log":

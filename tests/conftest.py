@@ -15,7 +15,7 @@ from launcher.machine import Machine, find_free_port
 register_resolvers()
 
 # A fixed machine, so that plans (and golden files) do not depend on where the tests run.
-GPU_NODE = Machine(gpu_count=8, gpu_name="NVIDIA H200", gpu_mem_gib=139.8, bf16=True, hostname="node0",
+GPU_NODE = Machine(gpu_count=8, gpu_name="NVIDIA H200", gpu_mem_gib=139.8, bf16=True, fp8=True, hostname="node0",
                    free_port=29555)
 CPU_NODE = Machine(gpu_count=0, hostname="cpu0", free_port=29556)
 FIXED = ["run_name=golden", "run_dir=/runs/golden", "model.cache_dir=/cache"]

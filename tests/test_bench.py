@@ -35,13 +35,13 @@ def test_every_launcher_case_plans_on_the_benchmark_machine():
 
 def test_table_marks_failed_cases():
     rows = [dict(case="ddp", mix="uniform", strategy="ddp", quant="none", micro_batch=32, checkpointing=False,
-                 liger=True, step_s=0.5, per_s_per_gpu=64.0, tokens_per_s_per_gpu=44800, padding=0.25, mfu=0.5,
+                 liger=True, fp8=True, mfu_fp8=0.25, step_s=0.5, per_s_per_gpu=64.0, tokens_per_s_per_gpu=44800, padding=0.25, mfu=0.5,
                  peak_gib=50.0, plan_gib=48.0, train_metric=0.6, eval_metric=0.55, wall_s=60),
             dict(case="zero3", wall_s=12, error="RuntimeError: boom")]
     rows[0]["clock"] = "between logs"
     text = bench.table(rows)
-    assert ("| ddp | uniform | ddp | none | 32 | off | on | between logs | 0.500 | 64.0 | 44800 | 25% | 50.0% | 50.0 "
-            "| 48.0 |") in text
+    assert ("| ddp | uniform | ddp | none | 32 | off | on | on | between logs | 0.500 | 64.0 | 44800 | 25% | 50.0% "
+            "| 25.0% | 50.0 | 48.0 |") in text
     assert "failed: RuntimeError: boom" in text.splitlines()[-1]
 
 

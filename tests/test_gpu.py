@@ -36,6 +36,7 @@ def launch(run, *args) -> subprocess.CompletedProcess:
         pytest.fail(f"no exit within {RUN_TIMEOUT_S} s (GPU_RUN_TIMEOUT_S); the rank logs end:\n{rank_log(run)}")
 
 
+FP8_TINY = "train.fp8_min_features=64"  # the tiny model's k/v (64 wide) and everything wider
 # strategy x quantization it supports x method; every backend a strategy supports appears at least once
 CASES = [
     ("ddp", "none", "accelerate", "dpo"), ("ddp", "none", "torchrun", "sft"),
@@ -67,6 +68,12 @@ LEVERS = [
     ("zero3_offload", "none", "deepspeed", "dpo", "train.padding_free=true"),
     # k-bit preparation runs the projections' inputs in float32 (a 70B run stopped on it before packed_varlen cast)
     ("ddp", "4bit", "torchrun", "dpo", "train.padding_free=true"),
+    # FP8 base matmuls (launcher/fp8_linear.py) on the tiny model's layers, which are narrower than auto's 4096:
+    # weights quantized once (ddp, zero2) and at each gather (zero3, fsdp_qlora)
+    ("ddp", "none", "accelerate", "dpo", f"train.fp8=true {FP8_TINY}"),
+    ("zero2", "none", "deepspeed", "sft", f"train.fp8=true {FP8_TINY}"),
+    ("zero3", "none", "deepspeed", "dpo", f"train.fp8=true {FP8_TINY}"),
+    ("fsdp_qlora", "none", "torchrun", "sft", f"train.fp8=true {FP8_TINY}"),
 ]
 ALL = [(*c, None) for c in CASES] + LEVERS
 
@@ -83,7 +90,7 @@ def test_strategy_runs_learns_resumes_and_merges(tmp_path, tiny_dir, strategy, q
         pytest.skip("the planner refuses strategy.adapters_in_layer_units on one GPU (FSDP NO_SHARD)")
     run = tmp_path / "run"
     base = [f"run_dir={run}", f"strategy={strategy}", f"quant={quant}", f"backend={backend}", f"gpus={GPUS}",
-            f"method={method}", "save_steps=5", "train.save_total_limit=5", *([lever] if lever else []),
+            f"method={method}", "save_steps=5", "train.save_total_limit=5", *(lever.split() if lever else []),
             # ORPO's odds-ratio term trails its NLL on a random tiny model: held-out accuracy 0.51 at 5e-5, 1.0 at 2e-3
             f"train.lr={2e-3 if method == 'orpo' else 5e-4}"]
     if method == "sft":
@@ -93,6 +100,9 @@ def test_strategy_runs_learns_resumes_and_merges(tmp_path, tiny_dir, strategy, q
     wrapper = WRAPPERS.get(strategy, "DeepSpeedEngine")
     assert f"wrapped in {wrapper if GPUS > 1 or strategy != 'ddp' else ''}" in first.stdout
     assert (run / "checkpoints" / "checkpoint-10" / "COMPLETE").exists()
+    if lever and "fp8=true" in lever:  # 2 layers x 7 projections
+        logs = "".join(p.read_text() for p in (run / "logs").glob("rank*.log"))
+        assert "FP8 matmuls for 14 frozen linear layers" in logs, rank_log(run)
     after_10 = json.loads((run / "summary.json").read_text())
     shutil.rmtree(run / "final")
 
@@ -117,6 +127,31 @@ def test_strategy_runs_learns_resumes_and_merges(tmp_path, tiny_dir, strategy, q
     out = merged.generate(**tok("hello", return_tensors="pt"), max_new_tokens=4, do_sample=False)
     assert out.shape[1] > 1
     print("GPU-CASE", strategy, quant, backend, method, json.dumps(summary))
+
+
+def test_fp8_rowwise_kernel_matches_the_reference_and_an_fp8_linear_its_bf16_result():
+    from launcher import fp8_linear
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 needs compute capability 8.9+")
+    torch.manual_seed(0)
+    x = torch.randn(1000, 4096, device="cuda", dtype=torch.bfloat16)
+    x[3] *= 1000
+    q, scale = fp8_linear._quantize(x)
+    q_ref, scale_ref = fp8_linear.quantize_rows(x)
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
+    assert (q.float() == q_ref.float()).float().mean() > 0.999  # Triton's division may round a last bit apart
+    torch.testing.assert_close(q.float() * scale, x.float(), rtol=0.07, atol=1e-2 * scale.max().item())
+    linear = torch.nn.Linear(4096, 1024, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    x.requires_grad_()
+    expected = linear(x)
+    (expected_dx,) = torch.autograd.grad(expected, x, torch.ones_like(expected))
+    fp8_linear.compute_frozen_linears_in_fp8(torch.nn.Sequential(linear), 16, cache_weights=True)
+    out = linear(x)
+    (dx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    err = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    assert err(out, expected) < 0.05 and err(dx, expected_dx) < 0.05
+    print("FP8-ERROR output", err(out, expected), "input gradient", err(dx, expected_dx))
 
 
 @pytest.mark.skipif(GPUS < 2, reason="a rank of two to kill")

@@ -1,0 +1,83 @@
+"""Where the frozen base weights multiply in FP8 (train.fp8; launcher/fp8_linear.py does it on the ranks). Pure:
+the config, the strategy and what the GPUs can do in; the settings and the decision, with its reason, out.
+
+FP8 matmuls need Hopper or Ada tensor cores (compute capability 8.9+), LoRA (frozen weights: quantized once, no
+weight gradient to compute) and unquantized weights (4-bit and 8-bit bases have bitsandbytes' own kernels). They
+pay only on large matmuls: every call quantizes its activations (and, in the backward, its gradients), a pass that
+costs as much as the FP8 GEMM saves on small ones (scripts/fp8_linear_bench.py on an H200: a frozen linear 1536
+wide ran 0.26x bf16, 4096 and wider 1.5-1.7x). At Llama-3.1-8B's shape FP8 ran DPO 1.37x and SFT 1.32x faster, but
+DPO did not learn at equal samples where bf16 did (docs/benchmarks.md, 2026-12-01 morning): each FP8 forward's
+rounding, 3.7% of a layer's output, lands in the policy's and the reference's log-probs alike, and DPO's reward is
+their small difference. So `auto` is off until FP8 is shown to learn as bf16 does; train.fp8=true turns it on.
+"""
+from __future__ import annotations
+
+from launcher.errors import ConfigError
+
+MIN_FEATURES = 4096  # train.fp8_min_features' default: the smallest layer width where FP8 measured faster
+# Strategies that keep each weight whole on every GPU, so that it is quantized once; ZeRO-3 and FSDP gather a weight
+# for each use, and it is quantized at each use too.
+CACHED_UNDER = ("ddp", "zero2")
+
+
+def fp8_width(cfg) -> int:
+    width = cfg["train"].get("fp8_min_features", MIN_FEATURES)
+    if not isinstance(width, int) or isinstance(width, bool) or width < 16:
+        raise ConfigError("train.fp8_min_features", f"train.fp8_min_features={width!r}: give a whole number of "
+                                                    f"features, 16 or more (default {MIN_FEATURES}).")
+    return width
+
+
+def refusal(cfg, on_gpu: bool, fp8_gpus: bool) -> str | None:
+    """Why FP8 cannot run for this config here, or None."""
+    if not on_gpu:
+        return "FP8 matmuls need CUDA GPUs of compute capability 8.9+ (H100, H200, L40S, RTX 4090); this run is on the CPU"
+    if not fp8_gpus:
+        return "these GPUs have no FP8 tensor cores (compute capability below 8.9)"
+    if cfg["lora"]["r"] is None:
+        return "lora=none trains the base weights, and FP8 here is for frozen ones (LoRA's base)"
+    if cfg["quant"]["bits"]:
+        return f"quant={cfg['quant']['name']} stores the base in bitsandbytes' format, which has its own kernels"
+    return None
+
+
+def with_fp8(cfg: dict, on_gpu: bool, fp8_gpus: bool, decisions: list[str]) -> dict:
+    """train.fp8=auto made false, and why (said in decisions), before the memory plan sizes the job."""
+    if cfg["train"].get("fp8", "auto") != "auto":
+        return cfg
+    why_not = refusal(cfg, on_gpu, fp8_gpus) or (
+        "at Llama-3.1-8B's shape FP8 ran DPO 1.37x faster than bf16 but DPO did not learn at equal samples (held-out "
+        "reward accuracy 0.50 against 0.62 and 0.68 in bf16; docs/benchmarks.md); train.fp8=true turns it on")
+    decisions.append(f"train.fp8=auto -> off: {why_not}")
+    return dict(cfg, train=dict(cfg["train"], fp8=False))
+
+
+def counted(cfg) -> int | None:
+    """The layer width from which the memory plan counts FP8 weight copies, or None where FP8 is off."""
+    on = cfg["train"].get("fp8") is True and cfg["lora"]["r"] is not None
+    return fp8_width(cfg) if on and not cfg["quant"]["bits"] else None
+
+
+def decide_fp8(cfg, strategy: str, on_gpu: bool, fp8_gpus: bool, shape=None, dtype: str = "bfloat16"):
+    """({"fp8", "fp8_min_features", "fp8_cache_weights"}, decision or None), once with_fp8 has settled auto. shape: the
+    model's (launcher/memory.py), when known: the decision says where no layer is as wide as fp8_min_features."""
+    wanted = cfg["train"].get("fp8", "auto")
+    if not isinstance(wanted, bool):
+        raise ConfigError("train.fp8", f"train.fp8={wanted!r}: give true, false or auto.")
+    width = fp8_width(cfg)
+    settings = {"fp8": wanted, "fp8_min_features": width, "fp8_cache_weights": strategy in CACHED_UNDER}
+    if not wanted:
+        return settings, None
+    why_not = refusal(cfg, on_gpu, fp8_gpus) or (dtype != "bfloat16" and f"the compute dtype is {dtype}, not bf16")
+    if why_not:
+        raise ConfigError("train.fp8", f"train.fp8=true: {why_not}. Use train.fp8=auto (off where it cannot run) "
+                                       "or train.fp8=false.")
+    if shape is not None and shape.hidden < width:
+        return settings, (f"train.fp8=true, but no linear layer is {width} features wide (the model's widest: "
+                          f"{shape.hidden}): none runs in FP8. train.fp8_min_features sets the width; below 4096 FP8 "
+                          "measured slower than bf16")
+    how = "quantized once" if settings["fp8_cache_weights"] else "quantized at each gather"
+    return settings, (f"train.fp8=true -> the frozen base linears of {width}+ features multiply in FP8 (e4m3, a scale "
+                      f"per row; weights {how}); adapters, norms, embeddings, LM head and loss stay bf16/fp32 "
+                      "(launcher/fp8_linear.py). Measured: faster at 4096+ features, and DPO learned less at 8B "
+                      "(docs/benchmarks.md)")
