@@ -8,7 +8,9 @@ costs as much as the FP8 GEMM saves on small ones (scripts/fp8_linear_bench.py o
 wide ran 0.26x bf16, 4096 and wider 1.5-1.7x). At Llama-3.1-8B's shape FP8 ran DPO 1.37x and SFT 1.32x faster, but
 DPO did not learn at equal samples where bf16 did (docs/benchmarks.md, 2026-12-01 morning): each FP8 forward's
 rounding, 3.7% of a layer's output, lands in the policy's and the reference's log-probs alike, and DPO's reward is
-their small difference. So `auto` is off until FP8 is shown to learn as bf16 does; train.fp8=true turns it on.
+their small difference. With the forward in bf16 and only the input gradients in FP8 (train.fp8=backward) the
+log-probs are exact: 1.10x bf16, and the held-out accuracy within bf16's spread, in one run. `auto` is off until
+more runs show it learns as bf16 does; train.fp8=true or backward turn it on.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ MIN_FEATURES = 4096  # train.fp8_min_features' default: the smallest layer width
 # Strategies that keep each weight whole on every GPU, so that it is quantized once; ZeRO-3 and FSDP gather a weight
 # for each use, and it is quantized at each use too.
 CACHED_UNDER = ("ddp", "zero2")
+BACKWARD = "backward"  # train.fp8=backward: only the input-gradient matmuls in FP8; the forward, log-probs, stay bf16
 
 
 def fp8_width(cfg) -> int:
@@ -47,37 +50,45 @@ def with_fp8(cfg: dict, on_gpu: bool, fp8_gpus: bool, decisions: list[str]) -> d
         return cfg
     why_not = refusal(cfg, on_gpu, fp8_gpus) or (
         "at Llama-3.1-8B's shape FP8 ran DPO 1.37x faster than bf16 but DPO did not learn at equal samples (held-out "
-        "reward accuracy 0.50 against 0.62 and 0.68 in bf16; docs/benchmarks.md); train.fp8=true turns it on")
+        "reward accuracy 0.50 against 0.62 and 0.68 in bf16); FP8 input gradients alone (train.fp8=backward) ran "
+        "1.10x and learned as bf16 did (0.63), in one run so far (docs/benchmarks.md)")
     decisions.append(f"train.fp8=auto -> off: {why_not}")
     return dict(cfg, train=dict(cfg["train"], fp8=False))
 
 
-def counted(cfg) -> int | None:
-    """The layer width from which the memory plan counts FP8 weight copies, or None where FP8 is off."""
-    on = cfg["train"].get("fp8") is True and cfg["lora"]["r"] is not None
-    return fp8_width(cfg) if on and not cfg["quant"]["bits"] else None
+def counted(cfg) -> tuple[int, int] | None:
+    """(the layer width from which the memory plan counts FP8 weight copies, how many: W.T for the input gradient,
+    and W where the forward is FP8 too), or None where FP8 is off."""
+    wanted = cfg["train"].get("fp8")
+    if wanted not in (True, BACKWARD) or cfg["lora"]["r"] is None or cfg["quant"]["bits"]:
+        return None
+    return fp8_width(cfg), 2 if wanted is True else 1
 
 
 def decide_fp8(cfg, strategy: str, on_gpu: bool, fp8_gpus: bool, shape=None, dtype: str = "bfloat16"):
-    """({"fp8", "fp8_min_features", "fp8_cache_weights"}, decision or None), once with_fp8 has settled auto. shape: the
-    model's (launcher/memory.py), when known: the decision says where no layer is as wide as fp8_min_features."""
+    """({"fp8", "fp8_forward", "fp8_min_features", "fp8_cache_weights"}, decision or None), once with_fp8 has settled
+    auto. shape: the model's (launcher/memory.py), when known: the decision says where no layer is as wide as
+    fp8_min_features."""
     wanted = cfg["train"].get("fp8", "auto")
-    if not isinstance(wanted, bool):
-        raise ConfigError("train.fp8", f"train.fp8={wanted!r}: give true, false or auto.")
+    if not (isinstance(wanted, bool) or wanted == BACKWARD):
+        raise ConfigError("train.fp8", f"train.fp8={wanted!r}: give true, false, backward or auto.")
     width = fp8_width(cfg)
-    settings = {"fp8": wanted, "fp8_min_features": width, "fp8_cache_weights": strategy in CACHED_UNDER}
+    settings = {"fp8": bool(wanted), "fp8_forward": wanted is True, "fp8_min_features": width,
+                "fp8_cache_weights": strategy in CACHED_UNDER}
     if not wanted:
         return settings, None
     why_not = refusal(cfg, on_gpu, fp8_gpus) or (dtype != "bfloat16" and f"the compute dtype is {dtype}, not bf16")
     if why_not:
-        raise ConfigError("train.fp8", f"train.fp8=true: {why_not}. Use train.fp8=auto (off where it cannot run) "
-                                       "or train.fp8=false.")
+        raise ConfigError("train.fp8", f"train.fp8={str(wanted).lower()}: {why_not}. Use train.fp8=auto (off where "
+                                       "it cannot run) or train.fp8=false.")
     if shape is not None and shape.hidden < width:
-        return settings, (f"train.fp8=true, but no linear layer is {width} features wide (the model's widest: "
-                          f"{shape.hidden}): none runs in FP8. train.fp8_min_features sets the width; below 4096 FP8 "
-                          "measured slower than bf16")
+        return settings, (f"train.fp8={str(wanted).lower()}, but no linear layer is {width} features wide (the "
+                          f"model's widest: {shape.hidden}): none runs in FP8. train.fp8_min_features sets the width; "
+                          "below 4096 FP8 measured slower than bf16")
     how = "quantized once" if settings["fp8_cache_weights"] else "quantized at each gather"
-    return settings, (f"train.fp8=true -> the frozen base linears of {width}+ features multiply in FP8 (e4m3, a scale "
-                      f"per row; weights {how}); adapters, norms, embeddings, LM head and loss stay bf16/fp32 "
-                      "(launcher/fp8_linear.py). Measured: faster at 4096+ features, and DPO learned less at 8B "
-                      "(docs/benchmarks.md)")
+    what = ("multiply in FP8" if wanted is True else
+            "compute their input gradients in FP8 (the forward, and so every log-prob, stays bf16)")
+    return settings, (f"train.fp8={str(wanted).lower()} -> the frozen base linears of {width}+ features {what} (e4m3, "
+                      f"a scale per row; weights {how}); adapters, norms, embeddings, LM head and loss stay bf16/fp32 "
+                      "(launcher/fp8_linear.py). Measured: faster at 4096+ features"
+                      + (", and DPO learned less at 8B (docs/benchmarks.md)" if wanted is True else ""))

@@ -89,20 +89,25 @@ def weight_for_input_gradient(weight: torch.Tensor) -> tuple[torch.Tensor, torch
     return weight_for_forward(weight.t().contiguous())
 
 
-def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return (*weight_for_forward(weight), *weight_for_input_gradient(weight))
+def quantize_weight(weight: torch.Tensor, forward: bool = True) -> tuple[torch.Tensor | None, ...]:
+    """What the cache holds: the weight for the FP8 forward (unless the forward stays bf16) and for the input
+    gradient."""
+    return (*(weight_for_forward(weight) if forward else (None, None)), *weight_for_input_gradient(weight))
 
 
 class _Fp8Matmul(torch.autograd.Function):
-    """y = x @ W.T in FP8, and dx = dy @ W in FP8. Given no quantized weight (strategies that gather the weight per
-    use: ZeRO-3, FSDP), it quantizes the weight it is handed, in the forward and again in the backward, saving the
-    weight itself (as F.linear does) rather than an FP8 copy that would outlive the gather."""
+    """y = x @ W.T in FP8 (or in bf16: fp8_forward false), and dx = dy @ W in FP8. Given no quantized weight
+    (strategies that gather the weight per use: ZeRO-3, FSDP), it quantizes the weight it is handed, in the forward
+    and again in the backward, saving the weight itself (as F.linear does) rather than an FP8 copy that would outlive
+    the gather."""
 
     @staticmethod
-    def forward(ctx, x, weight, w_q, w_s, wt_q, wt_s):
+    def forward(ctx, x, weight, w_q, w_s, wt_q, wt_s, fp8_forward):
+        ctx.save_for_backward(weight if wt_q is None else None, wt_q, wt_s)
+        if not fp8_forward:
+            return x @ weight.t()
         if w_q is None:
             w_q, w_s = weight_for_forward(weight)
-        ctx.save_for_backward(weight if wt_q is None else None, wt_q, wt_s)
         x_q, x_s = _quantize(x)
         return torch._scaled_mm(x_q, w_q.t(), scale_a=x_s, scale_b=w_s, out_dtype=torch.bfloat16,
                                 use_fast_accum=True)
@@ -114,13 +119,13 @@ class _Fp8Matmul(torch.autograd.Function):
             wt_q, wt_s = weight_for_input_gradient(weight)
         dy_q, dy_s = _quantize(dy.contiguous())
         dx = torch._scaled_mm(dy_q, wt_q.t(), scale_a=dy_s, scale_b=wt_s, out_dtype=torch.bfloat16)
-        return dx, None, None, None, None, None
+        return dx, None, None, None, None, None, None
 
 
 def fp8_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
     """nn.Linear.forward for a frozen linear, in FP8. The quantized weight is cached where the strategy keeps it whole
     (`self.fp8_cache_weight`), keyed by the weight's storage and version: a weight changed in place is quantized
-    again."""
+    again. `self.fp8_forward` false: only the backward's input gradient runs in FP8."""
     if x.shape[:-1].numel() == 0:
         return F.linear(x, self.weight, self.bias)
     weight = self.weight
@@ -128,12 +133,12 @@ def fp8_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
     if self.fp8_cache_weight:
         key = (weight.data_ptr(), weight._version)
         if getattr(self, "fp8_cached", None) is None or self.fp8_cached[0] != key:
-            self.fp8_cached = (key, quantize_weight(weight))
+            self.fp8_cached = (key, quantize_weight(weight, self.fp8_forward))
         quantized = self.fp8_cached[1]
     rows = x.reshape(-1, x.shape[-1])
     if rows.dtype != torch.bfloat16:
         rows = rows.to(torch.bfloat16)
-    out = _Fp8Matmul.apply(rows, weight, *quantized)
+    out = _Fp8Matmul.apply(rows, weight, *quantized, self.fp8_forward)
     if self.bias is not None:
         out = out + self.bias
     return out.view(*x.shape[:-1], out.shape[-1])
@@ -149,14 +154,17 @@ def eligible(name: str, module: torch.nn.Module, min_features: int) -> bool:
     return min(n_in, n_out) >= min_features and n_in % MULTIPLE == 0 and n_out % MULTIPLE == 0
 
 
-def compute_frozen_linears_in_fp8(model: torch.nn.Module, min_features: int, cache_weights: bool) -> int:
-    """Switch every eligible linear of the model to fp8_linear_forward. Returns how many were switched."""
+def compute_frozen_linears_in_fp8(model: torch.nn.Module, min_features: int, cache_weights: bool,
+                                  forward: bool = True) -> int:
+    """Switch every eligible linear of the model to fp8_linear_forward; forward false: the forward stays bf16, the
+    input gradient runs in FP8. Returns how many were switched."""
     switched = 0
     for name, module in model.named_modules():
         if eligible(name, module, min_features):
-            module.fp8_cache_weight = cache_weights
+            module.fp8_cache_weight, module.fp8_forward = cache_weights, forward
             module.forward = fp8_linear_forward.__get__(module)
             switched += 1
-    log.debug("FP8 matmuls for %d frozen linear layers (at least %d features, weights %s)", switched, min_features,
+    log.debug("FP8 matmuls (%s) for %d frozen linear layers (at least %d features, weights %s)",
+              "forward and input gradient" if forward else "input gradient only", switched, min_features,
               "quantized once" if cache_weights else "quantized at each use")
     return switched

@@ -6,7 +6,7 @@ Pure arithmetic (no torch, no weights). Bytes per parameter follow from what eac
 |---|---|---|---|
 | base linear weights | 2 | 0.53 (NF4 + double-quantized absmax) | 1.0 |
 | embeddings, norms, lm_head | 2 | 2 | 2 |
-| FP8 copies (train.fp8 under ddp/zero2) | +2 for linears of fp8_min_features+ (W and W.T in e4m3) | - | - |
+| FP8 copies (train.fp8, ddp/zero2) | +1 per copy: W.T, and W for fp8=true | - | - |
 
 Trainable parameters (the LoRA adapter, or every weight with lora=none) also carry gradients and AdamW's
 two moments: in the parameter's dtype under torch's AdamW (adapters are float32: 4 + 4 + 8 bytes; a
@@ -37,7 +37,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher import fp8, host_memory
+from launcher import host_memory
+from launcher.fp8 import CACHED_UNDER
+from launcher.fp8 import counted as fp8_copies
 from launcher.host_memory import Host
 from launcher.methods import METHODS
 from launcher.strategies import STRATEGIES as RULES  # what each strategy shards, and where DeepSpeed runs
@@ -155,11 +157,11 @@ def tokens_per_micro_batch(micro_batch: int, method: str, seq_len: int) -> int:
 
 def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | None, lora_targets, world: int,
              micro_batch: int, seq_len: int, method: str, gradient_checkpointing: bool,
-             liger: bool = False, tokens: int | None = None, fp8_width: int | None = None) -> Estimate:
+             liger: bool = False, tokens: int | None = None, fp8: tuple[int, int] | None = None) -> Estimate:
     """Predicted peak GiB per GPU, split by what holds the memory. `tokens`: a micro-batch's tokens where they
-    are given as a budget (padding-free batches) rather than micro_batch rows of seq_len. `fp8_width`: FP8 on for
-    linears this wide (launcher/fp8.py): where the strategy keeps weights whole, each such weight is also held in
-    FP8 twice (W and W.T, a byte per parameter each)."""
+    are given as a budget (padding-free batches) rather than micro_batch rows of seq_len. `fp8`: (width, copies), FP8
+    on for linears this wide (launcher/fp8.py): where the strategy keeps weights whole, each such weight is also held
+    in FP8, a byte per parameter per copy (W.T; and W where the forward is FP8)."""
     quant_linear = LINEAR_BYTES[bits]
     other_bytes = 4.0 if bits and strategy == "ddp" else 2.0  # kbit preparation upcasts them (see above)
     base = shape.linear_params() * quant_linear + shape.other_params() * other_bytes
@@ -191,8 +193,9 @@ def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | Non
     else:
         weights = base + adapter
         optimizer = trainable * opt_bytes / (world if deepspeed else 1)
-    if fp8_width and strategy in fp8.CACHED_UNDER:
-        weights += 2.0 * shape.fp8_params(fp8_width)
+    if fp8 and strategy in CACHED_UNDER:
+        width, copies = fp8
+        weights += copies * shape.fp8_params(width)
     optimizer += buckets  # counted with the optimizer: DeepSpeed's own buffers
     gradients = trainable * grad_bytes / (world if (deepspeed or sharded_weights) else 1)
     if strategy == "zero3_offload":
@@ -243,7 +246,7 @@ def job_estimate(cfg: dict, shape: Shape, strategy: str, world: int, micro_batch
                 world=world, micro_batch=micro_batch, seq_len=cfg["data"]["max_length"], method=cfg["method"]["name"],
                 gradient_checkpointing=cfg["train"]["gradient_checkpointing"] is not False,  # auto: at least on
                 liger=cfg["train"].get("liger") is True,  # auto counts as off until the planner resolves it
-                fp8_width=fp8.counted(cfg))
+                fp8=fp8_copies(cfg))
     args.update(changes)
     return estimate(shape, strategy=strategy, **args)
 

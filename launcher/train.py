@@ -189,7 +189,8 @@ def main(config_path: str) -> int:
     if plan["fuse_lora_sum"]:
         modeling.add_adapter_outputs_inside_the_matmul(trainer.model)
     if plan["fp8"]:
-        fp8_linear.compute_frozen_linears_in_fp8(trainer.model, plan["fp8_min_features"], plan["fp8_cache_weights"])
+        fp8_linear.compute_frozen_linears_in_fp8(trainer.model, plan["fp8_min_features"], plan["fp8_cache_weights"],
+                                                 forward=plan["fp8_forward"])
     if plan["trim_host_work"]:
         host_work.trim(trainer, cfg)
     if plan["metrics_sync"] == "log":

@@ -56,6 +56,16 @@ def test_auto_leaves_fp8_off_and_true_is_refused_where_it_cannot_run(overrides, 
         planned(*overrides, "train.fp8=true")
 
 
+def test_backward_runs_only_the_input_gradients_in_fp8_and_the_plan_counts_one_copy():
+    plan, decisions = planned("model=llama-3.1-8b-instruct", "strategy=ddp", "train.fp8=backward", "micro_batch=8")
+    assert plan["fp8"] and not plan["fp8_forward"]
+    assert "input gradients in FP8 (the forward, and so every log-prob, stays bf16)" in fp8_lines(decisions)[0]
+    off = planned("model=llama-3.1-8b-instruct", "strategy=ddp", "micro_batch=8")[1]
+    gib = lambda ds: float(next(d for d in ds if d.startswith("memory plan")).split()[2])  # noqa: E731
+    shape = memory.model_shape(compose_cfg("model=llama-3.1-8b-instruct")["model"])
+    assert gib(decisions) - gib(off) == pytest.approx(shape.fp8_params(4096) / 2**30, abs=0.1)
+
+
 def test_auto_is_off_on_the_cpu_and_on_gpus_without_fp8_and_true_is_refused_there():
     plan, decisions = planned("model=llama-3.1-8b-instruct", "strategy=ddp", machine=A100)
     assert not plan["fp8"] and "compute capability below 8.9" in fp8_lines(decisions)[0]
@@ -68,7 +78,7 @@ def test_auto_is_off_on_the_cpu_and_on_gpus_without_fp8_and_true_is_refused_ther
         build_plan(compose_cfg("cpu_procs=1", "train.fp8=true"), dataclasses.replace(GPU_NODE, gpu_count=0), cwd="/w")
 
 
-@pytest.mark.parametrize("key,value,match", [("train.fp8", "maybe", "give true, false or auto"),
+@pytest.mark.parametrize("key,value,match", [("train.fp8", "maybe", "give true, false, backward or auto"),
                                              ("train.fp8_min_features", "8", "16 or more")])
 def test_bad_fp8_values_are_refused_naming_the_key(key, value, match):
     with pytest.raises(ConfigError, match=match) as err:
@@ -82,10 +92,13 @@ def test_the_memory_plan_counts_two_fp8_copies_of_the_wide_weights_where_they_ar
     assert shape.fp8_params(4096) == 32 * (2 * 4096 * 4096 + 3 * 4096 * 14336)
     args = dict(bits=None, lora_r=16, lora_targets="all-linear", world=2, micro_batch=8, seq_len=512, method="dpo",
                 gradient_checkpointing=False)
-    for strategy, extra in (("ddp", 2 * shape.fp8_params(4096) / 2**30), ("zero2", 2 * shape.fp8_params(4096) / 2**30),
-                            ("zero3", 0.0)):
+    for strategy, copies in (("ddp", 2), ("zero2", 2), ("zero3", 0)):
         without = memory.estimate(shape, strategy=strategy, **args).weights
-        assert memory.estimate(shape, strategy=strategy, fp8_width=4096, **args).weights == pytest.approx(without + extra)
+        extra = copies * shape.fp8_params(4096) / 2**30
+        assert memory.estimate(shape, strategy=strategy, fp8=(4096, 2), **args).weights == pytest.approx(without + extra)
+    backward_only = memory.estimate(shape, strategy="ddp", fp8=(4096, 1), **args).weights  # W.T only
+    assert backward_only == pytest.approx(memory.estimate(shape, strategy="ddp", **args).weights
+                                          + shape.fp8_params(4096) / 2**30)
     plan_on = planned("model=llama-3.1-8b-instruct", "strategy=ddp", "micro_batch=8", "train.fp8=true")[1]
     plan_off = planned("model=llama-3.1-8b-instruct", "strategy=ddp", "micro_batch=8")[1]
     gib = lambda ds: float(next(d for d in ds if d.startswith("memory plan")).split()[2])  # noqa: E731
@@ -115,6 +128,13 @@ def test_an_fp8_linear_gives_bf16s_output_and_input_gradient_within_fp8s_roundin
     assert 0.005 < relative_error(dx, expected_dx) < 0.06
     linear.fp8_cache_weight = False  # quantized at each use (ZeRO-3, FSDP): the same numbers
     assert torch.equal(linear(x), out)
+    # train.fp8=backward: the forward in bf16, the input gradient in FP8
+    linear.fp8_forward, linear.fp8_cache_weight, linear.fp8_cached = False, True, None
+    out = linear(x)
+    (dx_backward,) = torch.autograd.grad(out, x, dy)
+    assert relative_error(out, expected) < 0.004  # bf16 (its bias added after the product: a rounding apart)
+    assert torch.equal(dx_backward, dx)
+    assert linear.fp8_cached[1][0] is None  # no FP8 copy of W for a forward that does not use it
 
 
 def test_a_cached_fp8_weight_is_quantized_again_when_the_weight_changes():
