@@ -109,7 +109,8 @@ def read_launcher_run(run: Path, case: Case, n_params: float, tokens_per_row: fl
     shares = [r["padding_share"] for r in steady if "padding_share" in r]
     planned = [d for d in plan.get("decisions", []) if d.startswith("memory plan: ")]
     res = dict(clock=clock, micro_batch=f"{plan['token_budget']} tok" if plan.get("token_budget") else cfg["micro_batch"],
-               checkpointing=plan["gradient_checkpointing"], liger=plan["liger"], fp8=plan.get("fp8", False),
+               checkpointing=plan["gradient_checkpointing"], liger=plan["liger"],
+               fp8=plan.get("fp8", False) and ("on" if plan["fp8_forward"] else "backward"),
                strategy=plan["strategy"],
                quant=cfg["quant"]["name"], step_s=step_s, per_s_per_gpu=per_s, tokens_per_s_per_gpu=tokens,
                padding=statistics.median(shares) if shares else None,
@@ -117,7 +118,7 @@ def read_launcher_run(run: Path, case: Case, n_params: float, tokens_per_row: fl
                mfu=tokens * flops_per_token(n_params, case.method, cfg["lora"]["r"] is not None, precomputed)
                / PEAK_BF16_FLOPS,
                peak_gib=max(r.get("peak_gpu_mem_gib", 0) for r in rows))
-    if res["fp8"]:  # the same work against the FP8 rate: a floor, as the LM head, attention and adapters run in bf16
+    if res["fp8"] == "on":  # against the FP8 rate: a floor, as attention, adapters, LM head and loss run in bf16
         res["mfu_fp8"] = res["mfu"] * PEAK_BF16_FLOPS / PEAK_FP8_FLOPS
     accs = [r["rewards/accuracies"] for r in rows if "rewards/accuracies" in r]
     losses = [r["loss"] for r in rows if "loss" in r]

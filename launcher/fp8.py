@@ -45,18 +45,26 @@ def refusal(cfg, on_gpu: bool, fp8_gpus: bool) -> str | None:
 
 
 def with_fp8(cfg: dict, on_gpu: bool, fp8_gpus: bool, decisions: list[str]) -> dict:
-    """train.fp8=auto made false, and why (said in decisions), before the memory plan sizes the job."""
-    if cfg["train"].get("fp8", "auto") != "auto":
+    """train.fp8 checked, and auto made false with the reason (said in decisions), before the memory plan sizes the
+    job; true or backward where FP8 cannot run is refused here, before any sizing."""
+    wanted = cfg["train"].get("fp8", "auto")
+    if not (isinstance(wanted, bool) or wanted in ("auto", BACKWARD)):
+        raise ConfigError("train.fp8", f"train.fp8={wanted!r}: give true, false, backward or auto.")
+    fp8_width(cfg)
+    why_not = refusal(cfg, on_gpu, fp8_gpus)
+    if wanted in (True, BACKWARD) and why_not:
+        raise ConfigError("train.fp8", f"train.fp8={str(wanted).lower()}: {why_not}. Use train.fp8=auto (off where "
+                                       "it cannot run) or train.fp8=false.")
+    if wanted != "auto":
         return cfg
-    why_not = refusal(cfg, on_gpu, fp8_gpus) or (
+    decisions.append("train.fp8=auto -> off: " + (why_not or (
         "at Llama-3.1-8B's shape FP8 ran DPO 1.37x faster than bf16 but DPO did not learn at equal samples (held-out "
         "reward accuracy 0.50 against 0.62 and 0.68 in bf16); FP8 input gradients alone (train.fp8=backward) ran "
-        "1.10x and learned as bf16 did (0.63), in one run so far (docs/benchmarks.md)")
-    decisions.append(f"train.fp8=auto -> off: {why_not}")
+        "1.10x and learned as bf16 did (0.63), in one run so far (docs/benchmarks.md)")))
     return dict(cfg, train=dict(cfg["train"], fp8=False))
 
 
-def counted(cfg) -> tuple[int, int] | None:
+def weight_copies(cfg) -> tuple[int, int] | None:
     """(the layer width from which the memory plan counts FP8 weight copies, how many: W.T for the input gradient,
     and W where the forward is FP8 too), or None where FP8 is off."""
     wanted = cfg["train"].get("fp8")
@@ -65,30 +73,25 @@ def counted(cfg) -> tuple[int, int] | None:
     return fp8_width(cfg), 2 if wanted is True else 1
 
 
-def decide_fp8(cfg, strategy: str, on_gpu: bool, fp8_gpus: bool, shape=None, dtype: str = "bfloat16"):
-    """({"fp8", "fp8_forward", "fp8_min_features", "fp8_cache_weights"}, decision or None), once with_fp8 has settled
-    auto. shape: the model's (launcher/memory.py), when known: the decision says where no layer is as wide as
-    fp8_min_features."""
-    wanted = cfg["train"].get("fp8", "auto")
-    if not (isinstance(wanted, bool) or wanted == BACKWARD):
-        raise ConfigError("train.fp8", f"train.fp8={wanted!r}: give true, false, backward or auto.")
-    width = fp8_width(cfg)
+def decide_fp8(cfg, strategy: str, shape=None):
+    """({"fp8", "fp8_forward", "fp8_min_features", "fp8_cache_weights"}, decision or None), once with_fp8 has checked
+    train.fp8 and settled auto. shape: the model's (launcher/memory.py), when known, to say where no layer is as wide
+    as fp8_min_features."""
+    wanted, width = cfg["train"]["fp8"], fp8_width(cfg)
+    cached = strategy in CACHED_UNDER
     settings = {"fp8": bool(wanted), "fp8_forward": wanted is True, "fp8_min_features": width,
-                "fp8_cache_weights": strategy in CACHED_UNDER}
+                "fp8_cache_weights": cached}
     if not wanted:
         return settings, None
-    why_not = refusal(cfg, on_gpu, fp8_gpus) or (dtype != "bfloat16" and f"the compute dtype is {dtype}, not bf16")
-    if why_not:
-        raise ConfigError("train.fp8", f"train.fp8={str(wanted).lower()}: {why_not}. Use train.fp8=auto (off where "
-                                       "it cannot run) or train.fp8=false.")
-    if shape is not None and shape.hidden < width:
-        return settings, (f"train.fp8={str(wanted).lower()}, but no linear layer is {width} features wide (the "
-                          f"model's widest: {shape.hidden}): none runs in FP8. train.fp8_min_features sets the width; "
-                          "below 4096 FP8 measured slower than bf16")
-    how = "quantized once" if settings["fp8_cache_weights"] else "quantized at each gather"
+    name = str(wanted).lower()
+    if shape is not None and shape.fp8_params(width) == 0:
+        return settings, (f"train.fp8={name}, but no linear layer of this model is {width} features wide: none runs "
+                          f"in FP8 (train.fp8_min_features sets the width; below {MIN_FEATURES} FP8 measured slower)")
     what = ("multiply in FP8" if wanted is True else
             "compute their input gradients in FP8 (the forward, and so every log-prob, stays bf16)")
-    return settings, (f"train.fp8={str(wanted).lower()} -> the frozen base linears of {width}+ features {what} (e4m3, "
-                      f"a scale per row; weights {how}); adapters, norms, embeddings, LM head and loss stay bf16/fp32 "
-                      "(launcher/fp8_linear.py). Measured: faster at 4096+ features"
-                      + (", and DPO learned less at 8B (docs/benchmarks.md)" if wanted is True else ""))
+    measured = (f"Measured under ddp: faster from {MIN_FEATURES} features" if cached else
+                f"Not measured under {strategy}, which gathers each weight and quantizes it at each use")
+    return settings, (f"train.fp8={name} -> the frozen base linears of {width}+ features {what} (e4m3, a scale per "
+                      f"row; weights {'quantized once' if cached else 'quantized at each gather'}); adapters, norms, "
+                      f"embeddings, LM head and loss stay bf16/fp32 (launcher/fp8_linear.py). {measured}"
+                      + (". DPO learned less at 8B (docs/benchmarks.md)" if wanted is True else ""))

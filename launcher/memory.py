@@ -39,7 +39,7 @@ from pathlib import Path
 
 from launcher import host_memory
 from launcher.fp8 import CACHED_UNDER
-from launcher.fp8 import counted as fp8_copies
+from launcher.fp8 import weight_copies as fp8_weight_copies
 from launcher.host_memory import Host
 from launcher.methods import METHODS
 from launcher.strategies import STRATEGIES as RULES  # what each strategy shards, and where DeepSpeed runs
@@ -246,7 +246,7 @@ def job_estimate(cfg: dict, shape: Shape, strategy: str, world: int, micro_batch
                 world=world, micro_batch=micro_batch, seq_len=cfg["data"]["max_length"], method=cfg["method"]["name"],
                 gradient_checkpointing=cfg["train"]["gradient_checkpointing"] is not False,  # auto: at least on
                 liger=cfg["train"].get("liger") is True,  # auto counts as off until the planner resolves it
-                fp8=fp8_copies(cfg))
+                fp8=fp8_weight_copies(cfg))
     args.update(changes)
     return estimate(shape, strategy=strategy, **args)
 

@@ -198,11 +198,12 @@ def size_the_job(cfg: dict, machine: Machine, world: int, on_gpu: bool, decision
 
 
 def fp8_gpus(machine: Machine) -> bool:
-    """FP8 tensor cores here, or no GPU visible (a dry run for GPUs: planned as for bf16, for current ones)."""
+    """FP8 tensor cores here; or no GPU visible, where a dry run plans for GPUs as current ones are (as for bf16)."""
     return machine.fp8 or not machine.gpu_count
 
 
 def known_shape(cfg: dict):
+    """The model's dimensions (launcher/memory.py), or None where neither its config.json nor a preset gives them."""
     try:
         return memory.model_shape(cfg["model"])
     except ValueError:
@@ -265,8 +266,7 @@ def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: l
     settings, rule_decisions = decide(cfg, strategy, world_size, on_gpu, machine.bf16 or not machine.gpu_count,
                                       machine.liger)
     decisions += rule_decisions
-    fp8_settings, line = fp8.decide_fp8(cfg, strategy.name, on_gpu, fp8_gpus(machine), known_shape(cfg),
-                                        settings["dtype"])
+    fp8_settings, line = fp8.decide_fp8(cfg, strategy.name, known_shape(cfg))
     settings.update(fp8_settings)
     decisions += [line] if line else []
     if line := validate.check_prequantized(cfg, settings):

@@ -1,7 +1,7 @@
 """The launcher's FP8 linear (launcher/fp8_linear.py) against bf16 on one GPU (issue 22): for each linear shape of
 Qwen2.5-1.5B and Llama-3.1-8B, 16384 tokens, the forward and input gradient of a frozen linear (microseconds,
 triton.testing.do_bench), bf16 F.linear against the FP8 path as training runs it (the weight quantized once, x and
-dy quantized by torch.compile'd rowwise kernels), the relative error of the output and of the input gradient, and
+dy quantized by its Triton rowwise kernel), the relative error of the output and of the input gradient, and
 the dense matmul rates at 8192^3 (bf16, FP8 rowwise, FP8 per tensor) for MFU.
     python3 scripts/fp8_linear_bench.py        (an H100/H200: compute capability 8.9+)
 """
