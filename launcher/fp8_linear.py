@@ -2,8 +2,9 @@
 
 With LoRA the base weights never change, so each frozen linear's weight is quantized once (where the strategy keeps
 it whole: ddp, zero2) and its matmuls run on FP8 tensor cores through torch._scaled_mm: the forward x @ W.T and the
-input gradient dy @ W. No weight gradient is needed, so nothing of x is saved for the backward. The adapters,
-norms, embeddings, the LM head and the loss stay as they were (bf16 / fp32).
+input gradient dy @ W (train.fp8=backward: the input gradient only, the forward stays bf16). No weight gradient is
+needed, so nothing of x is saved for the backward. The adapters, norms, embeddings, the LM head and the loss stay as
+they were (bf16 / fp32).
 
 Scaling: rowwise, e4m3 for everything. One scale per row of x and dy (per token) and per output channel of W
 (per input channel of W.T for the input gradient): a token with large activations does not crush the resolution
