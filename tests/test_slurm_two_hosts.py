@@ -42,7 +42,9 @@ def wait(cluster, job: str, timeout: float = 600) -> str:
 
 def sbatch(cluster, tmp_path, script: str, *overrides: str, options=()) -> str:
     res = cluster.run("sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", f"--cpus-per-task={os.cpu_count()}",
-                      f"--output={tmp_path}/job.out", *options, f"slurm/{script}", *overrides, env={"PWD": str(ROOT)})
+                      f"--output={tmp_path}/job.out", *options, f"slurm/{script}", *overrides,
+                      env={"PWD": str(ROOT), "TMPDIR": str(tmp_path)})  # a launcher killed with its host leaves its
+    # gate directory (launcher/gate.py) behind: in the test's own folder, not the machine's /tmp
     assert res.returncode == 0, res.stderr
     return res.stdout.strip()
 
