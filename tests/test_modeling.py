@@ -238,3 +238,25 @@ def test_lora_sum_inside_the_matmul_under_bf16_autocast_is_as_close_to_float32_a
     assert 0 < peft_grad_err < 0.1  # the comparison sees bf16's rounding, and nothing worse
     assert fused_loss_err <= 1.5 * peft_loss_err + 1e-5 and fused_grad_err <= 1.5 * peft_grad_err
 
+
+
+def test_the_merged_model_gives_the_adapter_on_base_outputs(tmp_path, tiny_dir, tiny_tokenizer):
+    """merge_adapter reloads the base from disk in 16-bit on GPUs (float32 here) and folds the adapter in: the merged
+    model must answer as the adapter on its base does, whatever ran during training (train.fp8 included: the merge
+    never sees FP8 weights)."""
+    from peft import PeftModel
+
+    adapter = tmp_path / "final"
+    lora_model_with_b(tiny_dir, 0.05).save_pretrained(adapter)
+    tiny_tokenizer.save_pretrained(adapter)
+    cfg = {"plan": {"device": "cpu", "dtype": "float32", "model_path": str(tiny_dir / "model")},
+           "model": {"trust_remote_code": False}}
+    modeling.merge_adapter(cfg, str(adapter), str(tmp_path / "merged"))
+    ids = torch.randint(0, 2048, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        on_base = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir / "model"), adapter)
+        base = AutoModelForCausalLM.from_pretrained(tiny_dir / "model")(ids).logits
+        expected = on_base(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits
+    assert (expected - base).abs().max() > 1e-3  # the adapter changes the outputs: the comparison means something
+    torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-5)
