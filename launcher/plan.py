@@ -210,15 +210,11 @@ def known_shape(cfg: dict):
         return None
 
 
-def memory_decision(cfg: dict, machine: Machine, world: int, token_budget: int | None,
+def memory_decision(cfg: dict, machine: Machine, world: int, token_budget: int | None, shape: memory.Shape | None,
                     procs_per_node: int | None = None) -> str | None:
     """The memory plan's peak per GPU and per host for the job as planned (a token budget counted as its tokens)."""
     gpu_mem, name = cfg["gpu_mem_gib"] or machine.gpu_mem_gib, cfg["strategy"]["name"]
-    if not gpu_mem or not memory.supported(name, cfg["quant"]["bits"], cfg["lora"]["r"]):
-        return None
-    try:
-        shape = memory.model_shape(cfg["model"])
-    except ValueError:
+    if not gpu_mem or shape is None or not memory.supported(name, cfg["quant"]["bits"], cfg["lora"]["r"]):
         return None
     est = memory.job_estimate(cfg, shape, name, world, cfg["micro_batch"], tokens=token_budget)
     verdict = "fits" if memory.fits(est, gpu_mem) else "WARNING: over the memory there is, expect OOM"
@@ -266,7 +262,8 @@ def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: l
     settings, rule_decisions = decide(cfg, strategy, world_size, on_gpu, machine.bf16 or not machine.gpu_count,
                                       machine.liger)
     decisions += rule_decisions
-    fp8_settings, line = fp8.decide_fp8(cfg, strategy.name, known_shape(cfg))
+    shape = known_shape(cfg)
+    fp8_settings, line = fp8.decide_fp8(cfg, strategy.name, shape)
     settings.update(fp8_settings)
     decisions += [line] if line else []
     if line := validate.check_prequantized(cfg, settings):
@@ -274,7 +271,7 @@ def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: l
     batch_settings, batch_decisions = decide_batching(cfg, on_gpu, micro_batch_was_auto, world_size)
     settings.update(batch_settings)
     decisions += batch_decisions
-    if on_gpu and (line := memory_decision(cfg, machine, world_size, batch_settings["token_budget"], procs)):
+    if on_gpu and (line := memory_decision(cfg, machine, world_size, batch_settings["token_budget"], shape, procs)):
         decisions.append(line)
     settings["start_ranks_early"], line = gate.decide(cfg)
     decisions += [line] if line else []
