@@ -101,8 +101,7 @@ class Shape:
 
     def linear_params(self) -> int:
         """Weights of the layers' linear projections (what bitsandbytes quantizes)."""
-        h, i = self.hidden, self.intermediate
-        return self.layers * (2 * h * h + 2 * h * self.kv_dim + 3 * h * i)
+        return self.fp8_params(0)
 
     def other_params(self) -> int:
         embed = self.vocab * self.hidden * (1 if self.tied else 2)
@@ -122,7 +121,7 @@ class Shape:
         return self.layers * sum(r * (shapes[n][0] + shapes[n][1]) for n in names)
 
     def fp8_params(self, min_features: int) -> int:
-        """Weights of the linears FP8 computes with (launcher/fp8_linear.py: those min_features wide or wider)."""
+        """Weights of the projections at least min_features wide (those FP8 computes with, launcher/fp8_linear.py)."""
         return self.layers * sum(a * b for a, b in self.projections().values() if min(a, b) >= min_features)
 
 
