@@ -139,5 +139,19 @@ CASES["fp8-learn-off-seed1"] = Case("launcher", overrides=("train.fp8=false", "s
 CASES["8b-learn"] = Case("launcher", overrides=("train.fp8=true", *LEARN), preset=EIGHT_B)
 CASES["8b-learn-off"] = Case("launcher", overrides=("train.fp8=false", *LEARN), preset=EIGHT_B)
 CASES["8b-learn-backward"] = Case("launcher", overrides=("train.fp8=backward", *LEARN), preset=EIGHT_B)
+CASES["8b-learn-seed1"] = Case("launcher", overrides=("train.fp8=true", "seed=1", *LEARN), preset=EIGHT_B)
 CASES["8b-learn-off-seed1"] = Case("launcher", overrides=("train.fp8=false", "seed=1", *LEARN), preset=EIGHT_B)
+# each decoder layer compiled (train.compile, accelerate's regional compilation) against the same case eager
+COMPILE = ("train.compile=true",)
+CASES["compile"] = Case("launcher", overrides=COMPILE)
+CASES["sft-compile"] = Case("launcher", "sft", overrides=COMPILE)
+CASES["real-compile"] = Case("launcher", overrides=COMPILE, mix="realistic")
+CASES["real-sft-compile"] = Case("launcher", "sft", overrides=COMPILE, mix="realistic")
+CASES["8b-compile"] = Case("launcher", overrides=("train.fp8=false", *COMPILE), preset=EIGHT_B)
+CASES["8b-fp8-compile"] = Case("launcher", overrides=("train.fp8=true", *COMPILE), preset=EIGHT_B)
+CASES["8b-sft-compile"] = Case("launcher", "sft", overrides=("train.fp8=false", *COMPILE), preset=EIGHT_B)
+# the reference log-probs computed once before the first step (what auto does for 3+ epochs): the steps without
+# the reference forward, and the time to the first step with the precompute in it
+CASES["precompute"] = Case("launcher", overrides=("method.precompute_ref_log_probs=true",))
+CASES["precompute-zero2"] = Case("launcher", overrides=("method.precompute_ref_log_probs=true", "strategy=zero2"))
 DEFAULT_CASES = ("peer-ddp-bs32", "defaults", "ddp", "zero2", "zero3", "ddp-4bit", "fsdp_qlora-4bit", "zero3_offload")

@@ -309,3 +309,15 @@ def prepare(data_cfg: dict, method: str, tokenizer, seed: int):
                         fmt + (", chat template" if conversational else ""), sources[longest] + 1, tokens[longest],
                         note)
     return train_ds, eval_ds, report
+
+
+def shared_on_disk(train_ds, eval_ds, folder: Path, writer: bool):
+    """The prepared splits written to `folder` by one process (`writer`) and read back from there by every rank.
+    What a library caches beside a dataset goes where its files are: for TRL's precomputed reference log-probs
+    that must be the run directory, which every rank (every node) reads, not a process's temporary folder."""
+    import datasets
+
+    if writer:
+        for name, ds in (("train", train_ds), ("eval", eval_ds)):
+            ds.save_to_disk(str(folder / name))
+    return tuple(datasets.load_from_disk(str(folder / name)) for name in ("train", "eval"))

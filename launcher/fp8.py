@@ -6,7 +6,7 @@ weight gradient to compute) and unquantized weights (4-bit and 8-bit bases have 
 pay only on large matmuls: every call quantizes its activations (and, in the backward, its gradients), a pass that
 costs as much as the FP8 GEMM saves on small ones (scripts/fp8_linear_bench.py on an H200: a frozen linear 1536
 wide ran 0.26x bf16, 4096 and wider 1.5-1.7x). At Llama-3.1-8B's shape FP8 ran DPO 1.37x and SFT 1.32x faster, but
-DPO did not learn at equal samples where bf16 did (docs/benchmarks.md, 2026-12-01 morning): each FP8 forward's
+DPO did not learn at equal samples where bf16 did, in two seeds (docs/benchmarks.md, 2026-12-01): each FP8 forward's
 rounding, 3.7% of a layer's output, lands in the policy's and the reference's log-probs alike, and DPO's reward is
 their small difference. With the forward in bf16 and only the input gradients in FP8 (train.fp8=backward) the
 log-probs are exact: 1.10x bf16, and the held-out accuracy within bf16's spread, in one run. `auto` is off until
@@ -59,8 +59,8 @@ def with_fp8(cfg: dict, on_gpu: bool, fp8_gpus: bool, decisions: list[str]) -> d
         return cfg
     decisions.append("train.fp8=auto -> off: " + (why_not or (
         "at Llama-3.1-8B's shape FP8 ran DPO 1.37x faster than bf16 but DPO did not learn at equal samples (held-out "
-        "reward accuracy 0.50 against 0.62 and 0.68 in bf16); FP8 input gradients alone (train.fp8=backward) ran "
-        "1.10x and learned as bf16 did (0.63), in one run so far (docs/benchmarks.md)")))
+        "reward accuracy 0.50 and 0.51 in two seeds, against 0.62 and 0.68 in bf16); FP8 input gradients alone "
+        "(train.fp8=backward) ran 1.10x and learned as bf16 did (0.63), in one run so far (docs/benchmarks.md)")))
     return dict(cfg, train=dict(cfg["train"], fp8=False))
 
 

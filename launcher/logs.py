@@ -127,3 +127,28 @@ class StepClock(TrainerCallback):
         if state.is_world_process_zero:
             with open(self.path, "a") as f:
                 f.write(f"{state.global_step} {time.perf_counter() - self.started:.6f}\n")
+
+
+class CompileReport(TrainerCallback):
+    """train.compile: after the first step (whose forward and backward compiled the layers), what was compiled and
+    how long that step took; later, any recompiles (a new batch shape that dynamic shapes did not cover)."""
+
+    def __init__(self):
+        self.started, self.frames = None, 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.started is None:
+            self.started = time.time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from torch._dynamo.utils import counters
+
+        frames = counters["frames"]["ok"]
+        if state.global_step == 1:
+            breaks = sum(counters["graph_break"].values())
+            log.info("train.compile: %d graphs compiled in the first step (%.1f s), %d graph breaks",
+                     counters["stats"]["unique_graphs"], time.time() - self.started, breaks)
+        elif frames > self.frames:
+            log.info("train.compile: %d more frames compiled at step %d (a batch shape not seen before)",
+                     frames - self.frames, state.global_step)
+        self.frames = frames

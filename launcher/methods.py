@@ -78,9 +78,53 @@ def check(cfg: dict) -> None:
                                              " KTO's KL term is taken over the other rows of a micro-batch, so it needs"
                                              " at least 2 (with less memory per row: a shorter data.max_length, or "
                                              "method.loss_type=apo_zero_unpaired, which has no KL term).")
-    if m.get("precompute_ref_log_probs") and not method.reference:
+    if m.get("precompute_ref_log_probs") is True and not method.reference:
         raise ConfigError("method.precompute_ref_log_probs", f"method={method.name} has no reference model to "
                                                              "precompute: drop method.precompute_ref_log_probs.")
+
+
+# Where TRL 1.16's precompute was run (2 CPU processes in tests/test_train.py; one H200 in docs/benchmarks.md).
+# Under fsdp_qlora TRL runs the whole unsharded policy on every GPU before FSDP wraps it: at the sizes fsdp_qlora is
+# chosen for, that does not fit. Under ZeRO-3 it builds a DeepSpeed inference engine of its own, not run here yet.
+PRECOMPUTED_UNDER = ("ddp", "zero2")
+# Measured on one H200 (1.5B shape, 1,800 pairs of 351-token sequences): steps 1.33x faster without the reference
+# forward under ddp (0.404 against 0.532-0.538 s), 1.30x under zero2 (0.423 against 0.551), which saves about 6.8 s
+# per epoch there, and 27 s more before the first step. 13 of those were TRL's hash of every weight (measured on the
+# CPU), which reference_named_without_hashing_its_weights below replaces; the rest, one pass over the rows, pays back
+# from 2-3 epochs on that set (not measured again without the hash), sooner on larger ones.
+PRECOMPUTE_FROM_EPOCHS = 3
+
+
+def with_precompute(cfg: dict, strategy: str, decisions: list[str]) -> dict:
+    """method.precompute_ref_log_probs (DPO's and KTO's): true, false or auto, made a bool. Precomputed, the
+    reference log-probs take one forward pass over the data before the first step instead of one per row per
+    epoch, so every step runs without it. auto: on for PRECOMPUTE_FROM_EPOCHS or more epochs under the strategies
+    it was run under."""
+    method, wanted = method_of(cfg), cfg["method"].get("precompute_ref_log_probs")
+    if wanted is None:  # ORPO, SimPO, SFT: no reference model, no key
+        return cfg
+    if not (isinstance(wanted, bool) or wanted == "auto"):
+        raise ConfigError("method.precompute_ref_log_probs", f"method.precompute_ref_log_probs={wanted!r}: give "
+                                                             "true, false or auto.")
+    if wanted is True and strategy == "fsdp_qlora":
+        raise ConfigError("method.precompute_ref_log_probs", "method.precompute_ref_log_probs=true with "
+                          "strategy=fsdp_qlora: TRL 1.16 computes them with the whole unsharded model on every GPU "
+                          "before FSDP shards it. Leave it false (auto) under fsdp_qlora.")
+    what = "computed once before the first step (TRL), cached in <run_dir>/datasets; no reference forward in the steps"
+    if wanted != "auto":
+        on = wanted
+        decisions += [f"method.precompute_ref_log_probs=true: the reference log-probs {what}"] if on else []
+    else:
+        epochs, steps = cfg["train"]["epochs"], cfg["train"]["max_steps"]
+        several = epochs >= PRECOMPUTE_FROM_EPOCHS and steps <= 0
+        on = several and strategy in PRECOMPUTED_UNDER
+        why = (f"{epochs} epochs: the reference log-probs {what}" if on else
+               f"under {strategy}, where it has not been run" if several else
+               f"train.epochs={epochs}{' with train.max_steps' if steps > 0 else ''}: the pass before the first step "
+               f"is paid back by steps without the reference forward (1.30-1.33x faster on an H200) from about "
+               f"{PRECOMPUTE_FROM_EPOCHS} epochs (docs/benchmarks.md)")
+        decisions.append(f"method.precompute_ref_log_probs=auto -> {'on' if on else 'off'}: {why}")
+    return dict(cfg, method=dict(cfg["method"], precompute_ref_log_probs=on))
 
 
 # Where TRL 1.16 keeps each method's trainer (a rank imports it while it waits for the launcher: launcher/gate.py)
@@ -152,6 +196,39 @@ def k_bit_preparation_as_planned(trainer_class, kbit_prepare: bool):
         module.prepare_model_for_kbit_training, module.peft_module_casting_to_bf16 = saved
 
 
+def model_identity(model) -> str:
+    """A name for a model that says which it is without reading its weights: its class, config (with where it was
+    loaded from and, for a hub id, the commit), its parameters' names, shapes and dtypes, and the size and time of
+    each file of a local checkpoint."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    config = getattr(model, "config", None)
+    source = str(getattr(config, "_name_or_path", "") or "")
+    files = ([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(source).iterdir()) if f.is_file()]
+             if source and Path(source).is_dir() else [])
+    described = [type(model).__name__, config.to_json_string() if config is not None else "", source,
+                 str(getattr(config, "_commit_hash", None)), files,
+                 [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()]]
+    return hashlib.sha256(json.dumps(described, default=str).encode()).hexdigest()
+
+
+@contextmanager
+def reference_named_without_hashing_its_weights(trainer_class):
+    """TRL names its cache of precomputed reference log-probs by a sha256 of every reference weight, copied to the
+    host in float32: 13.3 s at 1.5B on a 2-core machine (about a minute at 8B), before the first step. The
+    launcher keeps that cache in the run's own directory (<run_dir>/datasets), where a name saying which model it
+    is (model_identity) tells a stale one apart as well."""
+    module = sys.modules[trainer_class.__module__]
+    saved = module.hash_module
+    module.hash_module = model_identity
+    try:
+        yield
+    finally:
+        module.hash_module = saved
+
+
 def build_trainer(cfg: dict, args, model, tokenizer, train_ds, eval_ds, callbacks, peft, load_reference):
     """The method's TRL trainer. `load_reference()` loads a frozen copy, asked for only where a full fine-tune
     keeps a reference model (with LoRA the reference is the adapter-disabled policy)."""
@@ -164,7 +241,8 @@ def build_trainer(cfg: dict, args, model, tokenizer, train_ds, eval_ds, callback
         trainer_class = DPOTrainer if method.name == "dpo" else KTOTrainer
         # (also where its log-probs are precomputed: TRL computes them with it, else it loads one of its own)
         ref_model = load_reference() if peft is None else None
-        return trainer_class(model=model, ref_model=ref_model, **data)
+        with reference_named_without_hashing_its_weights(trainer_class):
+            return trainer_class(model=model, ref_model=ref_model, **data)
     if method.name in ("orpo", "simpo"):
         (trainer_class,) = (_experimental("orpo", "ORPOTrainer") if method.name == "orpo"
                             else _experimental("cpo", "CPOTrainer"))

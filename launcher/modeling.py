@@ -265,3 +265,13 @@ def restore_adapter(model, ckpt: str) -> None:
     if result.unexpected_keys:
         raise ValueError(f"{path} does not fit this adapter: {result.unexpected_keys[:3]}")
     log.info("adapter restored from %s (%d tensors)", path, len(state))
+
+
+def compile_layers_in_place(model) -> None:
+    """train.compile: accelerate's regional compilation, in place. Each decoder layer (and each other leaf module)
+    gets `module.compile()`; the layers share one class, so the first one's graph serves them all. accelerate's
+    default `compile_regions` returns a copy of the model instead, whose patched forwards (padding-free batches,
+    launcher/padding_free.py) still call the uncompiled original: measured as 0 graphs on an H200."""
+    from accelerate.utils import compile_regions_deepspeed  # in place; named for DeepSpeed, which needs it so too
+
+    compile_regions_deepspeed(model)

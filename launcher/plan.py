@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import yaml
 
-from launcher import fp8, gate, host_memory, memory, methods, slurm, validate
+from launcher import compiling, fp8, gate, host_memory, memory, methods, slurm, validate
 from launcher.batching import decide_batching
 from launcher.errors import ConfigError
 from launcher.host_memory import Host
@@ -250,6 +250,7 @@ def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: l
     cfg = size_the_job(cfg, machine, procs * cfg["nodes"], on_gpu, decisions, procs)
     methods.check(cfg)  # again, with micro_batch sized
     strategy = resolve_strategy(cfg["strategy"]["name"])
+    cfg = methods.with_precompute(cfg, strategy.name, decisions)
     if not on_gpu and strategy.name != "ddp":
         raise ConfigError(
             "strategy",
@@ -265,6 +266,9 @@ def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: l
     shape = known_shape(cfg)
     fp8_settings, line = fp8.decide_fp8(cfg, strategy.name, shape)
     settings.update(fp8_settings)
+    decisions += [line] if line else []
+    compile_settings, line = compiling.decide_compile(cfg, on_gpu, strategy.name)
+    settings.update(compile_settings)
     decisions += [line] if line else []
     if line := validate.check_prequantized(cfg, settings):
         decisions.append(line)

@@ -257,13 +257,6 @@ def decide(cfg, strategy: Strategy, world_size: int, on_gpu: bool, machine_bf16:
         if strategy.name == "zero3_offload":
             decisions.append("offload_param and offload_optimizer to CPU (pinned): fits larger models, runs slower")
 
-    if cfg["method"].get("precompute_ref_log_probs") and world_size > 1:  # DPO's and KTO's
-        raise ConfigError(
-            "method.precompute_ref_log_probs",
-            "method.precompute_ref_log_probs=true runs on one process only: TRL 1.16 caches the reference "
-            "log-probs in rank 0's temporary dataset files, which the other ranks cannot open (measured on 2x H200). "
-            "Use it with gpus=1, or leave it false.",
-        )
     liger = cfg["train"]["liger"]
     if liger is True and not (on_gpu and liger_installed):
         raise ConfigError("train.liger", "train.liger=true needs CUDA GPUs and the liger-kernel package: "

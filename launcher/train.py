@@ -23,8 +23,8 @@ import yaml
 from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from launcher import (checkpoints, data, fp8_linear, gate, host_work, logs, methods, modeling, padding_free,
-                      postmortem, profiling, samplers, samples, step_metrics)
+from launcher import (checkpoints, compiling, data, fp8_linear, gate, host_work, logs, methods, modeling,
+                      padding_free, postmortem, profiling, samplers, samples, step_metrics)
 
 log = logging.getLogger("launcher")
 
@@ -156,6 +156,9 @@ def main(config_path: str) -> int:
             log.error("launcher: data error: %s", err)
         return 2
     log.debug(report.line(cfg["data"]["max_length"]))  # the banner shows it, once
+    if cfg["method"].get("precompute_ref_log_probs"):  # TRL caches them beside the dataset's files: run_dir's
+        with args.main_process_first(local=False, desc="dataset on disk"):
+            train_ds, eval_ds = data.shared_on_disk(train_ds, eval_ds, Path(run_dir, "datasets"), rank == 0)
 
     model, loading = modeling.load_model_timed(cfg, local_rank)
     if plan["zero3_whole_layers"]:
@@ -166,6 +169,8 @@ def main(config_path: str) -> int:
     callbacks = [metrics, console.Progress(), checkpoints.complete_marker_callback(), banner, stop]
     if cfg["train"]["step_clock"]:
         callbacks.append(logs.StepClock(run_dir))
+    if plan["compile"]:
+        callbacks.append(logs.CompileReport())
     if cfg["train"]["profile_steps"]:
         callbacks.append(profiling.ProfileSteps(run_dir, *cfg["train"]["profile_steps"]))
     if plan["fsdp_config"]:
@@ -191,6 +196,9 @@ def main(config_path: str) -> int:
     if plan["fp8"]:
         fp8_linear.compute_frozen_linears_in_fp8(trainer.model, plan["fp8_min_features"], plan["fp8_cache_weights"],
                                                  forward=plan["fp8_forward"])
+    if plan["compile"]:  # last of the model's changes: compiled in place, the forwards patched above included
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.expanduser(compiling.CACHE_DIR))
+        modeling.compile_layers_in_place(trainer.model)
     if plan["trim_host_work"]:
         host_work.trim(trainer, cfg)
     if plan["metrics_sync"] == "log":

@@ -21,7 +21,9 @@ from test_data import data_cfg, write_jsonl
     (["method.loss_type=[sigmoid,bogus]"], "method.loss_type", "bogus is not"),
     (["method.loss_type=exo_pair"], "method.label_smoothing", "label_smoothing>0"),
     (["method=orpo", "+method.precompute_ref_log_probs=true"], "method.precompute_ref_log_probs", "no reference"),
-    (["method=kto", "method.precompute_ref_log_probs=true"], "method.precompute_ref_log_probs", "one process"),
+    (["method.precompute_ref_log_probs=true", "strategy=fsdp_qlora"], "method.precompute_ref_log_probs",
+     "unsharded model on every GPU"),
+    (["method.precompute_ref_log_probs=yes"], "method.precompute_ref_log_probs", "give true, false or auto"),
     (["method=simpo", "train.padding_free=true"], "train.padding_free", "DPO's and SFT's"),
     (["method=kto", "train.group_by_length=true"], "train.group_by_length", "KL term"),
     (["method=orpo", "micro_batch_tokens=4096"], "micro_batch_tokens", "give micro_batch"),
@@ -33,6 +35,28 @@ def test_bad_method_settings_are_refused_before_launch(overrides, key, words):
     if isinstance(info.value, ConfigError):
         assert info.value.key == key
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize("overrides,on,words", [
+    (["train.epochs=3", "strategy=ddp"], True, "3 epochs: the reference log-probs computed once"),
+    (["train.epochs=4", "strategy=zero2", "method=kto"], True, "4 epochs"),
+    (["train.epochs=2", "strategy=ddp"], False, "train.epochs=2: the pass before the first step"),
+    (["train.epochs=3", "train.max_steps=100", "strategy=ddp"], False, "train.epochs=3 with train.max_steps"),
+    (["train.epochs=3", "strategy=zero3"], False, "under zero3, where it has not been run"),
+    (["train.epochs=3", "strategy=fsdp_qlora"], False, "under fsdp_qlora"),
+])
+def test_auto_precomputes_the_reference_log_probs_for_several_epochs_where_it_was_run(overrides, on, words):
+    plan = build_plan(compose_cfg("gpus=2", "model=qwen2.5-1.5b-instruct", *overrides), GPU_NODE)
+    assert yaml.safe_load(plan.files["config.yaml"])["method"]["precompute_ref_log_probs"] is on
+    line, = [d for d in plan.decisions if d.startswith("method.precompute_ref_log_probs=auto")]
+    assert line.startswith(f"method.precompute_ref_log_probs=auto -> {'on' if on else 'off'}: ") and words in line
+
+
+def test_methods_without_a_reference_get_no_precompute_setting():
+    for method in ("orpo", "simpo", "sft"):
+        plan = build_plan(compose_cfg("gpus=2", f"method={method}", "train.epochs=2"), GPU_NODE)
+        assert "precompute_ref_log_probs" not in yaml.safe_load(plan.files["config.yaml"])["method"]
+        assert not any("precompute" in d for d in plan.decisions)
 
 
 def test_kto_with_micro_batch_auto_is_sized_to_at_least_two_or_refused():
@@ -241,3 +265,31 @@ def test_kto_from_pairs_learns_a_reward_gap_resumes_and_merges(tmp_path, tiny_di
     assert "held-out reward gap" in second.stdout
     assert untrained_adapters(run / "final") == [] and (run / "merged" / "config.json").exists()
     assert "KTO's reference pass switches 14 LoRA layers off by their flag" in (run / "logs" / "rank1.log").read_text()
+
+
+def test_the_reference_is_named_by_its_config_and_files_not_by_reading_its_weights(tmp_path, tiny_dir):
+    """TRL's name for its cache of precomputed reference log-probs, as the launcher gives it (model_identity):
+    the same checkpoint loaded twice gets the same name, a checkpoint whose files changed or another shape does not."""
+    import os
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    def load(path):
+        return AutoModelForCausalLM.from_pretrained(path)
+
+    first, again = load(tiny_dir / "model"), load(tiny_dir / "model")
+    assert methods.model_identity(first) == methods.model_identity(again)
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dir / "model", copy)
+    before = methods.model_identity(load(copy))
+    assert before != methods.model_identity(first)  # another checkpoint
+    weights = copy / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten since
+    assert methods.model_identity(load(copy)) != before
+    with torch.no_grad():  # no weight is read: what it names is the checkpoint the weights came from
+        next(again.parameters()).add_(1.0)
+    assert methods.model_identity(again) == methods.model_identity(first)
+    first.config.num_hidden_layers = 1
+    assert methods.model_identity(first) != methods.model_identity(again)

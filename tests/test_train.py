@@ -148,3 +148,44 @@ def test_zero3_whole_layers_train_every_sft_adapter_on_the_cpu(tmp_path, tiny_di
     res = train(3)
     assert res.returncode == 0, res.stderr[-3000:]
     assert untrained_adapters(run / "final") == []
+
+
+def test_precomputed_reference_log_probs_train_as_the_inline_ones_on_two_ranks(tmp_path, tiny_dir):
+    """TRL caches them beside the dataset's files: launcher.train puts those in run_dir, where both ranks read
+    them (in a process's temporary folder the other rank could not open them)."""
+    runs = {}
+    for on in (True, False):
+        run = runs[on] = tmp_path / f"precompute-{on}"
+        res = run_launcher(f"run_dir={run}", f"method.precompute_ref_log_probs={str(on).lower()}",
+                           "train.max_steps=10", "save_steps=10", "report.samples=0", timeout=600)
+        assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    import datasets
+
+    cached = [datasets.Dataset.from_file(str(f)) for f in (runs[True] / "datasets" / "train").glob("cache-*.arrow")]
+    with_logps = [d for d in cached if "ref_chosen_logps" in d.column_names]
+    assert with_logps and len(with_logps[0]) == 379  # every train row's, whichever rank trains on it
+    assert not (runs[False] / "datasets").exists()
+    logged = [[m for m in read_metrics(runs[on]) if "loss" in m] for on in (True, False)]
+    assert [m["step"] for m in logged[0]] == [m["step"] for m in logged[1]] == [5, 10]
+    for pre, inline in zip(*logged):
+        for key in ("loss", "rewards/chosen", "rewards/margins", "logps/rejected"):
+            assert pre[key] == pytest.approx(inline[key], rel=1e-4, abs=1e-6), key
+
+
+def test_compiled_decoder_layers_train_as_the_eager_ones(tmp_path, tiny_dir):
+    """train.compile=true: each decoder layer torch.compile'd (inductor, accelerate's regional compilation); the
+    losses step for step as without it, and the console says what was compiled."""
+    losses = {}
+    for on in (True, False):
+        run = tmp_path / f"compile-{on}"
+        # padding-free: its patched forwards must reach the compiled layers (a compiled copy of the model missed them)
+        res = run_launcher(f"run_dir={run}", f"train.compile={str(on).lower()}", "train.padding_free=true",
+                           "cpu_procs=1", "train.max_steps=6", "train.logging_steps=1", "save_steps=6",
+                           "report.samples=0", timeout=900)
+        assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+        losses[on] = [m["loss"] for m in read_metrics(run) if "loss" in m]
+        if on:
+            graphs = re.search(r"^train\.compile: (\d+) graphs compiled in the first step \([\d.]+ s\), 0 graph "
+                               r"breaks$", res.stdout, re.M)
+            assert graphs and int(graphs[1]) >= 2, res.stdout  # the layer's graph and the others' at least
+    assert len(losses[True]) == 6 and losses[True] == pytest.approx(losses[False], rel=1e-4)
