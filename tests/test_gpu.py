@@ -75,6 +75,12 @@ LEVERS = [
     ("zero3", "none", "deepspeed", "dpo", f"train.fp8=true {FP8_TINY}"),
     ("fsdp_qlora", "none", "torchrun", "sft", f"train.fp8=true {FP8_TINY}"),
     ("zero3", "none", "accelerate", "sft", f"train.fp8=backward {FP8_TINY}"),  # bf16 forward, FP8 input gradients
+    # the reference log-probs computed before the first step, read by every rank from run_dir (launcher/methods.py)
+    ("ddp", "none", "accelerate", "dpo", "method.precompute_ref_log_probs=true"),
+    ("zero2", "none", "deepspeed", "dpo", "method.precompute_ref_log_probs=true"),
+    # decoder layers compiled in place, padding-free forwards included (ddp); under DeepSpeed's engine (zero2)
+    ("ddp", "none", "torchrun", "dpo", "train.compile=true"),
+    ("zero2", "none", "deepspeed", "sft", "train.compile=true"),
 ]
 ALL = [(*c, None) for c in CASES] + LEVERS
 
@@ -104,6 +110,11 @@ def test_strategy_runs_learns_resumes_and_merges(tmp_path, tiny_dir, strategy, q
     if lever and "fp8=true" in lever:  # 2 layers x 7 projections
         logs = "".join(p.read_text() for p in (run / "logs").glob("rank*.log"))
         assert "for 14 frozen linear layers" in logs, rank_log(run)
+    if lever and "compile=true" in lever:
+        graphs = re.search(r"train\.compile: (\d+) graphs compiled in the first step", first.stdout)
+        assert graphs and int(graphs[1]) >= 2, rank_log(run) + first.stdout[-2000:]
+    if lever and "precompute_ref_log_probs=true" in lever:
+        assert list((run / "datasets" / "train").glob("cache-*.arrow")), "no cached log-probs in run_dir"
     after_10 = json.loads((run / "summary.json").read_text())
     shutil.rmtree(run / "final")
 
