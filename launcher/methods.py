@@ -113,7 +113,8 @@ def with_precompute(cfg: dict, strategy: str, decisions: list[str]) -> dict:
     what = "computed once before the first step (TRL), cached in <run_dir>/datasets; no reference forward in the steps"
     if wanted != "auto":
         on = wanted
-        decisions += [f"method.precompute_ref_log_probs=true: the reference log-probs {what}"] if on else []
+        untried = "" if strategy in PRECOMPUTED_UNDER else f" (not run under {strategy} yet)"
+        decisions += [f"method.precompute_ref_log_probs=true: the reference log-probs {what}{untried}"] if on else []
     else:
         epochs, steps = cfg["train"]["epochs"], cfg["train"]["max_steps"]
         several = epochs >= PRECOMPUTE_FROM_EPOCHS and steps <= 0

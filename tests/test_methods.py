@@ -52,6 +52,15 @@ def test_auto_precomputes_the_reference_log_probs_for_several_epochs_where_it_wa
     assert line.startswith(f"method.precompute_ref_log_probs=auto -> {'on' if on else 'off'}: ") and words in line
 
 
+def test_precompute_given_true_is_said_and_where_it_has_not_run_that_too():
+    for strategy, untried in (("ddp", False), ("zero3", True)):
+        plan = build_plan(compose_cfg("gpus=2", f"strategy={strategy}", "method.precompute_ref_log_probs=true"),
+                          GPU_NODE)
+        line, = [d for d in plan.decisions if d.startswith("method.precompute_ref_log_probs=true")]
+        assert "computed once before the first step" in line
+        assert ("not run under zero3 yet" in line) is untried
+
+
 def test_methods_without_a_reference_get_no_precompute_setting():
     for method in ("orpo", "simpo", "sft"):
         plan = build_plan(compose_cfg("gpus=2", f"method={method}", "train.epochs=2"), GPU_NODE)
