@@ -10,6 +10,12 @@ from __future__ import annotations
 from launcher.errors import ConfigError
 
 CACHE_DIR = "~/.cache/launcher/inductor"
+MEASURED_UNDER = ("ddp",)  # on an H200 (docs/benchmarks.md) and on 2 CPU processes (tests/test_train.py)
+# The layers are compiled before the trainer wraps the model: FSDP1 then flattens their parameters, and ZeRO-3 adds
+# the hooks that gather each one at its use, which dynamo would trace inside every compiled layer
+REFUSED = {"fsdp_qlora": "FSDP1 flattens the compiled layers' parameters after they were compiled",
+           "zero3": "ZeRO-3's parameter-gathering hooks would run inside every compiled layer",
+           "zero3_offload": "ZeRO-3's parameter-gathering hooks would run inside every compiled layer"}
 
 
 def decide_compile(cfg, on_gpu: bool, strategy: str) -> tuple[dict, str | None]:
@@ -27,8 +33,11 @@ def decide_compile(cfg, on_gpu: bool, strategy: str) -> tuple[dict, str | None]:
         return {"compile": False}, f"train.compile=auto -> off: {why}"
     if not wanted:
         return {"compile": False}, None
-    if strategy == "fsdp_qlora":
-        raise ConfigError("train.compile", "train.compile=true with strategy=fsdp_qlora: FSDP1's flattened "
-                                           "parameters do not compile layer by layer. Use train.compile=false.")
+    if strategy in REFUSED:
+        raise ConfigError("train.compile", f"train.compile=true with strategy={strategy}: {REFUSED[strategy]}. "
+                                           "Use train.compile=false.")
+    untried = [f"strategy={strategy}"] if strategy not in MEASURED_UNDER else []
+    untried += [f"quant={cfg['quant']['name']}"] if cfg["quant"]["bits"] else []
     return {"compile": True}, ("train.compile=true -> each decoder layer compiled (torch.compile, accelerate's "
-                               "regional compilation); the first step waits for it")
+                               "regional compilation); the first step waits for it"
+                               + (f" (not run with {' and '.join(untried)} yet)" if untried else ""))

@@ -130,25 +130,36 @@ class StepClock(TrainerCallback):
 
 
 class CompileReport(TrainerCallback):
-    """train.compile: after the first step (whose forward and backward compiled the layers), what was compiled and
-    how long that step took; later, any recompiles (a new batch shape that dynamic shapes did not cover)."""
+    """train.compile: after this run's first step (whose forward and backward compiled the layers; a resumed run's
+    first step too), what it compiled and how long it took; later, what a training step compiled anew (a batch
+    shape that dynamic shapes did not cover). What an evaluation compiles (eval mode) is not blamed on training."""
 
     def __init__(self):
-        self.started, self.frames = None, 0
+        self.started, self.reported, self.frames, self.graphs = None, False, 0, 0
+
+    @staticmethod
+    def _counts() -> tuple[int, int]:
+        from torch._dynamo.utils import counters
+
+        return counters["frames"]["ok"], counters["stats"]["unique_graphs"]
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.started is None:
             self.started = time.time()
+            self.frames, self.graphs = self._counts()
 
     def on_step_end(self, args, state, control, **kwargs):
         from torch._dynamo.utils import counters
 
-        frames = counters["frames"]["ok"]
-        if state.global_step == 1:
-            breaks = sum(counters["graph_break"].values())
+        frames, graphs = self._counts()
+        if not self.reported:
             log.info("train.compile: %d graphs compiled in the first step (%.1f s), %d graph breaks",
-                     counters["stats"]["unique_graphs"], time.time() - self.started, breaks)
+                     graphs - self.graphs, time.time() - self.started, sum(counters["graph_break"].values()))
+            self.reported = True
         elif frames > self.frames:
             log.info("train.compile: %d more frames compiled at step %d (a batch shape not seen before)",
                      frames - self.frames, state.global_step)
-        self.frames = frames
+        self.frames, self.graphs = frames, graphs
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.frames, self.graphs = self._counts()

@@ -22,14 +22,17 @@ def test_auto_leaves_the_layers_eager_saying_why():
 
 
 def test_true_compiles_each_decoder_layer_and_false_says_nothing():
-    on, lines = planned("gpus=2", "train.compile=true", "strategy=zero3")
-    assert on is True and "each decoder layer compiled" in lines[0]
+    on, lines = planned("gpus=2", "train.compile=true", "strategy=ddp")
+    assert on is True and lines[0].endswith("the first step waits for it")
+    on, lines = planned("gpus=2", "train.compile=true", "strategy=zero2", "quant=4bit")
+    assert on is True and lines[0].endswith("(not run with strategy=zero2 and quant=4bit yet)")
     assert planned("gpus=2", "train.compile=false") == (False, [])
 
 
 @pytest.mark.parametrize("overrides,words", [
     (["gpus=2", "train.compile=yes"], "give true, false or auto"),
-    (["gpus=2", "train.compile=true", "strategy=fsdp_qlora"], "FSDP1's flattened parameters"),
+    (["gpus=2", "train.compile=true", "strategy=fsdp_qlora"], "FSDP1 flattens the compiled layers"),
+    (["gpus=2", "train.compile=true", "strategy=zero3"], "parameter-gathering hooks"),
 ])
 def test_bad_compile_settings_are_refused_naming_the_key(overrides, words):
     with pytest.raises(ConfigError) as info:
