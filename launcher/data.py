@@ -320,4 +320,5 @@ def shared_on_disk(train_ds, eval_ds, folder: Path, writer: bool):
     if writer:
         for name, ds in (("train", train_ds), ("eval", eval_ds)):
             ds.save_to_disk(str(folder / name))
-    return tuple(datasets.load_from_disk(str(folder / name)) for name in ("train", "eval"))
+    # on disk even where HF_DATASETS_IN_MEMORY_MAX_SIZE would load it into memory: TRL's cache goes beside its files
+    return tuple(datasets.load_from_disk(str(folder / name), keep_in_memory=False) for name in ("train", "eval"))

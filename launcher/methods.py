@@ -98,34 +98,41 @@ PRECOMPUTE_FROM_EPOCHS = 3
 def with_precompute(cfg: dict, strategy: str, decisions: list[str]) -> dict:
     """method.precompute_ref_log_probs (DPO's and KTO's): true, false or auto, made a bool. Precomputed, the
     reference log-probs take one forward pass over the data before the first step instead of one per row per
-    epoch, so every step runs without it. auto: on for PRECOMPUTE_FROM_EPOCHS or more epochs under the strategies
-    it was run under."""
+    epoch, so every step runs without it. auto: on for DPO over PRECOMPUTE_FROM_EPOCHS or more epochs under the
+    strategies it was run under. cfg["train"]["fp8"] must be settled (launcher/fp8.py: with_fp8)."""
     method, wanted = method_of(cfg), cfg["method"].get("precompute_ref_log_probs")
     if wanted is None:  # ORPO, SimPO, SFT: no reference model, no key
         return cfg
+    key = "method.precompute_ref_log_probs"
     if not (isinstance(wanted, bool) or wanted == "auto"):
-        raise ConfigError("method.precompute_ref_log_probs", f"method.precompute_ref_log_probs={wanted!r}: give "
-                                                             "true, false or auto.")
+        raise ConfigError(key, f"{key}={wanted!r}: give true, false or auto.")
+    unsharded = "TRL 1.16 computes them with the whole unsharded model on every GPU before FSDP shards it"
+    # TRL computes them as it is built, before launcher/fp8_linear.py switches the base to FP8: a bf16 reference
+    # against an FP8 policy, whose rounding then no longer cancels in DPO's reward (launcher/fp8.py)
+    fp8_forward = "the reference would be computed in bf16 and the policy in FP8 (train.fp8=true)"
     if wanted is True and strategy == "fsdp_qlora":
-        raise ConfigError("method.precompute_ref_log_probs", "method.precompute_ref_log_probs=true with "
-                          "strategy=fsdp_qlora: TRL 1.16 computes them with the whole unsharded model on every GPU "
-                          "before FSDP shards it. Leave it false (auto) under fsdp_qlora.")
+        raise ConfigError(key, f"{key}=true with strategy=fsdp_qlora: {unsharded}. Leave it false (auto) there.")
+    if wanted is True and cfg["train"].get("fp8") is True:
+        raise ConfigError(key, f"{key}=true with train.fp8=true: {fp8_forward}, so their rounding would not cancel. "
+                               "Use train.fp8=backward (bf16 forward) or leave the log-probs computed at each step.")
     what = "computed once before the first step (TRL), cached in <run_dir>/datasets; no reference forward in the steps"
     if wanted != "auto":
         on = wanted
         untried = "" if strategy in PRECOMPUTED_UNDER else f" (not run under {strategy} yet)"
-        decisions += [f"method.precompute_ref_log_probs=true: the reference log-probs {what}{untried}"] if on else []
-    else:
-        epochs, steps = cfg["train"]["epochs"], cfg["train"]["max_steps"]
-        several = epochs >= PRECOMPUTE_FROM_EPOCHS and steps <= 0
-        on = several and strategy in PRECOMPUTED_UNDER
-        why = (f"{epochs} epochs: the reference log-probs {what}" if on else
-               f"under {strategy}, where it has not been run" if several else
-               f"train.epochs={epochs}{' with train.max_steps' if steps > 0 else ''}: the pass before the first step "
-               f"is paid back by steps without the reference forward (1.30-1.33x faster on an H200) from about "
-               f"{PRECOMPUTE_FROM_EPOCHS} epochs (docs/benchmarks.md)")
-        decisions.append(f"method.precompute_ref_log_probs=auto -> {'on' if on else 'off'}: {why}")
-    return dict(cfg, method=dict(cfg["method"], precompute_ref_log_probs=on))
+        decisions += [f"{key}=true: the reference log-probs {what}{untried}"] if on else []
+        return dict(cfg, method=dict(cfg["method"], precompute_ref_log_probs=on))
+    epochs, steps = cfg["train"]["epochs"], cfg["train"]["max_steps"]
+    several = epochs >= PRECOMPUTE_FROM_EPOCHS and steps <= 0
+    why_not = (f"train.epochs={epochs}{' with train.max_steps' if steps > 0 else ''}: the pass before the first "
+               "step is paid back by steps without the reference forward (1.30-1.33x faster on an H200) from about "
+               f"{PRECOMPUTE_FROM_EPOCHS} epochs (docs/benchmarks.md)" if not several else
+               f"method={method.name}: measured for DPO only" if method.name != "dpo" else
+               f"under fsdp_qlora {unsharded}" if strategy == "fsdp_qlora" else
+               f"under {strategy}, where it has not been run" if strategy not in PRECOMPUTED_UNDER else
+               fp8_forward if cfg["train"].get("fp8") is True else None)
+    line = f"{epochs} epochs: the reference log-probs {what}" if why_not is None else why_not
+    decisions.append(f"{key}=auto -> {'off' if why_not else 'on'}: {line}")
+    return dict(cfg, method=dict(cfg["method"], precompute_ref_log_probs=why_not is None))
 
 
 # Where TRL 1.16 keeps each method's trainer (a rank imports it while it waits for the launcher: launcher/gate.py)
@@ -240,8 +247,10 @@ def build_trainer(cfg: dict, args, model, tokenizer, train_ds, eval_ds, callback
         from trl import DPOTrainer, KTOTrainer
 
         trainer_class = DPOTrainer if method.name == "dpo" else KTOTrainer
-        # (also where its log-probs are precomputed: TRL computes them with it, else it loads one of its own)
-        ref_model = load_reference() if peft is None else None
+        # With precomputed log-probs TRL computes them with the policy before its first step (its weights are the
+        # reference's then) and keeps no frozen copy, except under FSDP, where the launcher refuses precomputing
+        frozen_copy = peft is None and not cfg["method"].get("precompute_ref_log_probs")
+        ref_model = load_reference() if frozen_copy else None
         with reference_named_without_hashing_its_weights(trainer_class):
             return trainer_class(model=model, ref_model=ref_model, **data)
     if method.name in ("orpo", "simpo"):

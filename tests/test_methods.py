@@ -24,6 +24,8 @@ from test_data import data_cfg, write_jsonl
     (["method.precompute_ref_log_probs=true", "strategy=fsdp_qlora"], "method.precompute_ref_log_probs",
      "unsharded model on every GPU"),
     (["method.precompute_ref_log_probs=yes"], "method.precompute_ref_log_probs", "give true, false or auto"),
+    (["method.precompute_ref_log_probs=true", "train.fp8=true"], "method.precompute_ref_log_probs",
+     "would not cancel"),
     (["method=simpo", "train.padding_free=true"], "train.padding_free", "DPO's and SFT's"),
     (["method=kto", "train.group_by_length=true"], "train.group_by_length", "KL term"),
     (["method=orpo", "micro_batch_tokens=4096"], "micro_batch_tokens", "give micro_batch"),
@@ -39,11 +41,14 @@ def test_bad_method_settings_are_refused_before_launch(overrides, key, words):
 
 @pytest.mark.parametrize("overrides,on,words", [
     (["train.epochs=3", "strategy=ddp"], True, "3 epochs: the reference log-probs computed once"),
-    (["train.epochs=4", "strategy=zero2", "method=kto"], True, "4 epochs"),
+    (["train.epochs=4", "strategy=zero2"], True, "4 epochs"),
+    (["train.epochs=4", "strategy=ddp", "method=kto"], False, "method=kto: measured for DPO only"),
+    (["train.epochs=3", "strategy=ddp", "train.fp8=true"], False, "the reference would be computed in bf16"),
+    (["train.epochs=3", "strategy=ddp", "train.fp8=backward"], True, "3 epochs"),
     (["train.epochs=2", "strategy=ddp"], False, "train.epochs=2: the pass before the first step"),
     (["train.epochs=3", "train.max_steps=100", "strategy=ddp"], False, "train.epochs=3 with train.max_steps"),
     (["train.epochs=3", "strategy=zero3"], False, "under zero3, where it has not been run"),
-    (["train.epochs=3", "strategy=fsdp_qlora"], False, "under fsdp_qlora"),
+    (["train.epochs=3", "strategy=fsdp_qlora"], False, "under fsdp_qlora TRL 1.16 computes them with the whole"),
 ])
 def test_auto_precomputes_the_reference_log_probs_for_several_epochs_where_it_was_run(overrides, on, words):
     plan = build_plan(compose_cfg("gpus=2", "model=qwen2.5-1.5b-instruct", *overrides), GPU_NODE)

@@ -189,3 +189,15 @@ def test_compiled_decoder_layers_train_as_the_eager_ones(tmp_path, tiny_dir):
                                r"breaks$", res.stdout, re.M)
             assert graphs and int(graphs[1]) >= 2, res.stdout  # the layer's graph and the others' at least
     assert len(losses[True]) == 6 and losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_a_full_finetune_with_precomputed_log_probs_keeps_no_frozen_copy(tmp_path, tiny_dir):
+    """lora=none: TRL computes the reference log-probs with the policy before its first step (its weights are the
+    reference's then), so launcher.train loads no second model to keep beside it."""
+    run = tmp_path / "full"
+    res = run_launcher(f"run_dir={run}", "lora=none", "method.precompute_ref_log_probs=true", "train.max_steps=4",
+                       "save_steps=4", "data.max_rows=80", "report.samples=0", timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert (run / "logs" / "rank0.log").read_text().count(" launcher DEBUG loading ") == 1  # the policy only
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["global_step"] == 4 and "eval_rewards/accuracies" in summary
