@@ -156,7 +156,8 @@ def tokens_per_micro_batch(micro_batch: int, method: str, seq_len: int) -> int:
 
 def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | None, lora_targets, world: int,
              micro_batch: int, seq_len: int, method: str, gradient_checkpointing: bool,
-             liger: bool = False, tokens: int | None = None, fp8: tuple[int, int] | None = None) -> Estimate:
+             liger: bool = False, tokens: int | None = None, fp8: tuple[int, int] | None = None,
+             precomputed_ref: bool = False) -> Estimate:
     """Predicted peak GiB per GPU, split by what holds the memory. `tokens`: a micro-batch's tokens where they
     are given as a budget (padding-free batches) rather than micro_batch rows of seq_len. `fp8`: (width, copies), FP8
     on for linears this wide (launcher/fp8.py): where the strategy keeps weights whole, each such weight is also held
@@ -208,7 +209,7 @@ def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | Non
                  else in_layer * shape.layers) + ACT_PER_VOCAB * shape.vocab
     activations = tokens * per_token * (ACT_SFT if method == "sft" else 1.0)
     reference = 0.0
-    if METHODS[method].reference and not lora:  # a frozen copy, sharded like the policy's weights
+    if METHODS[method].reference and not lora and not precomputed_ref:  # a frozen copy, sharded like the policy
         reference = base / world if sharded_weights else base
     return Estimate(strategy, *(x / GIB for x in (weights, gradients, optimizer, activations, reference)))
 
@@ -239,13 +240,18 @@ MAX_TOKENS_PER_MICRO_BATCH_SHARDED = 65536
 CHECKPOINTING_OFF_MIN_TOKENS = 8192
 
 
+def frozen_reference_precomputed(cfg: dict) -> bool:
+    """Precomputed reference log-probs: a full fine-tune loads no frozen copy (auto counts as no, until resolved)."""
+    return cfg["method"].get("precompute_ref_log_probs") is True
+
+
 def job_estimate(cfg: dict, shape: Shape, strategy: str, world: int, micro_batch: int, **changes) -> Estimate:
     """estimate() for this config; `changes` override bits / seq_len / gradient_checkpointing."""
     args = dict(bits=cfg["quant"]["bits"], lora_r=cfg["lora"]["r"], lora_targets=cfg["lora"].get("target_modules"),
                 world=world, micro_batch=micro_batch, seq_len=cfg["data"]["max_length"], method=cfg["method"]["name"],
                 gradient_checkpointing=cfg["train"]["gradient_checkpointing"] is not False,  # auto: at least on
                 liger=cfg["train"].get("liger") is True,  # auto counts as off until the planner resolves it
-                fp8=fp8_weight_copies(cfg))
+                fp8=fp8_weight_copies(cfg), precomputed_ref=frozen_reference_precomputed(cfg))
     args.update(changes)
     return estimate(shape, strategy=strategy, **args)
 
@@ -260,7 +266,8 @@ def host_estimate(cfg: dict, shape: Shape, strategy: str, world: int, procs_per_
     held = shape.linear_params() * LINEAR_BYTES[bits or None] + shape.other_params() * 2.0
     return host_memory.estimate(held, shape.total_params() * 2.0, trainable, strategy=strategy, bits=bits, lora=lora,
                                 world=world, procs_per_node=min(procs_per_node, world),
-                                reference_copy=METHODS[cfg["method"]["name"]].reference and not lora)
+                                reference_copy=METHODS[cfg["method"]["name"]].reference and not lora
+                                and not frozen_reference_precomputed(cfg))
 
 
 def host_fits(cfg, shape, strategy, world, host: Host | None, bits: int | None = None) -> bool:

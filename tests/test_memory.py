@@ -1,4 +1,5 @@
 """The memory plan: hand-computed bytes per parameter, the peer's recorded GPU peaks, and the choices."""
+import re
 from dataclasses import replace
 
 import pytest
@@ -170,3 +171,20 @@ def test_plan_command_prints_every_strategy_without_a_gpu():
     assert "weights" in res.stdout and "activ" in res.stdout and "strategy=auto would take" in res.stdout
     missing = run_launcher("plan", "model=qwen2.5-7b-instruct")
     assert missing.returncode == 2 and "gpu_mem_gib" in missing.stderr
+
+
+def test_a_full_finetune_with_precomputed_log_probs_plans_no_frozen_reference_copy():
+    """launcher.train loads no second model then (tests/test_train.py); the memory plan counts none, on the GPU and
+    on the host (where ZeRO-3-offload would keep its partition)."""
+    def planned(*overrides):
+        plan = build_plan(compose_cfg("gpus=2", "model=qwen2.5-1.5b-instruct", "lora=none", "strategy=ddp",
+                                      "micro_batch=4", *overrides), GPU_NODE)
+        line, = [d for d in plan.decisions if d.startswith("memory plan:")]
+        return float(re.search(r"([\d.]+) GiB per GPU", line)[1])
+
+    copy = 1.54e9 * 2 / 2**30  # the 1.5B model's bf16 weights
+    assert planned() - planned("method.precompute_ref_log_probs=true") == pytest.approx(copy, rel=0.05)
+    shape = memory.model_shape(compose_cfg("model=qwen2.5-1.5b-instruct")["model"])
+    on_host = [memory.host_estimate(compose_cfg("model=qwen2.5-1.5b-instruct", "lora=none", *o), shape,
+                                    "zero3_offload", 2, 2) for o in (["method.precompute_ref_log_probs=true"], [])]
+    assert on_host[0].offloaded < on_host[1].offloaded  # ZeRO-3-offload keeps the frozen copy's partition on the host
