@@ -13,9 +13,9 @@ CACHE_DIR = "~/.cache/launcher/inductor"
 MEASURED_UNDER = ("ddp",)  # on an H200 (docs/benchmarks.md) and on 2 CPU processes (tests/test_train.py)
 # The layers are compiled before the trainer wraps the model: FSDP1 then flattens their parameters, and ZeRO-3 adds
 # the hooks that gather each one at its use, which dynamo would trace inside every compiled layer
+ZERO3_HOOKS = "ZeRO-3's parameter-gathering hooks would run inside every compiled layer"
 REFUSED = {"fsdp_qlora": "FSDP1 flattens the compiled layers' parameters after they were compiled",
-           "zero3": "ZeRO-3's parameter-gathering hooks would run inside every compiled layer",
-           "zero3_offload": "ZeRO-3's parameter-gathering hooks would run inside every compiled layer"}
+           "zero3": ZERO3_HOOKS, "zero3_offload": ZERO3_HOOKS}
 
 
 def decide_compile(cfg, on_gpu: bool, strategy: str) -> tuple[dict, str | None]:

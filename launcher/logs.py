@@ -135,13 +135,12 @@ class CompileReport(TrainerCallback):
     shape that dynamic shapes did not cover). What an evaluation compiles (eval mode) is not blamed on training."""
 
     def __init__(self):
-        self.started, self.reported, self.frames, self.graphs = None, False, 0, 0
+        from torch._dynamo.utils import counters  # dynamo's own tallies, since the process started
 
-    @staticmethod
-    def _counts() -> tuple[int, int]:
-        from torch._dynamo.utils import counters
+        self.counters, self.started, self.reported, self.frames, self.graphs = counters, None, False, 0, 0
 
-        return counters["frames"]["ok"], counters["stats"]["unique_graphs"]
+    def _counts(self) -> tuple[int, int]:
+        return self.counters["frames"]["ok"], self.counters["stats"]["unique_graphs"]
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.started is None:
@@ -149,12 +148,10 @@ class CompileReport(TrainerCallback):
             self.frames, self.graphs = self._counts()
 
     def on_step_end(self, args, state, control, **kwargs):
-        from torch._dynamo.utils import counters
-
         frames, graphs = self._counts()
         if not self.reported:
             log.info("train.compile: %d graphs compiled in the first step (%.1f s), %d graph breaks",
-                     graphs - self.graphs, time.time() - self.started, sum(counters["graph_break"].values()))
+                     graphs - self.graphs, time.time() - self.started, sum(self.counters["graph_break"].values()))
             self.reported = True
         elif frames > self.frames:
             log.info("train.compile: %d more frames compiled at step %d (a batch shape not seen before)",
