@@ -9,8 +9,9 @@ wide ran 0.26x bf16, 4096 and wider 1.5-1.7x). At Llama-3.1-8B's shape FP8 ran D
 DPO did not learn at equal samples where bf16 did, in two seeds (docs/benchmarks.md, 2026-12-01): each FP8 forward's
 rounding, 3.7% of a layer's output, lands in the policy's and the reference's log-probs alike, and DPO's reward is
 their small difference. With the forward in bf16 and only the input gradients in FP8 (train.fp8=backward) the
-log-probs are exact: 1.10x bf16, and the held-out accuracy within bf16's spread, in one run. `auto` is off until
-more runs show it learns as bf16 does; train.fp8=true or backward turn it on.
+log-probs are exact: 1.08-1.10x bf16, and the held-out accuracy within bf16's spread in two seeds. So auto is
+`backward` for DPO where a layer is wide enough and the strategy keeps weights whole (the only ones measured), and
+off elsewhere: for SFT an FP8 forward's held-out loss trailed bf16's, the backward alone did not pay.
 """
 from __future__ import annotations
 
@@ -44,8 +45,39 @@ def refusal(cfg, on_gpu: bool, fp8_gpus: bool) -> str | None:
     return None
 
 
-def with_fp8(cfg: dict, on_gpu: bool, fp8_gpus: bool, decisions: list[str]) -> dict:
-    """train.fp8 checked, and auto made false with the reason (said in decisions), before the memory plan sizes the
+# What train.fp8=auto turns on, per method, where FP8 can run and pays, and why; off for the other methods
+AUTO = {"dpo": (BACKWARD, "at Llama-3.1-8B's shape FP8 input gradients ran DPO 1.08-1.10x bf16 and the held-out "
+                          "reward accuracy stayed within bf16's (0.63 and 0.66 in two seeds, bf16 0.62 and 0.68); an "
+                          "FP8 forward ran 1.37x but DPO did not learn (0.50, 0.51): its rounding lands in the "
+                          "policy's and the reference's log-probs alike")}
+NOT_AUTO = {"sft": "off: at Llama-3.1-8B's shape an FP8 forward ran SFT 1.06x bf16 at 16 rows per step (1.32x at 32) "
+                   "but its held-out loss trailed bf16's (12.516 against 12.490-12.503 at lr 1e-3, 12.575 against "
+                   "12.044-12.507 at 5e-3), and FP8 input gradients alone ran no faster (0.99x); train.fp8=true turns "
+                   "it on"}
+
+
+def auto_choice(cfg, shape, why_not: str | None) -> tuple[bool | str, str]:
+    """What train.fp8=auto becomes for this config, and why. shape: the model's (launcher/memory.py), or None."""
+    if why_not:
+        return False, f"off: {why_not}"
+    method, strategy, width = cfg["method"]["name"], cfg["strategy"]["name"], fp8_width(cfg)
+    if method not in AUTO:
+        return False, NOT_AUTO.get(method, f"off: FP8 not measured for method={method} (train.fp8=true or backward "
+                                           "turn it on)")
+    if shape is None:
+        return False, "off: the model's dimensions are unknown, so not whether its layers are wide enough to gain"
+    if shape.fp8_params(width) == 0:
+        return False, (f"off: no linear layer of this model is {width} features wide, and narrower ones ran slower in "
+                       f"FP8 than in bf16 (train.fp8_min_features)")
+    if strategy not in (*CACHED_UNDER, "auto"):
+        return False, (f"off: FP8 not measured for speed under strategy={strategy}, which gathers each weight and "
+                       "quantizes it at each use (train.fp8=true or backward turn it on)")
+    choice, measured = AUTO[method]
+    return choice, f"{str(choice).lower()}: {measured} (docs/benchmarks.md)"
+
+
+def with_fp8(cfg: dict, on_gpu: bool, fp8_gpus: bool, decisions: list[str], shape=None) -> dict:
+    """train.fp8 checked, and auto settled with the reason (said in decisions), before the memory plan sizes the
     job; true or backward where FP8 cannot run is refused here, before any sizing."""
     wanted = cfg["train"].get("fp8", "auto")
     if not (isinstance(wanted, bool) or wanted in ("auto", BACKWARD)):
@@ -57,10 +89,17 @@ def with_fp8(cfg: dict, on_gpu: bool, fp8_gpus: bool, decisions: list[str]) -> d
                                        "it cannot run) or train.fp8=false.")
     if wanted != "auto":
         return cfg
-    decisions.append("train.fp8=auto -> off: " + (why_not or (
-        "at Llama-3.1-8B's shape FP8 ran DPO 1.37x faster than bf16 but DPO did not learn at equal samples (held-out "
-        "reward accuracy 0.50 and 0.51 in two seeds, against 0.62 and 0.68 in bf16); FP8 input gradients alone "
-        "(train.fp8=backward) ran 1.10x and learned as bf16 did (0.63), in one run so far (docs/benchmarks.md)")))
+    choice, why = auto_choice(cfg, shape, why_not)
+    decisions.append(f"train.fp8=auto -> {why}")
+    return dict(cfg, train=dict(cfg["train"], fp8=choice))
+
+
+def off_where_unmeasured(cfg: dict, strategy: str, decisions: list[str]) -> dict:
+    """train.fp8 that auto turned on, off again where strategy=auto then chose a strategy that gathers weights."""
+    if not cfg["train"]["fp8"] or strategy in CACHED_UNDER:
+        return cfg
+    decisions.append(f"train.fp8=auto -> off after all: strategy=auto chose {strategy}, under which FP8 is not "
+                     "measured for speed (it gathers each weight and quantizes it at each use)")
     return dict(cfg, train=dict(cfg["train"], fp8=False))
 
 

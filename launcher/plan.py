@@ -133,7 +133,8 @@ def size_the_job(cfg: dict, machine: Machine, world: int, on_gpu: bool, decision
     gpu_mem = cfg["gpu_mem_gib"] or machine.gpu_mem_gib
     host = host_of(cfg, machine, procs_per_node or world)
     cfg = with_liger(copy.deepcopy(cfg), on_gpu, machine.liger)  # decided first: they change the memory needed
-    cfg = fp8.with_fp8(cfg, on_gpu, fp8_gpus(machine), decisions)
+    fp8_auto = cfg["train"].get("fp8", "auto") == "auto"
+    cfg = fp8.with_fp8(cfg, on_gpu, fp8_gpus(machine), decisions, known_shape(cfg))
     if not on_gpu or not gpu_mem:
         if auto_strategy:
             cfg["strategy"] = dict(cfg["strategy"], name="ddp")
@@ -182,6 +183,7 @@ def size_the_job(cfg: dict, machine: Machine, world: int, on_gpu: bool, decision
         cfg["strategy"] = dict(cfg["strategy"], name=name)  # with any strategy.deepspeed / strategy.fsdp given
         decisions.append(f"strategy=auto -> {why}" + (" among the DeepSpeed ones (backend=deepspeed or strategy."
                                                        "deepspeed settings)" if ds_only else ""))
+        cfg = fp8.off_where_unmeasured(cfg, name, decisions) if fp8_auto else cfg
         if auto_mb:
             cfg["micro_batch"] = mb
             decisions.append(f"micro_batch=auto -> {mb}: the largest that fits under {name}")

@@ -25,10 +25,26 @@ def fp8_lines(decisions):
     return [d for d in decisions if d.startswith("train.fp8")]
 
 
-def test_auto_leaves_fp8_off_where_it_could_run_saying_what_was_measured():
-    plan, decisions = planned("model=llama-3.1-8b-instruct", "strategy=ddp")
+def test_auto_runs_dpo_input_gradients_in_fp8_where_layers_are_wide_and_weights_whole():
+    for strategy in ("ddp", "zero2", "auto"):  # strategy=auto chooses ddp for 8B on an H200
+        plan, decisions = planned("model=llama-3.1-8b-instruct", f"strategy={strategy}")
+        assert plan["fp8"] and not plan["fp8_forward"] and plan["fp8_cache_weights"]
+        assert fp8_lines(decisions)[0].startswith("train.fp8=auto -> backward: at Llama-3.1-8B's shape")
+        assert "0.63 and 0.66 in two seeds" in fp8_lines(decisions)[0]
+
+
+@pytest.mark.parametrize("overrides,why", [
+    (("model=qwen2.5-1.5b-instruct",), "off: no linear layer of this model is 4096 features wide"),
+    (("model=llama-3.1-8b-instruct", "method=kto"), "off: FP8 not measured for method=kto"),
+    (("model=llama-3.1-8b-instruct", "method=sft", "data=demo_sft"), "off: at Llama-3.1-8B's shape an FP8 forward ran SFT"),
+    (("model=llama-3.1-8b-instruct", "strategy=zero3"), "off: FP8 not measured for speed under strategy=zero3"),
+    # 24 GiB GPUs: strategy=auto shards the 8B model, so FP8 would quantize every gathered weight at each use
+    (("model=llama-3.1-8b-instruct", "gpu_mem_gib=24"), "off after all: strategy=auto chose fsdp_qlora"),
+])
+def test_auto_leaves_fp8_off_where_it_is_not_measured_to_pay(overrides, why):
+    plan, decisions = planned(*overrides)
     assert not plan["fp8"]
-    assert "DPO did not learn at equal samples" in fp8_lines(decisions)[0]
+    assert any(line.startswith(f"train.fp8=auto -> {why}") for line in fp8_lines(decisions)), fp8_lines(decisions)
 
 
 def test_true_turns_fp8_on_with_weights_quantized_once_where_they_are_whole():
@@ -60,7 +76,7 @@ def test_backward_runs_only_the_input_gradients_in_fp8_and_the_plan_counts_one_c
     plan, decisions = planned("model=llama-3.1-8b-instruct", "strategy=ddp", "train.fp8=backward", "micro_batch=8")
     assert plan["fp8"] and not plan["fp8_forward"]
     assert "input gradients in FP8 (the forward, and so every log-prob, stays bf16)" in fp8_lines(decisions)[0]
-    off = planned("model=llama-3.1-8b-instruct", "strategy=ddp", "micro_batch=8")[1]
+    off = planned("model=llama-3.1-8b-instruct", "strategy=ddp", "micro_batch=8", "train.fp8=false")[1]
     gib = lambda ds: float(next(d for d in ds if d.startswith("memory plan")).split()[2])  # noqa: E731
     shape = memory.model_shape(compose_cfg("model=llama-3.1-8b-instruct")["model"])
     assert gib(decisions) - gib(off) == pytest.approx(shape.fp8_params(4096) / 2**30, abs=0.1)
@@ -100,7 +116,7 @@ def test_the_memory_plan_counts_two_fp8_copies_of_the_wide_weights_where_they_ar
     assert backward_only == pytest.approx(memory.estimate(shape, strategy="ddp", **args).weights
                                           + shape.fp8_params(4096) / 2**30)
     plan_on = planned("model=llama-3.1-8b-instruct", "strategy=ddp", "micro_batch=8", "train.fp8=true")[1]
-    plan_off = planned("model=llama-3.1-8b-instruct", "strategy=ddp", "micro_batch=8")[1]
+    plan_off = planned("model=llama-3.1-8b-instruct", "strategy=ddp", "micro_batch=8", "train.fp8=false")[1]
     gib = lambda ds: float(next(d for d in ds if d.startswith("memory plan")).split()[2])  # noqa: E731
     assert gib(plan_on) - gib(plan_off) == pytest.approx(2 * shape.fp8_params(4096) / 2**30, abs=0.1)
 
@@ -176,3 +192,8 @@ def test_a_lora_model_in_fp8_gives_the_bf16_loss_and_adapter_gradients_within_fp
     assert loss8 == pytest.approx(loss, rel=0.01)
     assert torch.nn.functional.cosine_similarity(grads, grads8, dim=0) > 0.99
     assert relative_error(grads8, grads) < 0.1
+
+
+def test_auto_is_off_where_the_model_dimensions_are_unknown():
+    choice, why = fp8.auto_choice(compose_cfg("model=llama-3.1-8b-instruct"), None, None)
+    assert choice is False and why.startswith("off: the model's dimensions are unknown")
