@@ -46,6 +46,7 @@ PEAK_BF16_FLOPS = 790e12  # dense bf16 matrix rate measured on the lent H100/H20
 # 2026-12-01 (scripts/fp8_linear_bench.py; bf16 measured 755 and 780 in the same calls)
 PEAK_FP8_FLOPS = 1380e12
 TIMEOUT_S = 300
+MIN_CASE_S = 30  # a case given less than this would not reach its first step
 
 
 def flops_per_token(n_params: float, method: str, lora: bool, precomputed_ref: bool) -> float:
@@ -184,6 +185,14 @@ def read_peer_output(text: str, case: Case, rows: list[list[int]], n_params: flo
                 peak_gib=r["peak_alloc_gib"], train_metric=metric)
 
 
+def case_timeout(per_case: int, deadline: float | None, now: float) -> int | None:
+    """Seconds a case may run: its own limit, cut to what is left of the bench's --budget-s, so that a case the
+    budget ends is stopped by the bench, which still reads its logged steps; None where too little is left for a
+    case to reach its first step."""
+    left = per_case if deadline is None else min(per_case, int(deadline - now))
+    return left if left >= MIN_CASE_S else None
+
+
 def run_case(name: str, case: Case, args) -> dict:
     from launcher.machine import find_free_port
 
@@ -203,11 +212,17 @@ def run_case(name: str, case: Case, args) -> dict:
         argv = peer_argv(case, Path(args.peer), args.gpus, find_free_port())
         env = dict(os.environ, ASSETS=str(assets), STEPS=str(args.steps), **case.env)
     rows = sequence_lengths(assets, case.method, MAX_LENGTH[case.mix])
+    timeout = case_timeout(args.timeout, args.deadline, time.monotonic())
+    if timeout is None:
+        return dict(case=name, method=case.method, preset=case.preset, mix=case.mix,
+                    error=f"not run: less than {MIN_CASE_S} s of --budget-s was left")
     started = time.time()
     with HostMemory() as host:
-        text, code, lines = run_logged(argv, env, args.timeout, out / f"{name}.log")
+        text, code, lines = run_logged(argv, env, timeout, out / f"{name}.log")
     res = dict(case=name, method=case.method, preset=case.preset, mix=case.mix, wall_s=round(time.time() - started, 1),
                rc=code, host_gib=host.peak_gib, **start_and_exit_seconds(lines, args.steps))
+    if code == -1:  # its steps are still read from its metrics; what came after them may be missing
+        res["stopped_at_s"] = timeout
     try:
         if case.kind == "launcher":
             res.update(read_launcher_run(out / "runs" / name, case, n_params, statistics.mean(map(sum, rows))))
@@ -215,11 +230,13 @@ def run_case(name: str, case: Case, args) -> dict:
             res.update(read_peer_output(text, case, rows, n_params))
     except Exception as exc:  # a failed case is a row that says so; the others still run
         res["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    timeout = case_timeout(args.timeout, args.deadline, time.monotonic())
     if case.resume_to and code == 0:  # after the row is read: the resumed steps land in the same run directory
         resumed = [a for a in argv if a != "overwrite=true" and not a.startswith("train.max_steps=")]
         resumed += [f"train.max_steps={case.resume_to}", "resume=auto"]
-        again, _, _ = run_logged(resumed, env, args.timeout, out / f"{name}-resumed.log")
-        res["resumed"] = resume_result(out / "runs" / name, again, args.steps, case.resume_to)
+        again = run_logged(resumed, env, timeout, out / f"{name}-resumed.log")[0] if timeout else ""
+        res["resumed"] = (resume_result(out / "runs" / name, again, args.steps, case.resume_to) if timeout else
+                          "not run: --budget-s spent")
     return res
 
 
@@ -328,6 +345,8 @@ def table(results: list[dict]) -> str:
             value = r.get(key)
             cells.append("-" if value is None else fmt.format(value) if not isinstance(value, bool)
                          else ("on" if value else "off"))
+        if "stopped_at_s" in r:
+            cells[-1] += f" (stopped at its {r['stopped_at_s']} s limit)"
         if "error" in r:
             cells[-1] += f" (failed: {r['error'][:80]})"
         lines.append("| " + " | ".join(cells) + " |")
@@ -357,10 +376,13 @@ def main(argv=None) -> int:
     p.add_argument("--preset", help="one model preset for every case instead of each case's own (e.g. tiny)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--timeout", type=int, default=TIMEOUT_S, help="seconds per case")
+    p.add_argument("--budget-s", type=int, help="seconds for all cases: a case still running when they are spent is "
+                                                "stopped, and its logged steps make its row; later cases do not run")
     p.add_argument("--profile-steps", help="A,B: profile steps A..B of each launcher case (runs/<case>/profile.txt); "
                                            "the median leaves them out")
     p.add_argument("--out", default="bench-out")
     args = p.parse_args(argv)
+    args.deadline = time.monotonic() + args.budget_s if args.budget_s else None
     names = case_names(args.cases)
     unknown = [n for n in names if n not in CASES]
     if unknown:

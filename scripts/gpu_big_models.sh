@@ -28,8 +28,8 @@ status=0
 for part in ${PART:-70b-dpo 70b-sft 8b}; do
   B=/tmp/big-$part
   { free -g; df -h /tmp; nvidia-smi --query-gpu=name,memory.total --format=csv; } > "$OUT/big-$part-machine.txt" 2>&1
-  timeout "${BUDGET_S:-3000}" python3 -m launcher.bench --gpus 2 --steps "${STEPS:-20}" --timeout "${CASE_TIMEOUT_S:-420}" \
-    --out "$B" --assets "$ASSETS" --cases "${ONLY:-${CASES[$part]}}" || status=1
+  timeout $((${BUDGET_S:-3000} + 90)) python3 -m launcher.bench --gpus 2 --steps "${STEPS:-20}" \
+    --timeout "${CASE_TIMEOUT_S:-420}" --budget-s "${BUDGET_S:-3000}" --out "$B" --assets "$ASSETS" --cases "${ONLY:-${CASES[$part]}}" || status=1
   # results first: a call cut by the machine's 10-minute limit during the adapter check keeps them
   cp "$B/bench.md" "$OUT/big-$part.md"; cp "$B/bench.json" "$OUT/big-$part.json"
   tar czf "$OUT/big-$part-logs.tgz" -C "$B" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' \

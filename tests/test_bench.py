@@ -45,6 +45,18 @@ def test_table_marks_failed_cases():
     assert "failed: RuntimeError: boom" in text.splitlines()[-1]
 
 
+def test_a_case_gets_what_is_left_of_the_budget_and_none_where_it_could_not_reach_a_step():
+    assert bench.case_timeout(300, None, now=1000.0) == 300  # no --budget-s: the case's own limit
+    assert bench.case_timeout(300, deadline=1100.0, now=1000.0) == 100
+    assert bench.case_timeout(300, deadline=5000.0, now=1000.0) == 300
+    assert bench.case_timeout(300, deadline=1000.0 + bench.MIN_CASE_S - 1, now=1000.0) is None
+
+
+def test_a_case_stopped_by_the_budget_keeps_its_row_and_says_so():
+    row = dict(case="ddp", step_s=0.7, tokens_per_s_per_gpu=3987, wall_s=73, stopped_at_s=71)
+    assert bench.table([row]).splitlines()[-1].endswith("| 73 (stopped at its 71 s limit) |")
+
+
 def test_the_benchmark_job_with_defaults_is_the_measured_ddp_plan():
     """docs/benchmarks.md measured strategy=ddp fastest; the defaults (strategy=auto) must plan exactly that run."""
     h200 = replace(GPU_NODE, gpu_count=2, gpu_mem_gib=139.8, liger=True)
