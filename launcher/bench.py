@@ -37,6 +37,7 @@ import yaml
 from launcher import ROOT, memory
 from launcher.methods import METHODS
 from launcher.bench_cases import CASES, DEFAULT_CASES, MAX_LENGTH, Case  # noqa: F401  (the bench's API)
+from launcher.bench_table import table
 from launcher.resources import shipped
 from launcher.report import read_metrics  # (matplotlib only when a report is drawn)
 
@@ -200,9 +201,17 @@ def run_case(name: str, case: Case, args) -> dict:
         case = replace(case, preset=args.preset)
     assets = Path(args.assets) / "-".join([case.preset] + [x for x in (case.mix, case.weights)
                                                            if x not in ("uniform", "bf16")])
+    if case_timeout(args.timeout, args.deadline, time.monotonic()) is None:
+        return dict(case=name, method=case.method, preset=case.preset, mix=case.mix,
+                    not_run=f"less than {MIN_CASE_S} s of its time (--timeout, --budget-s) was left")
     if not (assets / "DONE").exists():  # in a child process, so that no GPU memory stays held here
-        subprocess.run([sys.executable, "-m", "launcher.bench_assets", str(assets), case.preset, case.mix, "-",
-                        case.weights], check=True)
+        left = None if args.deadline is None else max(1, int(args.deadline - time.monotonic()))
+        try:
+            subprocess.run([sys.executable, "-m", "launcher.bench_assets", str(assets), case.preset, case.mix, "-",
+                            case.weights], check=True, timeout=left)
+        except subprocess.TimeoutExpired:
+            return dict(case=name, method=case.method, preset=case.preset, mix=case.mix,
+                        not_run="--budget-s was spent while its model and data were built")
     shape = yaml.safe_load((shipped("conf") / "model" / f"{case.preset}.yaml").read_text())["shape"]
     n_params = memory.Shape.from_config(shape).total_params()
     out = Path(args.out)
@@ -213,9 +222,9 @@ def run_case(name: str, case: Case, args) -> dict:
         env = dict(os.environ, ASSETS=str(assets), STEPS=str(args.steps), **case.env)
     rows = sequence_lengths(assets, case.method, MAX_LENGTH[case.mix])
     timeout = case_timeout(args.timeout, args.deadline, time.monotonic())
-    if timeout is None:
+    if timeout is None:  # the assets took the rest
         return dict(case=name, method=case.method, preset=case.preset, mix=case.mix,
-                    error=f"not run: less than {MIN_CASE_S} s of --budget-s was left")
+                    not_run=f"less than {MIN_CASE_S} s of its time (--timeout, --budget-s) was left")
     started = time.time()
     with HostMemory() as host:
         text, code, lines = run_logged(argv, env, timeout, out / f"{name}.log")
@@ -325,34 +334,6 @@ class HostMemory:
         return (int(info["MemTotal"].split()[0]) - int(info["MemAvailable"].split()[0])) * 1024
 
 
-COLUMNS = [("case", "{}"), ("mix", "{}"), ("strategy", "{}"), ("quant", "{}"), ("micro_batch", "{}"),
-           ("checkpointing", "{}"), ("liger", "{}"), ("fp8", "{}"), ("clock", "{}"), ("step_s", "{:.3f}"),
-           ("per_s_per_gpu", "{:.1f}"), ("tokens_per_s_per_gpu", "{:.0f}"), ("padding", "{:.0%}"), ("mfu", "{:.1%}"),
-           ("mfu_fp8", "{:.1%}"), ("peak_gib", "{:.1f}"), ("plan_gib", "{:.1f}"), ("train_metric", "{:.3f}"),
-           ("eval_metric", "{:.3f}"), ("load_s", "{:.0f}"), ("host_gib", "{:.1f}"), ("resumed", "{}"),
-           ("to_first_step_s", "{:.0f}"), ("after_last_step_s", "{:.0f}"), ("wall_s", "{:.0f}")]
-HEADERS = ["case", "mix", "strategy", "quant", "mb", "ckpt", "liger", "fp8", "clock", "s/step", "pairs|seqs/s/GPU",
-           "real tokens/s/GPU", "padding", "MFU (bf16 rate)", "MFU (FP8 rate)", "peak GiB/GPU", "plan GiB",
-           "train acc|loss", "eval acc|loss", "load s", "host GiB", "resumed", "to step 1 s", "after last step s",
-           "wall s"]
-
-
-def table(results: list[dict]) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-    for r in results:
-        cells = []
-        for key, fmt in COLUMNS:
-            value = r.get(key)
-            cells.append("-" if value is None else fmt.format(value) if not isinstance(value, bool)
-                         else ("on" if value else "off"))
-        if "stopped_at_s" in r:
-            cells[-1] += f" (stopped at its {r['stopped_at_s']} s limit)"
-        if "error" in r:
-            cells[-1] += f" (failed: {r['error'][:80]})"
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def environment() -> str:
     gpus = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
                           capture_output=True, text=True).stdout.strip().splitlines() if shutil.which("nvidia-smi") else []
@@ -382,7 +363,7 @@ def main(argv=None) -> int:
                                            "the median leaves them out")
     p.add_argument("--out", default="bench-out")
     args = p.parse_args(argv)
-    args.deadline = time.monotonic() + args.budget_s if args.budget_s else None
+    args.deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
     names = case_names(args.cases)
     unknown = [n for n in names if n not in CASES]
     if unknown:

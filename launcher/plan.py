@@ -126,15 +126,58 @@ def host_of(cfg: dict, machine: Machine, procs_per_node: int) -> Host:
 
 def size_the_job(cfg: dict, machine: Machine, world: int, on_gpu: bool, decisions: list[str],
                  procs_per_node: int | None = None) -> dict:
-    """strategy=auto, micro_batch=auto and train.gradient_checkpointing=auto from the memory plan
-    (launcher/memory.py, launcher/host_memory.py); a copy of cfg, resolved."""
+    """train.liger and train.fp8 settled (they change the memory needed), then strategy=auto, micro_batch=auto and
+    train.gradient_checkpointing=auto from the memory plan (launcher/memory.py, launcher/host_memory.py); a copy of
+    cfg, resolved. FP8 that train.fp8=auto turned on is kept only where its weight copies leave the sizing as it is
+    without them: the job is sized both ways."""
+    cfg = with_liger(copy.deepcopy(cfg), on_gpu, machine.liger)
+    fp8_auto = cfg["train"].get("fp8", "auto") == "auto"
+    fp8_lines: list[str] = []
+    cfg = fp8.with_fp8(cfg, on_gpu, fp8_gpus(machine), fp8_lines, known_shape(cfg))
+    if not (fp8_auto and cfg["train"]["fp8"]):
+        decisions += fp8_lines
+        return size_for_memory(cfg, machine, world, on_gpu, decisions, procs_per_node)
+    without, without_lines = dict(cfg, train=dict(cfg["train"], fp8=False)), []
+    sized_without = size_for_memory(without, machine, world, on_gpu, without_lines, procs_per_node)
+    with_lines: list[str] = []
+    try:
+        sized = size_for_memory(cfg, machine, world, on_gpu, with_lines, procs_per_node)
+    except ConfigError:
+        sized = None
+    if sized and not fits_as_sized(sized, machine, world) and fits_as_sized(sized_without, machine, world):
+        sized = None  # a micro_batch given: sizing changed nothing, but the copies would not fit beside it
+    if why := fp8.why_auto_drops_it(sized, sized_without):
+        decisions += [f"train.fp8=auto -> off: {why}", *without_lines]
+        return sized_without
+    decisions += fp8_lines + with_lines
+    return sized
+
+
+def fp8_as_launched(cfg: dict, machine: Machine, world: int, procs_per_node: int) -> dict:
+    """cfg with train.fp8 as a launch on these GPUs would settle it (`python -m launcher plan` sizes with it)."""
+    try:
+        fp8_setting = size_the_job(cfg, machine, world, True, [], procs_per_node)["train"]["fp8"]
+    except ConfigError:  # nothing fits: the table says so; auto would not add FP8 copies
+        fp8_setting = False if cfg["train"].get("fp8", "auto") == "auto" else cfg["train"]["fp8"]
+    return dict(cfg, train=dict(cfg["train"], fp8=fp8_setting))
+
+
+def fits_as_sized(cfg: dict, machine: Machine, world: int) -> bool:
+    """The memory plan's verdict for cfg as sized; True where it cannot say (GPU memory or the model unknown)."""
+    gpu_mem, name, shape = cfg["gpu_mem_gib"] or machine.gpu_mem_gib, cfg["strategy"]["name"], known_shape(cfg)
+    if not gpu_mem or shape is None or not memory.supported(name, cfg["quant"]["bits"], cfg["lora"]["r"]):
+        return True
+    return memory.fits(memory.job_estimate(cfg, shape, name, world, cfg["micro_batch"]), gpu_mem)
+
+
+def size_for_memory(cfg: dict, machine: Machine, world: int, on_gpu: bool, decisions: list[str],
+                    procs_per_node: int | None = None) -> dict:
+    """strategy, micro_batch and gradient checkpointing where they are auto, for cfg as it is (a copy)."""
+    cfg = copy.deepcopy(cfg)
     auto_strategy, auto_mb = cfg["strategy"]["name"] == "auto", cfg["micro_batch"] == "auto"
     auto_gc = cfg["train"]["gradient_checkpointing"] == "auto"
     gpu_mem = cfg["gpu_mem_gib"] or machine.gpu_mem_gib
     host = host_of(cfg, machine, procs_per_node or world)
-    cfg = with_liger(copy.deepcopy(cfg), on_gpu, machine.liger)  # decided first: they change the memory needed
-    fp8_auto = cfg["train"].get("fp8", "auto") == "auto"
-    cfg = fp8.with_fp8(cfg, on_gpu, fp8_gpus(machine), decisions, known_shape(cfg))
     if not on_gpu or not gpu_mem:
         if auto_strategy:
             cfg["strategy"] = dict(cfg["strategy"], name="ddp")
@@ -183,7 +226,6 @@ def size_the_job(cfg: dict, machine: Machine, world: int, on_gpu: bool, decision
         cfg["strategy"] = dict(cfg["strategy"], name=name)  # with any strategy.deepspeed / strategy.fsdp given
         decisions.append(f"strategy=auto -> {why}" + (" among the DeepSpeed ones (backend=deepspeed or strategy."
                                                        "deepspeed settings)" if ds_only else ""))
-        cfg = fp8.off_where_unmeasured(cfg, name, decisions) if fp8_auto else cfg
         if auto_mb:
             cfg["micro_batch"] = mb
             decisions.append(f"micro_batch=auto -> {mb}: the largest that fits under {name}")
@@ -247,7 +289,8 @@ def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: l
     procs, on_gpu = validate.procs_per_node(cfg, machine)
     decisions: list[str] = []
     if on_gpu and not machine.gpu_count:
-        decisions.append("no GPU visible here: planned for bf16-capable GPUs (dry run)")
+        decisions.append("no GPU visible here: planned for GPUs with bf16 and FP8 (compute capability 8.9+, e.g. H100; "
+                         "dry run)")
     micro_batch_was_auto = cfg["micro_batch"] == "auto"
     cfg = size_the_job(cfg, machine, procs * cfg["nodes"], on_gpu, decisions, procs)
     methods.check(cfg)  # again, with micro_batch sized

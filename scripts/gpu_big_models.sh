@@ -15,7 +15,9 @@
 # Measured on 2x H200 (docs/benchmarks.md, 2026-11-30): the 70B checkpoint takes 55 s to write; a 70B zero3 case
 # with its resume 156 s + 90 s; a 70B fsdp_qlora case about 7 minutes with its resume (each FULL_STATE_DICT save
 # gathers the whole model into rank 0: 133 s). A lent machine stops a command after 10 minutes: there, one or
-# two cases per call (ONLY=..., BUDGET_S=440, CASE_TIMEOUT_S=400), each call building the checkpoint again.
+# two cases per call (ONLY=..., BUDGET_S=360, CASE_TIMEOUT_S=340), each call building the checkpoint again.
+# BUDGET_S is per part: the bench stops a case still running then (its logged steps make its row), and the part's
+# command ends by BUDGET_S + 90 whatever happens; the adapter check and the logs come after it.
 set -uo pipefail
 . scripts/gpu_env.sh
 ASSETS=${ASSETS:-/tmp/big-assets}

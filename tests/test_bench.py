@@ -33,28 +33,11 @@ def test_every_launcher_case_plans_on_the_benchmark_machine():
             assert plan.world_size == 2, name
 
 
-def test_table_marks_failed_cases():
-    rows = [dict(case="ddp", mix="uniform", strategy="ddp", quant="none", micro_batch=32, checkpointing=False,
-                 liger=True, fp8=True, mfu_fp8=0.25, step_s=0.5, per_s_per_gpu=64.0, tokens_per_s_per_gpu=44800, padding=0.25, mfu=0.5,
-                 peak_gib=50.0, plan_gib=48.0, train_metric=0.6, eval_metric=0.55, wall_s=60),
-            dict(case="zero3", wall_s=12, error="RuntimeError: boom")]
-    rows[0]["clock"] = "between logs"
-    text = bench.table(rows)
-    assert ("| ddp | uniform | ddp | none | 32 | off | on | on | between logs | 0.500 | 64.0 | 44800 | 25% | 50.0% "
-            "| 25.0% | 50.0 | 48.0 |") in text
-    assert "failed: RuntimeError: boom" in text.splitlines()[-1]
-
-
 def test_a_case_gets_what_is_left_of_the_budget_and_none_where_it_could_not_reach_a_step():
     assert bench.case_timeout(300, None, now=1000.0) == 300  # no --budget-s: the case's own limit
     assert bench.case_timeout(300, deadline=1100.0, now=1000.0) == 100
     assert bench.case_timeout(300, deadline=5000.0, now=1000.0) == 300
     assert bench.case_timeout(300, deadline=1000.0 + bench.MIN_CASE_S - 1, now=1000.0) is None
-
-
-def test_a_case_stopped_by_the_budget_keeps_its_row_and_says_so():
-    row = dict(case="ddp", step_s=0.7, tokens_per_s_per_gpu=3987, wall_s=73, stopped_at_s=71)
-    assert bench.table([row]).splitlines()[-1].endswith("| 73 (stopped at its 71 s limit) |")
 
 
 def test_the_benchmark_job_with_defaults_is_the_measured_ddp_plan():

@@ -38,13 +38,42 @@ def test_auto_runs_dpo_input_gradients_in_fp8_where_layers_are_wide_and_weights_
     (("model=llama-3.1-8b-instruct", "method=kto"), "off: FP8 not measured for method=kto"),
     (("model=llama-3.1-8b-instruct", "method=sft", "data=demo_sft"), "off: at Llama-3.1-8B's shape an FP8 forward ran SFT"),
     (("model=llama-3.1-8b-instruct", "strategy=zero3"), "off: FP8 not measured for speed under strategy=zero3"),
-    # 24 GiB GPUs: strategy=auto shards the 8B model, so FP8 would quantize every gathered weight at each use
-    (("model=llama-3.1-8b-instruct", "gpu_mem_gib=24"), "off after all: strategy=auto chose fsdp_qlora"),
+    # 70B in bf16 on two H200s: strategy=auto shards it with or without FP8's copies
+    (("model=llama-3.1-70b-instruct",), "off: under fsdp_qlora FP8 is not measured for speed"),
 ])
 def test_auto_leaves_fp8_off_where_it_is_not_measured_to_pay(overrides, why):
     plan, decisions = planned(*overrides)
     assert not plan["fp8"]
-    assert any(line.startswith(f"train.fp8=auto -> {why}") for line in fp8_lines(decisions)), fp8_lines(decisions)
+    assert fp8_lines(decisions)[0].startswith(f"train.fp8=auto -> {why}"), fp8_lines(decisions)
+
+
+@pytest.mark.parametrize("overrides,why", [
+    # 24 GiB GPUs: FP8's copies (6 GiB at 8B) would push strategy=auto from ddp to a sharded strategy
+    (("gpu_mem_gib=24",), "its FP8 weight copies would move strategy=auto from ddp to fsdp_qlora"),
+    (("gpu_mem_gib=24", "strategy=ddp"), "with its FP8 weight copies the job would not fit"),  # micro_batch=auto
+    (("gpu_mem_gib=20", "strategy=ddp", "micro_batch=2", "train.gradient_checkpointing=true"),
+     "with its FP8 weight copies the job would not fit"),  # nothing to size: the plan itself would not fit
+    (("gpu_mem_gib=70",), "its FP8 weight copies would turn gradient checkpointing on"),
+])
+def test_auto_drops_fp8_where_its_weight_copies_would_change_the_sizing(overrides, why):
+    job = ("model=llama-3.1-8b-instruct", *overrides)
+    plan, decisions = planned(*job)
+    assert not plan["fp8"] and len(fp8_lines(decisions)) == 1  # the reason it is off, not first on then off
+    assert fp8_lines(decisions)[0].startswith(f"train.fp8=auto -> off: {why}")
+    off_plan, off_decisions = planned(*job, "train.fp8=false")  # sized as without FP8, decision for decision
+    assert {k: plan[k] for k in ("strategy", "gradient_checkpointing", "token_budget")} == \
+           {k: off_plan[k] for k in ("strategy", "gradient_checkpointing", "token_budget")}
+    assert [d for d in decisions if not d.startswith("train.fp8")] == \
+           [d for d in off_decisions if not d.startswith("train.fp8")]
+
+
+def test_python_m_launcher_plan_counts_the_fp8_copies_a_launch_would_have():
+    from launcher.__main__ import memory_plan_text
+
+    text = memory_plan_text(compose_cfg("gpus=1", "model=llama-3.1-8b-instruct", "gpu_mem_gib=139.8"), GPU_NODE)
+    assert "train.fp8: backward" in text and "108.4 GiB of 140 GiB per GPU at micro_batch=32" in text
+    small = memory_plan_text(compose_cfg("gpus=1", "model=llama-3.1-8b-instruct", "gpu_mem_gib=24"), GPU_NODE)
+    assert "train.fp8: false" in small and "strategy=auto would take ddp" in small
 
 
 def test_true_turns_fp8_on_with_weights_quantized_once_where_they_are_whole():
