@@ -1,8 +1,8 @@
 """What a person sees while a run trains: rank 0 alone talks to the console, with one progress display;
 everything else goes to the rank logs (<run_dir>/logs/rank<R>.log).
 
-- Library warnings reach rank 0's console unless they are known noise (KNOWN_NOISE, matched by logger and
-  message), so an unknown warning still shows; every record, noise included, is in the rank's log.
+- Library warnings reach rank 0's console unless they are known noise (launcher/early_logs.py: KNOWN_NOISE, matched by
+  logger and message), so an unknown warning still shows; every record, noise included, is in the rank's log.
 - Other ranks write nothing to the console: their stdout and stderr (stray prints, C++ warnings, a crash's
   traceback) go to their own log, where the launcher's post-mortem reads them.
 - Progress: on a terminal, one tqdm bar (step / total, elapsed, ETA, loss, reward accuracy); elsewhere (a Slurm
@@ -10,42 +10,22 @@ everything else goes to the rank logs (<run_dir>/logs/rank<R>.log).
 """
 from __future__ import annotations
 
-import atexit
 import logging
-import logging.handlers
 import os
 import sys
 import time
 from pathlib import Path
 
-# (this imports torch and accelerate already; what warns on import comes later, with trl, peft and bitsandbytes)
+# (this imports torch, accelerate, peft and bitsandbytes, which can warn as they are imported: launcher/early_logs.py
+# holds their records from before it)
 from transformers import TrainerCallback
+
+from launcher.early_logs import KnownNoise, early_records
 
 log = logging.getLogger("launcher")
 
-# (logger name prefix, words of the message): seen on our own runs, harmless, and printed once per rank
-KNOWN_NOISE = (
-    # accelerate 1.15 wrapping DDP: the deprecated name is what the Trainer passes for ddp_broadcast_buffers
-    ("py.warnings", "`broadcast_buffers` is deprecated"),
-    # bitsandbytes on CPUs with AVX512-BF16 when the optional `kernels` package is absent: it falls back
-    ("bitsandbytes", "Failed to load CPU gemm_4bit_forward from kernels-community"),
-    # DeepSpeed imported on a machine without GPUs (the CPU runs of ZeRO)
-    ("DeepSpeed", "Setting accelerator to CPU"),
-    # torch's barrier before the process group knows its device (accelerate's main_process_first; 2x H200)
-    ("py.warnings", "barrier(): using the device under current context"),
-    # Liger's optional backends for other hardware (CuTe DSL, Ascend) that this machine does not have (2x H200)
-    ("liger_kernel.backends", "could not be imported"),
-    # TRL 1.16 on `use_liger_kernel`, which is how transformers' Trainer applies Liger's kernels (2x H200)
-    ("py.warnings", "`use_liger_kernel=True` is deprecated"),
-)
 LIBRARIES = ("transformers", "trl", "peft", "accelerate", "datasets", "DeepSpeed", "deepspeed", "bitsandbytes",
              "torch", "liger_kernel", "py.warnings")
-
-
-class KnownNoise(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(record.name.startswith(source) and words in message for source, words in KNOWN_NOISE)
 
 
 class OncePerTemplate(logging.Filter):
@@ -78,24 +58,6 @@ class AboveTheBar(logging.StreamHandler):
             self.handleError(record)
 
 
-_early = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
-
-
-def hold_early_records() -> None:
-    """Before the training libraries are imported (some warn at import): keep their records until `setup` knows
-    where they go; printed to stderr at exit if `setup` never ran (a rank that died before it)."""
-    logging.captureWarnings(True)  # Python's own filters still decide which warnings are raised at all
-    logging.getLogger().addHandler(_early)
-    atexit.register(_print_held_records)
-
-
-def _print_held_records() -> None:
-    for record in _early.buffer:
-        if record.levelno >= logging.WARNING:
-            print(f"{record.name}: {record.levelname}: {record.getMessage()}", file=sys.stderr)
-    _early.buffer.clear()
-
-
 def setup(run_dir: str, rank: int) -> None:
     logs = Path(run_dir, "logs")
     logs.mkdir(parents=True, exist_ok=True)
@@ -124,15 +86,15 @@ def setup(run_dir: str, rank: int) -> None:
     launcher.handlers, launcher.propagate = ours, False
     launcher.setLevel(logging.DEBUG)
     root = logging.getLogger()
-    root.removeHandler(_early)
+    root.removeHandler(early_records)
     root.handlers = libraries
     root.setLevel(logging.WARNING)
     route_libraries()
     logging.captureWarnings(True)
-    for record in _early.buffer:  # what was said before this
+    for record in early_records.buffer:  # what was said before this
         if record.levelno >= logging.WARNING:
             root.handle(record)
-    _early.buffer.clear()
+    early_records.buffer.clear()
     import datasets
     import transformers
 

@@ -13,9 +13,14 @@ from pathlib import Path
 
 import yaml
 
-from launcher import checkpoints, data, modeling
-from launcher.render import render_deepspeed_config
-from launcher.strategies import resolve_strategy
+from launcher import early_logs
+
+if __name__ == "__main__":  # the launcher's child process: before the libraries, some of which warn on import
+    early_logs.to_stderr_without_known_noise()
+
+from launcher import checkpoints, data, modeling  # noqa: E402
+from launcher.render import render_deepspeed_config  # noqa: E402
+from launcher.strategies import resolve_strategy  # noqa: E402
 
 
 def saved_adapter(ckpt: Path) -> dict | None:

@@ -6,9 +6,10 @@ planner and arrive in the config's `plan` section.
 """
 from __future__ import annotations
 
-from launcher import console
+from launcher import early_logs
 
-console.hold_early_records()  # first: some libraries warn as they are imported
+early_logs.hold()  # first: some libraries warn as they are imported
+
 
 import json
 import logging
@@ -23,8 +24,8 @@ import yaml
 from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from launcher import (checkpoints, compiling, data, fp8_linear, gate, host_work, logs, methods, modeling,
-                      padding_free, postmortem, profiling, samplers, samples, step_metrics)
+from launcher import (checkpoints, compiling, console, data, fp8_linear, gate, host_work, logs, methods,
+                      modeling, padding_free, postmortem, profiling, samplers, samples, step_metrics)
 
 log = logging.getLogger("launcher")
 

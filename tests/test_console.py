@@ -60,27 +60,11 @@ def test_resumed_progress_counts_from_the_checkpoint(clock):
     assert out.getvalue().startswith("step 41/50 (82%)")
 
 
-def test_known_noise_is_recognised_by_source_and_words():
-    import logging
-
-    noise = console.KnownNoise()
-
-    def record(name, msg):
-        return logging.LogRecord(name, logging.WARNING, __file__, 1, msg, None, None)
-
-    assert not noise.filter(record("DeepSpeed", "Setting accelerator to CPU. If you have GPU ..."))
-    assert not noise.filter(record("bitsandbytes.backends.cpu.ops",
-                                   "Failed to load CPU gemm_4bit_forward from kernels-community: no module"))
-    assert noise.filter(record("transformers.trainer", "Setting accelerator to CPU"))  # the same words elsewhere
-    assert noise.filter(record("DeepSpeed", "ZeRO-3 found a parameter it does not know"))
-    assert not noise.filter(record("py.warnings", "/x/methods.py:167: FutureWarning: `use_liger_kernel=True` is "
-                                                  "deprecated and will be removed in v2.0.0. Use the Hub kernels"))
-
-
 RANK_SCRIPT = textwrap.dedent("""
     import logging, sys, warnings
+    from launcher import early_logs
+    early_logs.hold()  # as launcher/train.py does, before the libraries (console imports transformers)
     from launcher import console
-    console.hold_early_records()
     logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
         "Failed to load CPU gemm_4bit_forward from kernels-community: x")   # known noise, before setup
     logging.getLogger("peft.tuners").warning("an early warning nobody knows")
