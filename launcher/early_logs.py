@@ -44,8 +44,9 @@ def hold() -> None:
 
 
 def _print_held_records() -> None:
+    noise = KnownNoise()
     for record in early_records.buffer:
-        if record.levelno >= logging.WARNING and KnownNoise().filter(record):
+        if record.levelno >= logging.WARNING and noise.filter(record):
             print(f"{record.name}: {record.levelname}: {record.getMessage()}", file=sys.stderr)
     early_records.buffer.clear()
 

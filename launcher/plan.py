@@ -162,12 +162,20 @@ def fp8_as_launched(cfg: dict, machine: Machine, world: int, procs_per_node: int
     return dict(cfg, train=dict(cfg["train"], fp8=fp8_setting))
 
 
-def fits_as_sized(cfg: dict, machine: Machine, world: int) -> bool:
-    """The memory plan's verdict for cfg as sized; True where it cannot say (GPU memory or the model unknown)."""
-    gpu_mem, name, shape = cfg["gpu_mem_gib"] or machine.gpu_mem_gib, cfg["strategy"]["name"], known_shape(cfg)
+def gpu_estimate(cfg: dict, machine: Machine, world: int, shape: memory.Shape | None,
+                 token_budget: int | None = None) -> tuple[memory.Estimate, float] | None:
+    """The memory plan's peak per GPU for cfg as sized, and the GPU memory; None where it cannot say (GPU memory or
+    the model unknown, or a strategy the plan does not cover)."""
+    gpu_mem, name = cfg["gpu_mem_gib"] or machine.gpu_mem_gib, cfg["strategy"]["name"]
     if not gpu_mem or shape is None or not memory.supported(name, cfg["quant"]["bits"], cfg["lora"]["r"]):
-        return True
-    return memory.fits(memory.job_estimate(cfg, shape, name, world, cfg["micro_batch"]), gpu_mem)
+        return None
+    return memory.job_estimate(cfg, shape, name, world, cfg["micro_batch"], tokens=token_budget), gpu_mem
+
+
+def fits_as_sized(cfg: dict, machine: Machine, world: int) -> bool:
+    """The memory plan's verdict for cfg as sized; True where it cannot say."""
+    planned = gpu_estimate(cfg, machine, world, known_shape(cfg))
+    return planned is None or memory.fits(*planned)
 
 
 def size_for_memory(cfg: dict, machine: Machine, world: int, on_gpu: bool, decisions: list[str],
@@ -257,10 +265,10 @@ def known_shape(cfg: dict):
 def memory_decision(cfg: dict, machine: Machine, world: int, token_budget: int | None, shape: memory.Shape | None,
                     procs_per_node: int | None = None) -> str | None:
     """The memory plan's peak per GPU and per host for the job as planned (a token budget counted as its tokens)."""
-    gpu_mem, name = cfg["gpu_mem_gib"] or machine.gpu_mem_gib, cfg["strategy"]["name"]
-    if not gpu_mem or shape is None or not memory.supported(name, cfg["quant"]["bits"], cfg["lora"]["r"]):
+    planned = gpu_estimate(cfg, machine, world, shape, token_budget)
+    if planned is None:
         return None
-    est = memory.job_estimate(cfg, shape, name, world, cfg["micro_batch"], tokens=token_budget)
+    (est, gpu_mem), name = planned, cfg["strategy"]["name"]
     verdict = "fits" if memory.fits(est, gpu_mem) else "WARNING: over the memory there is, expect OOM"
     line = f"memory plan: {est.total:.1f} GiB per GPU predicted of {gpu_mem:.0f} GiB ({verdict})"
     host = host_of(cfg, machine, procs_per_node or world)

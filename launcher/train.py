@@ -10,7 +10,6 @@ from launcher import early_logs
 
 early_logs.hold()  # first: some libraries warn as they are imported
 
-
 import json
 import logging
 import os
