@@ -71,6 +71,15 @@ CASES = {
     # adapter's input and a saved copy of it (the profiled defaults' generic elementwise kernels, dropout's
     # among them, took 28 of the step's 464 GPU ms)
     "ddp-no-dropout": Case("launcher", overrides=("strategy=ddp", "lora.dropout=0")),
+    # TRL's SFT keeps dropout on (only DPOConfig has disable_dropout): its cost there, as an upper bound for a
+    # cheaper dropout
+    "sft-no-dropout": Case("launcher", "sft", overrides=("lora.dropout=0",)),
+    "real-sft-no-dropout": Case("launcher", "sft", overrides=("lora.dropout=0",), mix="realistic"),
+    # ... torch's dropout, and LoRA's dropout in the adapter's kernel (launcher/lora_dropout.py)
+    "sft-torch-dropout": Case("launcher", "sft", overrides=("train.lora_dropout_kernel=false",)),
+    "real-sft-torch-dropout": Case("launcher", "sft", overrides=("train.lora_dropout_kernel=false",), mix="realistic"),
+    "sft-dropout-kernel": Case("launcher", "sft", overrides=("train.lora_dropout_kernel=true",)),
+    "real-sft-dropout-kernel": Case("launcher", "sft", overrides=("train.lora_dropout_kernel=true",), mix="realistic"),
     # the methods beyond DPO on the same model and pairs, with the launcher's defaults: ORPO and SimPO have no
     # reference pass; KTO takes each pair as a desirable and an undesirable row (rows/s counts those)
     "orpo-defaults": Case("launcher", "orpo"),

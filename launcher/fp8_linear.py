@@ -146,6 +146,8 @@ def fp8_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
     out = _Fp8Matmul.apply(rows, weight, *quantized, self.fp8_forward)
     if self.bias is not None:
         out = out + self.bias
+    if x.dim() == 2:  # as it is: a view would make LoRA's in-place sum (launcher/modeling.py) copy it
+        return out
     return out.view(*x.shape[:-1], out.shape[-1])
 
 

@@ -24,6 +24,7 @@ class Machine:
     free_port: int = 29500
     busy_ports: frozenset = frozenset()  # of the ports asked about, those something here already listens on
     liger: bool = False  # liger-kernel is installed (found, not imported: it pulls in triton)
+    triton: bool = False  # triton is installed (torch's CUDA builds bring it)
     deepspeed: bool = True  # deepspeed is installed (strategy=auto only picks ZeRO where it is)
     host_mem_gib: float | None = None  # this host's RAM (MemTotal)
 
@@ -97,6 +98,7 @@ def detect_machine(ports=()) -> Machine:
         free_port=find_free_port(),
         busy_ports=frozenset(p for p in ports if isinstance(p, int) and 0 < p < 65536 and port_in_use(p)),
         liger=importlib.util.find_spec("liger_kernel") is not None,
+        triton=importlib.util.find_spec("triton") is not None,
         deepspeed=importlib.util.find_spec("deepspeed") is not None,
         host_mem_gib=host_memory_gib(),
     )

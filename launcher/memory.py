@@ -37,7 +37,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher import host_memory
+from launcher import host_memory, lora_dropout
 from launcher.fp8 import CACHED_UNDER
 from launcher.fp8 import weight_copies as fp8_weight_copies
 from launcher.host_memory import Host
@@ -58,7 +58,10 @@ ACT_BF16_ADAPTERS = 0.86  # zero2 47.4 against ddp 54.8 when PEFT still ran DDP'
 # their inputs; without those copies (modeling.feed_adapters_the_activations_as_they_are) ddp measured 47.6
 ACT_KBIT_DDP = 1.46  # ddp 4-bit 77.4 against ddp bf16 54.8
 # SFT keeps more per token than DPO (where the reference pass keeps nothing): ddp at 24.6k tokens per micro-batch,
-# SFT micro_batch 64 peaked at 64.53 GiB against DPO micro_batch 32 at 47.65, 61.4 against 44.5 above the weights
+# SFT micro_batch 64 peaked at 64.53 GiB against DPO micro_batch 32 at 47.65, 61.4 against 44.5 above the weights.
+# That is LoRA's dropout, which TRL leaves on for SFT: lora.dropout=0 peaked at 46.9 (2026-12-02), and so did the
+# dropout kernel's first version (launcher/lora_dropout.py: no dropped copies or byte masks; the kernel now keeps a
+# bit per element, 1.4 GB more at those 22.5k tokens, not counted)
 ACT_SFT = 1.38
 BYTES_4BIT = 0.53
 LINEAR_BYTES = {None: 2.0, 4: BYTES_4BIT, 8: 1.0}  # per linear-layer weight, by quant bits
@@ -157,7 +160,7 @@ def tokens_per_micro_batch(micro_batch: int, method: str, seq_len: int) -> int:
 def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | None, lora_targets, world: int,
              micro_batch: int, seq_len: int, method: str, gradient_checkpointing: bool,
              liger: bool = False, tokens: int | None = None, fp8: tuple[int, int] | None = None,
-             precomputed_ref: bool = False) -> Estimate:
+             precomputed_ref: bool = False, dropout_kernel: bool = False) -> Estimate:
     """Predicted peak GiB per GPU, split by what holds the memory. `tokens`: a micro-batch's tokens where they
     are given as a budget (padding-free batches) rather than micro_batch rows of seq_len. `fp8`: (width, copies), FP8
     on for linears this wide (launcher/fp8.py): where the strategy keeps weights whole, each such weight is also held
@@ -207,7 +210,7 @@ def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | Non
     in_layer *= ACT_KBIT_DDP if strategy == "ddp" and lora and bits else ACT_BF16_ADAPTERS
     per_token = (ACT_PER_HIDDEN_LAYER_GC * h_layers + in_layer if gradient_checkpointing
                  else in_layer * shape.layers) + ACT_PER_VOCAB * shape.vocab
-    activations = tokens * per_token * (ACT_SFT if method == "sft" else 1.0)
+    activations = tokens * per_token * (ACT_SFT if method == "sft" and not dropout_kernel else 1.0)
     reference = 0.0
     if METHODS[method].reference and not lora and not precomputed_ref:  # a frozen copy, sharded like the policy
         reference = base / world if sharded_weights else base
@@ -251,7 +254,8 @@ def job_estimate(cfg: dict, shape: Shape, strategy: str, world: int, micro_batch
                 world=world, micro_batch=micro_batch, seq_len=cfg["data"]["max_length"], method=cfg["method"]["name"],
                 gradient_checkpointing=cfg["train"]["gradient_checkpointing"] is not False,  # auto: at least on
                 liger=cfg["train"].get("liger") is True,  # auto counts as off until the planner resolves it
-                fp8=fp8_weight_copies(cfg), precomputed_ref=frozen_reference_precomputed(cfg))
+                fp8=fp8_weight_copies(cfg), precomputed_ref=frozen_reference_precomputed(cfg),
+                dropout_kernel=lora_dropout.in_kernel(cfg, strategy))
     args.update(changes)
     return estimate(shape, strategy=strategy, **args)
 

@@ -149,15 +149,21 @@ def feed_adapters_the_activations_as_they_are(model) -> int:
     return len(layers)
 
 
-def add_adapter_outputs_inside_the_matmul(model) -> int:
+def add_adapter_outputs_inside_the_matmul(model, dropout_kernel: bool = False) -> int:
     """PEFT computes each LoRA layer as `result + lora_B(lora_A(dropout(x))) * scaling`: the scaling and the sum
     are two passes over the layer's whole output, and the scaling's backward a third. One GEMM does both:
-    addmm(result, lora_A(dropout(x)), lora_B.weight.T, alpha=scaling), beta 1, accumulating into the base output.
+    result.addmm_(lora_A(dropout(x)), lora_B.weight.T, alpha=scaling), accumulating into the base output in place.
     The weights are read directly, so this is only for strategies where they are whole at forward (DDP, ZeRO-2:
     ZeRO-3 and FSDP gather them in module hooks). Any case it does not cover (adapter disabled, as in DPO's
     reference pass; merged; several adapters; LoRA variants; a bias on lora_B) runs PEFT's own forward.
+    dropout_kernel: where LoRA's dropout is on (training, p > 0) and x is a 16-bit CUDA tensor, lora_A(dropout(x))
+    runs as one Triton kernel that keeps no dropped copy or mask (launcher/lora_dropout_kernel.py).
     Returns the number of layers changed."""
     from peft.tuners.lora.layer import Linear as LoraLinear
+
+    kernel = None
+    if dropout_kernel:
+        from launcher import lora_dropout_kernel as kernel
 
     def forward(self, x, *args, **kwargs):
         names = self.active_adapters
@@ -165,14 +171,26 @@ def add_adapter_outputs_inside_the_matmul(model) -> int:
                 or names[0] in self.lora_variant or self.lora_B[names[0]].bias is not None):
             return LoraLinear.forward(self, x, *args, **kwargs)
         name = names[0]
-        result = self.base_layer(x)
-        down = self.lora_A[name](self.lora_dropout[name](self._cast_input_dtype(x, self.lora_A[name].weight.dtype)))
+        # Rows in, so that the base layer's output is a tensor of its own, not a view: the adapter's product is
+        # then added into it in place (addmm_), where out-of-place addmm first copies the whole output
+        rows = x.reshape(-1, x.shape[-1])
+        result = self.base_layer(rows)
+        dropout = self.lora_dropout[name]
+        if (kernel and dropout.training and getattr(dropout, "p", 0) > 0 and kernel.fits(rows)
+                and (x.dtype == self.lora_A[name].weight.dtype or not getattr(self, "cast_input_dtype_enabled", True))):
+            down = kernel.dropout_then_down(rows, self.lora_A[name].weight, dropout.p)
+        else:
+            down = self.lora_A[name](dropout(self._cast_input_dtype(rows, self.lora_A[name].weight.dtype)))
         up = self.lora_B[name].weight.t()
-        if not (result.dtype == down.dtype == up.dtype or torch.is_autocast_enabled(result.device.type)):
-            return result + self.lora_B[name](down) * self.scaling[name]  # mixed dtypes: PEFT's sum promotes them
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]), up,
-                          alpha=self.scaling[name])
-        return out.view(result.shape)
+        if torch.is_autocast_enabled(result.device.type):  # what autocast would do for addmm: all in its dtype
+            down, up = down.to(result.dtype), up.to(result.dtype)
+        if not result.dtype == down.dtype == up.dtype:  # mixed dtypes: PEFT's sum promotes them
+            out = result + self.lora_B[name](down) * self.scaling[name]
+        elif result._base is not None:  # a view (a base layer that reshapes its output): in place would copy it back
+            out = torch.addmm(result, down, up, alpha=self.scaling[name])
+        else:
+            out = result.addmm_(down, up, alpha=self.scaling[name])
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     layers = [m for m in model.modules() if type(m) is LoraLinear]
     for layer in layers:

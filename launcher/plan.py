@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import yaml
 
-from launcher import compiling, fp8, gate, host_memory, memory, methods, slurm, validate
+from launcher import compiling, fp8, gate, host_memory, lora_dropout, memory, methods, slurm, validate
 from launcher.batching import decide_batching
 from launcher.errors import ConfigError
 from launcher.host_memory import Host
@@ -129,8 +129,19 @@ def size_the_job(cfg: dict, machine: Machine, world: int, on_gpu: bool, decision
     """train.liger and train.fp8 settled (they change the memory needed), then strategy=auto, micro_batch=auto and
     train.gradient_checkpointing=auto from the memory plan (launcher/memory.py, launcher/host_memory.py); a copy of
     cfg, resolved. FP8 that train.fp8=auto turned on is kept only where its weight copies leave the sizing as it is
-    without them: the job is sized both ways."""
+    without them: the job is sized both ways. So is LoRA's dropout kernel that train.lora_dropout_kernel=auto could
+    run: kept where the memory it saves changes the sizing (launcher/lora_dropout.py)."""
     cfg = with_liger(copy.deepcopy(cfg), on_gpu, machine.liger)
+    kernel_auto = cfg["train"].get("lora_dropout_kernel", "auto") == "auto"
+    cfg = lora_dropout.resolved(cfg, on_gpu, machine.triton)
+    size = lambda c, lines: size_with_fp8(c, machine, world, on_gpu, lines, procs_per_node)  # noqa: E731
+    if kernel_auto and cfg["train"]["lora_dropout_kernel"] and lora_dropout.why_not(cfg, "ddp") is None:
+        return lora_dropout.keep_where_it_pays(cfg, size, decisions)
+    return size(cfg, decisions)
+
+
+def size_with_fp8(cfg: dict, machine: Machine, world: int, on_gpu: bool, decisions: list[str],
+                  procs_per_node: int | None) -> dict:
     fp8_auto = cfg["train"].get("fp8", "auto") == "auto"
     fp8_lines: list[str] = []
     cfg = fp8.with_fp8(cfg, on_gpu, fp8_gpus(machine), fp8_lines, known_shape(cfg))
@@ -319,6 +330,9 @@ def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: l
     shape = known_shape(cfg)
     fp8_settings, line = fp8.decide_fp8(cfg, strategy.name, shape)
     settings.update(fp8_settings)
+    decisions += [line] if line else []
+    dropout_settings, line = lora_dropout.decide(cfg, strategy.name)
+    settings.update(dropout_settings)
     decisions += [line] if line else []
     compile_settings, line = compiling.decide_compile(cfg, on_gpu, strategy.name)
     settings.update(compile_settings)

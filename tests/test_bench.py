@@ -25,7 +25,7 @@ def test_case_names_all_means_every_case_in_order():
 
 
 def test_every_launcher_case_plans_on_the_benchmark_machine():
-    h200 = replace(GPU_NODE, gpu_count=2, gpu_mem_gib=139.8, liger=True)
+    h200 = replace(GPU_NODE, gpu_count=2, gpu_mem_gib=139.8, liger=True, triton=True)
     for name, case in bench.CASES.items():
         if case.kind == "launcher":
             plan = build_plan(compose_cfg(f"model={case.preset}", "gpus=2", f"method={case.method}",
@@ -42,7 +42,7 @@ def test_a_case_gets_what_is_left_of_the_budget_and_none_where_it_could_not_reac
 
 def test_the_benchmark_job_with_defaults_is_the_measured_ddp_plan():
     """docs/benchmarks.md measured strategy=ddp fastest; the defaults (strategy=auto) must plan exactly that run."""
-    h200 = replace(GPU_NODE, gpu_count=2, gpu_mem_gib=139.8, liger=True)
+    h200 = replace(GPU_NODE, gpu_count=2, gpu_mem_gib=139.8, liger=True, triton=True)
     job = ["model=qwen2.5-1.5b-instruct", "gpus=2", "data.max_length=384"]
     auto, ddp = (build_plan(compose_cfg(*job, *extra), h200) for extra in ([], ["strategy=ddp"]))
     assert auto.strategy == "ddp"

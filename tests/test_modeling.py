@@ -240,6 +240,24 @@ def test_lora_sum_inside_the_matmul_under_bf16_autocast_is_as_close_to_float32_a
 
 
 
+def test_lora_sum_is_added_into_the_base_output_in_place(tiny_dir):
+    """The adapter's product goes into the base layer's own output (addmm_): no copy of the whole output, which
+    out-of-place addmm makes first (the profile's Memcpy DtoD, one per adapted linear per step); under bf16
+    autocast too (DDP: float32 adapter weights)."""
+    for autocast in (False, True):
+        model = lora_model_with_b(tiny_dir, 0.05)
+        assert modeling.add_adapter_outputs_inside_the_matmul(model) == 7 * model.config.num_hidden_layers
+        layer = model.base_model.model.model.layers[0].mlp.down_proj
+        seen = {}
+        layer.base_layer.register_forward_hook(lambda mod, args, out: seen.update(ptr=out.data_ptr()))
+        x = torch.randn(2, 16, layer.in_features, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = layer(x)
+        assert out.shape == (2, 16, layer.out_features) and out.data_ptr() == seen["ptr"]
+        out.float().sum().backward()  # autograd accepts the in-place sum: the base output is not saved for backward
+        assert x.grad.abs().sum() > 0 and layer.lora_A["default"].weight.grad.abs().sum() > 0
+
+
 def test_the_merged_model_gives_the_adapter_on_base_outputs(tmp_path, tiny_dir, tiny_tokenizer):
     """merge_adapter reloads the base from disk in 16-bit on GPUs (float32 here) and folds the adapter in: the merged
     model must answer as the adapter on its base does, whatever ran during training (train.fp8 included: the merge

@@ -1,0 +1,183 @@
+"""LoRA's dropout inside the adapter's down-projection, on CUDA (Triton). PEFT computes lora_A(dropout(x)): torch's
+dropout reads x and writes the dropped copy and a byte mask, both kept for the backward, whose dropout pass reads
+them again; per input feature of every adapted linear and token that is 16 bytes moved and 3 kept, for a rank-16
+product. Here the forward draws each element's keep/drop as it loads x and multiplies by A, and keeps one bit per
+element for the backward, which applies it as it computes dx and dA: x itself is kept (as lora_A keeps it without
+dropout; the layers beside it share it) and no dropped copy exists.
+
+The draws: Philox 4x32 (triton's randint4x), keyed by a seed drawn from torch's CPU generator (torch.manual_seed
+reproduces it; checkpointing restores that generator, so a recomputed forward draws the same), 16 bits per element:
+an element is kept where its 16 bits are at least round(p * 65536), with probability 1 - p' for p' = that / 65536
+(0.05 -> 0.0500031), and scaled by 1 / (1 - p'), so the dropout stays unbiased. Rows of x are tokens (T), columns
+its K features, in blocks of 128 = 8 groups of 16; Philox counter (t, block, j) gives the 8 16-bit draws of column j
+of each group, and byte (t, block * 16 + j) of the kept mask holds their 8 bits."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BK, G = 128, 16  # columns per block, per group (8 groups: one Philox call gives 8 16-bit draws)
+MAX_COUNTER = 2**31 - 1  # Philox counters are int32 here
+ROWS, WARPS = 64, 4  # rows per program and warps per program
+
+
+@triton.jit
+def _group(x_ptr, a_ptr, rows, cols, T, K, R, keep, scale, RP: tl.constexpr):
+    """(dropout of x[rows, cols]) @ A[:, cols]^T: [rows, RP] in float32."""
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
+                mask=(rows[:, None] < T) & (cols[None, :] < K), other=0.0)
+    dropped = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
+    r = tl.arange(0, RP)
+    a = tl.load(a_ptr + r[None, :] * K + cols[:, None], mask=(cols[:, None] < K) & (r[None, :] < R), other=0.0)
+    return tl.dot(dropped, a)
+
+
+@triton.jit
+def _forward(x_ptr, a_ptr, out_ptr, bits_ptr, T, K, R, seed, threshold, scale,
+             RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, G: tl.constexpr):
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    j = tl.arange(0, G)
+    blocks = tl.cdiv(K, BK)
+    acc = tl.zeros((BT, RP), dtype=tl.float32)
+    for blk in range(0, blocks):
+        r0, r1, r2, r3 = tl.randint4x(seed, rows[:, None] * (blocks * G) + blk * G + j[None, :])
+        k0 = (r0 & 0xFFFF).to(tl.int32) >= threshold
+        k1 = ((r0 >> 16) & 0xFFFF).to(tl.int32) >= threshold
+        k2 = (r1 & 0xFFFF).to(tl.int32) >= threshold
+        k3 = ((r1 >> 16) & 0xFFFF).to(tl.int32) >= threshold
+        k4 = (r2 & 0xFFFF).to(tl.int32) >= threshold
+        k5 = ((r2 >> 16) & 0xFFFF).to(tl.int32) >= threshold
+        k6 = (r3 & 0xFFFF).to(tl.int32) >= threshold
+        k7 = ((r3 >> 16) & 0xFFFF).to(tl.int32) >= threshold
+        cols = blk * BK + j
+        acc += _group(x_ptr, a_ptr, rows, cols, T, K, R, k0, scale, RP)
+        acc += _group(x_ptr, a_ptr, rows, cols + G, T, K, R, k1, scale, RP)
+        acc += _group(x_ptr, a_ptr, rows, cols + 2 * G, T, K, R, k2, scale, RP)
+        acc += _group(x_ptr, a_ptr, rows, cols + 3 * G, T, K, R, k3, scale, RP)
+        acc += _group(x_ptr, a_ptr, rows, cols + 4 * G, T, K, R, k4, scale, RP)
+        acc += _group(x_ptr, a_ptr, rows, cols + 5 * G, T, K, R, k5, scale, RP)
+        acc += _group(x_ptr, a_ptr, rows, cols + 6 * G, T, K, R, k6, scale, RP)
+        acc += _group(x_ptr, a_ptr, rows, cols + 7 * G, T, K, R, k7, scale, RP)
+        bits = (k0.to(tl.int32) | (k1.to(tl.int32) << 1) | (k2.to(tl.int32) << 2) | (k3.to(tl.int32) << 3)
+                | (k4.to(tl.int32) << 4) | (k5.to(tl.int32) << 5) | (k6.to(tl.int32) << 6) | (k7.to(tl.int32) << 7))
+        tl.store(bits_ptr + rows[:, None].to(tl.int64) * (blocks * G) + blk * G + j[None, :], bits.to(tl.uint8),
+                 mask=rows[:, None] < T)
+    r = tl.arange(0, RP)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * R + r[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rows[:, None] < T) & (r[None, :] < R))
+
+
+@triton.jit
+def _backward(x_ptr, a_ptr, g_ptr, bits_ptr, dx_ptr, da_ptr, T, K, R, scale, row_blocks, splits,
+              RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, G: tl.constexpr,
+              NEED_DX: tl.constexpr, NEED_DA: tl.constexpr):
+    """One group of G columns (program axis 0) over every splits-th row block from axis 1's index: dx[rows, cols]
+    = (g @ A[:, cols]) * kept * scale; dA[:, cols]'s partial sum per split into da_ptr [splits, RP, K] (summed on
+    the host: no atomics, the same result every run)."""
+    group, split = tl.program_id(0), tl.program_id(1)
+    blk, k = group // (BK // G), group % (BK // G)
+    blocks = tl.cdiv(K, BK)
+    j = tl.arange(0, G)
+    cols = blk * BK + k * G + j
+    r = tl.arange(0, RP)
+    a = tl.load(a_ptr + r[:, None] * K + cols[None, :], mask=(r[:, None] < R) & (cols[None, :] < K), other=0.0)
+    acc = tl.zeros((RP, G), dtype=tl.float32)
+    for tb in range(split, row_blocks, splits):
+        rows = tb * BT + tl.arange(0, BT)
+        inside = (rows[:, None] < T) & (cols[None, :] < K)
+        g = tl.load(g_ptr + rows[:, None].to(tl.int64) * R + r[None, :], mask=(rows[:, None] < T) & (r[None, :] < R),
+                    other=0.0)
+        bits = tl.load(bits_ptr + rows[:, None].to(tl.int64) * (blocks * G) + blk * G + j[None, :],
+                       mask=rows[:, None] < T, other=0)
+        keep = ((bits.to(tl.int32) >> k) & 1) != 0
+        if NEED_DX:
+            dx = tl.where(keep, tl.dot(g, a) * scale, 0.0)
+            tl.store(dx_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+                     mask=inside)
+        if NEED_DA:
+            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=inside, other=0.0)
+            dropped = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
+            acc += tl.dot(tl.trans(g), dropped)
+    if NEED_DA:
+        tl.store(da_ptr + split.to(tl.int64) * RP * K + r[:, None] * K + cols[None, :], acc, mask=cols[None, :] < K)
+
+
+def _rank_padded(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))  # tl.dot needs 16 or more on each side
+
+
+def threshold_and_scale(p: float) -> tuple[int, float]:
+    """The 16-bit threshold for p, and the scale that keeps the dropout unbiased at the p it gives."""
+    threshold = min(max(round(p * 65536), 1), 65535)
+    return threshold, 65536 / (65536 - threshold)
+
+
+class DropoutThenDown(torch.autograd.Function):
+    """lora_A(dropout(x)) for x [..., K] and A [r, K]: [..., r] in x's dtype (A is cast to it, as autocast would)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, p: float, seed: int):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).contiguous()
+        a = weight.to(x.dtype).contiguous()
+        T, K = x2.shape
+        R = a.shape[0]
+        threshold, scale = threshold_and_scale(p)
+        out = torch.empty(T, R, device=x.device, dtype=x.dtype)
+        bits = torch.empty(T, triton.cdiv(K, BK) * G, device=x.device, dtype=torch.uint8)
+        _forward[(triton.cdiv(T, ROWS),)](x2, a, out, bits, T, K, R, seed, threshold, scale,
+                                          RP=_rank_padded(R), BT=ROWS, BK=BK, G=G, num_warps=WARPS)
+        ctx.save_for_backward(x2, a, bits)
+        ctx.scale, ctx.shape, ctx.weight_dtype = scale, shape, weight.dtype
+        return out.view(*shape[:-1], R)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, a, bits = ctx.saved_tensors
+        T, K = x2.shape
+        R = a.shape[0]
+        RP = _rank_padded(R)
+        need_dx, need_da = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        g = grad.reshape(-1, R).to(x2.dtype).contiguous()
+        row_blocks, groups = triton.cdiv(T, ROWS), triton.cdiv(K, BK) * (BK // G)
+        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
+        splits = max(1, min(row_blocks, triton.cdiv(4 * sms, groups)))  # about 4 programs per SM
+        dx = torch.empty_like(x2) if need_dx else x2
+        da = torch.empty(splits, RP, K, device=x2.device, dtype=torch.float32) if need_da else g
+        _backward[(groups, splits)](x2, a, g, bits, dx, da, T, K, R, ctx.scale, row_blocks, splits,
+                                    RP=RP, BT=ROWS, BK=BK, G=G, NEED_DX=need_dx, NEED_DA=need_da, num_warps=WARPS)
+        dx = dx.view(ctx.shape) if need_dx else None
+        dweight = da.sum(0)[:R].to(ctx.weight_dtype) if need_da else None
+        return dx, dweight, None, None
+
+
+def fits(x: torch.Tensor) -> bool:
+    """Whether the kernel takes x: 16-bit floats on CUDA, few enough elements for int32 Philox counters."""
+    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or x.dim() < 2:
+        return False
+    rows = x.numel() // x.shape[-1]
+    return rows * triton.cdiv(x.shape[-1], BK) * G <= MAX_COUNTER
+
+
+def dropout_then_down(x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
+    """lora_A(dropout(x, p)) in one kernel; the seed comes from torch's CPU generator (no GPU sync)."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    return DropoutThenDown.apply(x, weight, p, seed)
+
+
+def keep_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """The elements of x the kernel keeps for this seed, as a bool tensor of x's shape (for tests): the bits the
+    forward stores, unpacked."""
+    x2 = x.detach().reshape(-1, x.shape[-1])
+    T, K = x2.shape
+    bits = torch.empty(T, triton.cdiv(K, BK) * G, device=x.device, dtype=torch.uint8)
+    out = torch.empty(T, 1, device=x.device, dtype=x.dtype)
+    threshold, scale = threshold_and_scale(p)
+    a = torch.zeros(1, K, device=x.device, dtype=x.dtype)
+    _forward[(triton.cdiv(T, ROWS),)](x2.contiguous(), a, out, bits, T, K, 1, seed, threshold, scale,
+                                      RP=16, BT=ROWS, BK=BK, G=G, num_warps=WARPS)
+    # byte (t, block * G + j), bit k -> column block * BK + k * G + j
+    blocks = bits.view(T, -1, 1, G).int()
+    unpacked = (blocks >> torch.arange(BK // G, device=x.device).view(1, 1, -1, 1)) & 1
+    return unpacked.reshape(T, -1)[:, :K].bool().view(x.shape)

@@ -1,0 +1,138 @@
+"""launcher/lora_dropout_kernel.py on a CUDA GPU: the kernel's forward and backward against torch computing the same
+dropout (the kernel's own mask) in the same dtype, the mask's statistics against Bernoulli(1 - p), and a PEFT LoRA
+layer through launcher/modeling.py's forward. The rules for when it runs: tests/test_lora_dropout.py (CPU)."""
+import math
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs")]
+
+
+def reference(x, weight, keep, p):
+    """lora_A(dropout(x)) as torch computes it (bf16 matmul over the dropped copy), with the given mask and the
+    kernel's scale (1 / (1 - p) for p rounded to 16 bits)."""
+    from launcher.lora_dropout_kernel import threshold_and_scale
+
+    dropped = (x.float() * keep * threshold_and_scale(p)[1]).to(x.dtype)
+    return dropped @ weight.to(x.dtype).t()
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("shape, rank", [((3, 700, 1536), 16), ((1000, 8960), 16), ((257, 200), 8), ((64, 384), 64)])
+def test_forward_and_backward_equal_torch_with_the_kernels_mask(shape, rank):
+    from launcher.lora_dropout_kernel import DropoutThenDown, keep_mask
+
+    torch.manual_seed(0)
+    p, seed = 0.1, 1234
+    x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(rank, shape[-1], device="cuda") / math.sqrt(shape[-1])).requires_grad_(True)  # fp32, as DDP
+    keep = keep_mask(x, p, seed)
+    out = DropoutThenDown.apply(x, weight, p, seed)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    x_ref = x.detach().clone().requires_grad_(True)
+    w_ref = weight.detach().clone().requires_grad_(True)
+    ref = reference(x_ref, w_ref, keep, p)
+    ref.backward(grad)
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 1e-2
+    assert rel_err(x.grad, x_ref.grad) < 1e-2
+    assert weight.grad.dtype == torch.float32 and rel_err(weight.grad, w_ref.grad) < 1e-2
+    assert (x.grad[~keep] == 0).all()  # dropped elements pass no gradient
+    # the same seed draws the same mask; another seed another one
+    assert torch.equal(DropoutThenDown.apply(x.detach(), weight.detach(), p, seed), out.detach())
+    assert not torch.equal(keep_mask(x, p, seed + 1), keep)
+
+
+def test_the_mask_is_bernoulli_with_the_keep_probability_in_every_column_and_row():
+    from launcher.lora_dropout_kernel import keep_mask, threshold_and_scale
+
+    T, K, p = 4096, 1536, 0.05
+    keep = keep_mask(torch.zeros(T, K, device="cuda", dtype=torch.bfloat16), p, 7).float()
+    n = T * K
+    assert threshold_and_scale(p) == (3277, 65536 / (65536 - 3277))  # p' = 0.0500031
+    assert abs(keep.mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    per_column = keep.mean(0)  # each column over 4096 rows: no column (quarter of a block) stuck or skewed
+    assert (per_column - (1 - p)).abs().max().item() < 6 * math.sqrt(p * (1 - p) / T)
+    per_row = keep.mean(1)
+    assert (per_row - (1 - p)).abs().max().item() < 6 * math.sqrt(p * (1 - p) / K)
+    drop = 1 - keep  # neighbours, within a quarter and across quarters of a block, and across rows: independent
+    # neighbours: within a group, the two halves of one Philox word (16 apart), two words of one call (32 apart),
+    # and rows: independent
+    for a, b in ((drop[:, :-1], drop[:, 1:]), (drop[:, :-16], drop[:, 16:]), (drop[:, :-32], drop[:, 32:]),
+                 (drop[:-1], drop[1:])):
+        both = (a * b).mean().item()
+        assert abs(both - p * p) < 6 * math.sqrt(p * p / a.numel())
+
+
+def test_peft_lora_layer_trains_the_same_in_expectation_through_the_kernel(monkeypatch):
+    """A PEFT LoRA linear with dropout, through modeling.add_adapter_outputs_inside_the_matmul with the kernel:
+    in eval mode the output equals PEFT's; in training the mean over many draws of the output and of the
+    gradients equals the no-dropout values (dropout is unbiased), within the noise of the draws."""
+    from peft import LoraConfig, get_peft_model
+
+    from launcher import lora_dropout_kernel, modeling
+
+    calls = []
+    real = lora_dropout_kernel.dropout_then_down
+    monkeypatch.setattr(lora_dropout_kernel, "dropout_then_down", lambda *a: calls.append(1) or real(*a))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(512, 256, bias=False)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    net = get_peft_model(Net().cuda(), LoraConfig(r=16, lora_alpha=32, lora_dropout=0.1, target_modules=["proj"]))
+    net.to(torch.bfloat16)  # adapters too (ZeRO-2's case; DDP's float32 adapters run under autocast)
+    layer = net.base_model.model.proj
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
+    x = torch.randn(2, 300, 512, device="cuda", dtype=torch.bfloat16)
+    net.eval()
+    with torch.no_grad():
+        expected = net(x)
+    assert modeling.add_adapter_outputs_inside_the_matmul(net, dropout_kernel=True) == 1
+    with torch.no_grad():
+        assert rel_err(net(x), expected) < 1e-2  # eval: no dropout, the kernel does not run
+    net.train()
+    a = layer.lora_A["default"].weight
+    draws, outs, grads = 200, [], []
+    for _ in range(draws):
+        out = net(x)
+        (g,) = torch.autograd.grad(out.float().pow(2).mean(), a)
+        outs.append(out.float())
+        grads.append(g.float())
+    first, second = outs[0], outs[1]
+    assert len(calls) == draws and not torch.equal(first, second)  # the kernel ran, each call with its own mask
+    layer.lora_dropout["default"].p = 0.0  # the kernel's path is skipped at p=0: PEFT's own computation
+    clean = net(x).float()
+    (clean_grad,) = torch.autograd.grad(clean.pow(2).mean(), a)
+    mean_out = torch.stack(outs).mean(0)
+    lora_part = (clean - net.base_model.model.proj.base_layer(x).float())
+    assert rel_err(mean_out - net.base_model.model.proj.base_layer(x).float(), lora_part) < 0.05
+    assert rel_err(torch.stack(grads).mean(0), clean_grad.float()) < 0.1
+
+
+def test_checkpointing_recomputes_the_same_mask():
+    """transformers' gradient checkpointing recomputes a layer's forward in the backward: torch.utils.checkpoint
+    restores the CPU RNG state, from which the kernel's seed is drawn, so the gradients equal a plain run's."""
+    from torch.utils.checkpoint import checkpoint
+
+    from launcher.lora_dropout_kernel import dropout_then_down
+
+    x = torch.randn(512, 1536, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(16, 1536, device="cuda", requires_grad=True)
+    torch.manual_seed(5)
+    dropout_then_down(x, weight, 0.1).float().square().sum().backward()
+    plain = x.grad.clone(), weight.grad.clone()
+    x.grad = weight.grad = None
+    torch.manual_seed(5)
+    checkpoint(lambda t: dropout_then_down(t, weight, 0.1), x, use_reentrant=False).float().square().sum().backward()
+    assert torch.equal(x.grad, plain[0]) and torch.equal(weight.grad, plain[1])
