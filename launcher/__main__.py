@@ -29,7 +29,7 @@ from launcher import validate  # noqa: E402
 from launcher.config import register_resolvers, to_plain  # noqa: E402
 from launcher.errors import ConfigError  # noqa: E402
 from launcher.machine import detect_machine  # noqa: E402
-from launcher.plan import build_plan, fp8_as_launched, host_of, with_liger  # noqa: E402
+from launcher.plan import as_launched, build_plan, host_of, with_liger  # noqa: E402
 from launcher.resources import shipped  # noqa: E402
 
 register_resolvers()
@@ -49,11 +49,13 @@ def memory_plan_text(cfg: dict, machine) -> str:
     except ValueError as err:
         raise ConfigError("model.shape", str(err)) from None
     cfg = with_liger(cfg, on_gpu=True, installed=machine.liger)  # as on a GPU of this machine
-    cfg = fp8_as_launched(cfg, machine, world, gpus)  # its weight copies count in the table
+    cfg = as_launched(cfg, machine, world, gpus)  # FP8's weight copies and the dropout kernel count in the table
     host = host_of(cfg, machine, gpus)
     text = memory.table(cfg, shape, world, gpu_mem, cfg["micro_batch"], host)
     text += f"\nLiger kernels: {'on' if cfg['train']['liger'] else 'off (train.liger=true if they will be installed)'}"
     text += f"\ntrain.fp8: {str(cfg['train']['fp8']).lower()} (as a launch would settle it; launcher/fp8.py)"
+    text += (f"\ntrain.lora_dropout_kernel: {str(cfg['train']['lora_dropout_kernel']).lower()} (as a launch would "
+             "settle it; launcher/lora_dropout.py)")
     name, mb, why = memory.choose(cfg, shape, world, gpu_mem, cfg["micro_batch"], machine.deepspeed, host=host)
     if name:
         text += f"\nstrategy=auto would take {why}"

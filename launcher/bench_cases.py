@@ -71,7 +71,7 @@ CASES = {
     # adapter's input and a saved copy of it (the profiled defaults' generic elementwise kernels, dropout's
     # among them, took 28 of the step's 464 GPU ms)
     "ddp-no-dropout": Case("launcher", overrides=("strategy=ddp", "lora.dropout=0")),
-    # TRL's SFT keeps dropout on (only DPOConfig has disable_dropout): its cost there, as an upper bound for a
+    # TRL's SFT keeps dropout on (its DPO, KTO, ORPO and CPO configs turn it off): its cost there, the bound for a
     # cheaper dropout
     "sft-no-dropout": Case("launcher", "sft", overrides=("lora.dropout=0",)),
     "real-sft-no-dropout": Case("launcher", "sft", overrides=("lora.dropout=0",), mix="realistic"),

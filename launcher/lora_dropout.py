@@ -8,22 +8,23 @@ from __future__ import annotations
 
 from launcher.errors import ConfigError
 
-# TRL 1.16's DPOConfig and KTOConfig turn dropout off (disable_dropout=True); SFTConfig, ORPOConfig and CPOConfig
-# (SimPO) leave it on
-KEEPS_DROPOUT = ("sft", "orpo", "simpo")
+# TRL 1.16 turns dropout off for DPO, KTO, ORPO and CPO/SimPO (their configs' disable_dropout=True); SFTConfig
+# leaves it on
+KEEPS_DROPOUT = ("sft",)
 UNDER = ("ddp", "zero2")  # where launcher/modeling.py runs its own LoRA forward (train.fuse_lora_sum)
 
 
 def resolved(cfg: dict, on_gpu: bool, triton_found: bool) -> dict:
-    """cfg with auto made true or false: true where the job runs on GPUs and triton is installed (the planner then
-    sizes the job both ways: keep_where_it_pays)."""
+    """cfg with auto made true or false: true where the job runs on GPUs with triton and its dropout could run in
+    the kernel (the planner then sizes the job both ways: keep_where_it_pays)."""
     wanted = cfg["train"].get("lora_dropout_kernel", "auto")
     if wanted is True and not (on_gpu and triton_found):
         raise ConfigError("train.lora_dropout_kernel", "train.lora_dropout_kernel=true needs CUDA GPUs and triton "
                                                        "(it comes with torch's CUDA builds); use auto or false.")
     if wanted != "auto":
         return cfg
-    return dict(cfg, train=dict(cfg["train"], lora_dropout_kernel=on_gpu and triton_found))
+    could = on_gpu and triton_found and why_not(cfg, UNDER[0]) is None
+    return dict(cfg, train=dict(cfg["train"], lora_dropout_kernel=could))
 
 
 def why_not(cfg: dict, strategy: str) -> str | None:
@@ -45,23 +46,37 @@ def why_not(cfg: dict, strategy: str) -> str | None:
 
 
 def in_kernel(cfg: dict, strategy: str) -> bool:
-    """For cfg as resolved: whether the adapters' dropout runs in the kernel (the memory plan keeps no mask then)."""
+    """For cfg as resolved: whether the adapters' dropout runs in the kernel."""
     return cfg["train"].get("lora_dropout_kernel") is True and why_not(cfg, strategy) is None
+
+
+def keeps_dropout_copies(cfg: dict, strategy: str) -> bool:
+    """Whether torch's dropout keeps a dropped copy and a mask of each adapter's input (the memory plan counts them)."""
+    lora = cfg["lora"]
+    return (cfg["method"]["name"] in KEEPS_DROPOUT and lora["r"] is not None and bool(lora.get("dropout"))
+            and not in_kernel(cfg, strategy))
 
 
 def decide(cfg: dict, strategy: str) -> tuple[dict, str | None]:
     """({"lora_dropout_kernel": bool}, the plan's line or None), for cfg as resolved."""
-    if not in_kernel(cfg, strategy):
-        return {"lora_dropout_kernel": False}, None
-    return {"lora_dropout_kernel": True}, (
-        f"LoRA's dropout (p={cfg['lora']['dropout']}) inside each adapter's down-projection: one Triton kernel "
-        "draws the mask as it multiplies and again in the backward, keeping no dropped copy or mask "
-        "(train.lora_dropout_kernel=false: torch's dropout)")
+    if in_kernel(cfg, strategy):
+        return {"lora_dropout_kernel": True}, (
+            f"LoRA's dropout (p={cfg['lora']['dropout']}) inside each adapter's down-projection: one Triton kernel "
+            "draws the mask as it multiplies and keeps a bit per element for the backward, not torch's dropped "
+            "copy and byte mask (train.lora_dropout_kernel=false: torch's dropout)")
+    if cfg["train"].get("lora_dropout_kernel") is True:  # given: auto never leaves true where it cannot run
+        why = why_not(cfg, strategy)
+        return {"lora_dropout_kernel": False}, f"train.lora_dropout_kernel=true has nothing to do: {why}"
+    return {"lora_dropout_kernel": False}, None
 
 
-def what_it_changes(sized: dict, without: dict | None) -> str | None:
-    """What the kernel's smaller activations change in the job as sized (strategy, checkpointing, micro-batch),
-    against the job sized without it (None: it did not fit); None where nothing."""
+def what_it_changes(sized: dict | None, without: dict | None) -> str | None:
+    """What the kernel's smaller activations change in the job as sized (None: it does not fit), against the job
+    sized with torch's dropout; None where nothing that pays for it. A larger micro-batch alone does not count:
+    past the 16-24k tokens these micro-batches already hold, more tokens gained about 2% (launcher/memory.py),
+    what the kernel cost, and with grad_accum it would change the batch that is learned from."""
+    if sized is None:
+        return None
     if without is None:
         return "a job that does not fit with torch's dropout"
     name, before = sized["strategy"]["name"], without["strategy"]["name"]
@@ -69,29 +84,32 @@ def what_it_changes(sized: dict, without: dict | None) -> str | None:
         return f"strategy=auto -> {name} ({before} with torch's dropout)"
     if without["train"]["gradient_checkpointing"] and not sized["train"]["gradient_checkpointing"]:
         return "no gradient checkpointing (on with torch's dropout: a third more compute)"
-    if sized["micro_batch"] > without["micro_batch"]:
-        return f"micro_batch={sized['micro_batch']} ({without['micro_batch']} with torch's dropout)"
     return None
 
 
-def keep_where_it_pays(cfg: dict, size, decisions: list[str]) -> dict:
-    """train.lora_dropout_kernel=auto where it could run: cfg sized (`size(cfg, lines)`) with the kernel and without;
-    the kernel kept where it changes the sizing. Its speed alone does not pay: on one H200 (1.5B SFT, 22.5k tokens)
-    its first version ran 1.8% slower than torch's dropout and peaked 17.6 GiB lower (docs/benchmarks.md)."""
+def keep_where_it_pays(cfg: dict, size, fits, decisions: list[str]) -> dict:
+    """train.lora_dropout_kernel=auto where it could run: cfg sized (`size(cfg, lines)`) with the kernel and with
+    torch's dropout, each taken as not fitting where sizing fails or `fits(sized)` says so (a job given all its
+    sizes); the kernel kept where it changes the sizing (what_it_changes)."""
+    def sized_or_none(c, lines):
+        try:
+            job = size(c, lines)
+        except ConfigError:
+            return None
+        return job if fits(job) else None
+
     without_lines: list[str] = []
-    try:
-        without = size(dict(cfg, train=dict(cfg["train"], lora_dropout_kernel=False)), without_lines)
-    except ConfigError:
-        without = None
+    without_cfg = dict(cfg, train=dict(cfg["train"], lora_dropout_kernel=False))
+    without = sized_or_none(without_cfg, without_lines)
     with_lines: list[str] = []
-    sized = size(cfg, with_lines)  # nothing fits with the kernel's memory either: its error
-    if not in_kernel(sized, sized["strategy"]["name"]):
-        decisions += without_lines if without is not None else with_lines
-        return without if without is not None else sized
-    if change := what_it_changes(sized, without):
+    sized = sized_or_none(cfg, with_lines)
+    runs = sized is not None and in_kernel(sized, sized["strategy"]["name"])
+    if runs and (change := what_it_changes(sized, without)):
         decisions += with_lines + [f"train.lora_dropout_kernel=auto -> on: without torch's dropout copies and masks, "
                                    f"{change}"]
         return sized
-    decisions += without_lines + ["train.lora_dropout_kernel=auto -> off: the job is sized the same with torch's "
-                                  "dropout, which ran 1.8% faster (true: the kernel, 27% less peak memory in 1.5B SFT)"]
-    return without
+    if runs:
+        decisions.append("train.lora_dropout_kernel=auto -> off: the job is sized the same with torch's dropout, "
+                         "which ran 1.8% faster than the kernel's first version (true: the kernel, whose first "
+                         "version peaked 27% lower in 1.5B SFT)")
+    return size(without_cfg, decisions)  # as before: its own error where nothing fits

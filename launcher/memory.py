@@ -57,11 +57,11 @@ ACT_LIGER = 0.79  # ddp with Liger 54.8 against 68.9 without
 ACT_BF16_ADAPTERS = 0.86  # zero2 47.4 against ddp 54.8 when PEFT still ran DDP's adapters on float32 copies of
 # their inputs; without those copies (modeling.feed_adapters_the_activations_as_they_are) ddp measured 47.6
 ACT_KBIT_DDP = 1.46  # ddp 4-bit 77.4 against ddp bf16 54.8
-# SFT keeps more per token than DPO (where the reference pass keeps nothing): ddp at 24.6k tokens per micro-batch,
-# SFT micro_batch 64 peaked at 64.53 GiB against DPO micro_batch 32 at 47.65, 61.4 against 44.5 above the weights.
-# That is LoRA's dropout, which TRL leaves on for SFT: lora.dropout=0 peaked at 46.9 (2026-12-02), and so did the
-# dropout kernel's first version (launcher/lora_dropout.py: no dropped copies or byte masks; the kernel now keeps a
-# bit per element, 1.4 GB more at those 22.5k tokens, not counted)
+# LoRA's dropout, which TRL leaves on for SFT only, keeps a dropped copy and a byte mask of each adapter's input:
+# ddp at 24.6k tokens per micro-batch, SFT micro_batch 64 peaked at 64.53 GiB against DPO micro_batch 32 at 47.65
+# (61.4 against 44.5 above the weights); SFT with lora.dropout=0 peaked at 46.9 (2026-12-02), and so did the dropout
+# kernel's first version (launcher/lora_dropout.py; the kernel now keeps a bit per element, 1.4 GB at those 22.5k
+# tokens, within the plan's margin, not counted)
 ACT_SFT = 1.38
 BYTES_4BIT = 0.53
 LINEAR_BYTES = {None: 2.0, 4: BYTES_4BIT, 8: 1.0}  # per linear-layer weight, by quant bits
@@ -160,7 +160,7 @@ def tokens_per_micro_batch(micro_batch: int, method: str, seq_len: int) -> int:
 def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | None, lora_targets, world: int,
              micro_batch: int, seq_len: int, method: str, gradient_checkpointing: bool,
              liger: bool = False, tokens: int | None = None, fp8: tuple[int, int] | None = None,
-             precomputed_ref: bool = False, dropout_kernel: bool = False) -> Estimate:
+             precomputed_ref: bool = False, dropout_copies: bool | None = None) -> Estimate:
     """Predicted peak GiB per GPU, split by what holds the memory. `tokens`: a micro-batch's tokens where they
     are given as a budget (padding-free batches) rather than micro_batch rows of seq_len. `fp8`: (width, copies), FP8
     on for linears this wide (launcher/fp8.py): where the strategy keeps weights whole, each such weight is also held
@@ -210,7 +210,9 @@ def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | Non
     in_layer *= ACT_KBIT_DDP if strategy == "ddp" and lora and bits else ACT_BF16_ADAPTERS
     per_token = (ACT_PER_HIDDEN_LAYER_GC * h_layers + in_layer if gradient_checkpointing
                  else in_layer * shape.layers) + ACT_PER_VOCAB * shape.vocab
-    activations = tokens * per_token * (ACT_SFT if method == "sft" and not dropout_kernel else 1.0)
+    if dropout_copies is None:  # not given: as torch's dropout keeps them in SFT with LoRA
+        dropout_copies = method == "sft" and lora
+    activations = tokens * per_token * (ACT_SFT if dropout_copies else 1.0)
     reference = 0.0
     if METHODS[method].reference and not lora and not precomputed_ref:  # a frozen copy, sharded like the policy
         reference = base / world if sharded_weights else base
@@ -255,7 +257,7 @@ def job_estimate(cfg: dict, shape: Shape, strategy: str, world: int, micro_batch
                 gradient_checkpointing=cfg["train"]["gradient_checkpointing"] is not False,  # auto: at least on
                 liger=cfg["train"].get("liger") is True,  # auto counts as off until the planner resolves it
                 fp8=fp8_weight_copies(cfg), precomputed_ref=frozen_reference_precomputed(cfg),
-                dropout_kernel=lora_dropout.in_kernel(cfg, strategy))
+                dropout_copies=lora_dropout.keeps_dropout_copies(cfg, strategy))
     args.update(changes)
     return estimate(shape, strategy=strategy, **args)
 

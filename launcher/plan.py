@@ -6,6 +6,7 @@ does the doing. A dry run prints the plan.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import re
@@ -134,14 +135,16 @@ def size_the_job(cfg: dict, machine: Machine, world: int, on_gpu: bool, decision
     cfg = with_liger(copy.deepcopy(cfg), on_gpu, machine.liger)
     kernel_auto = cfg["train"].get("lora_dropout_kernel", "auto") == "auto"
     cfg = lora_dropout.resolved(cfg, on_gpu, machine.triton)
-    size = lambda c, lines: size_with_fp8(c, machine, world, on_gpu, lines, procs_per_node)  # noqa: E731
-    if kernel_auto and cfg["train"]["lora_dropout_kernel"] and lora_dropout.why_not(cfg, "ddp") is None:
-        return lora_dropout.keep_where_it_pays(cfg, size, decisions)
+    size = functools.partial(size_with_fp8, machine=machine, world=world, on_gpu=on_gpu, procs_per_node=procs_per_node)
+    if kernel_auto and cfg["train"]["lora_dropout_kernel"]:
+        fits = functools.partial(fits_as_sized, machine=machine, world=world)
+        return lora_dropout.keep_where_it_pays(cfg, size, fits, decisions)
     return size(cfg, decisions)
 
 
-def size_with_fp8(cfg: dict, machine: Machine, world: int, on_gpu: bool, decisions: list[str],
+def size_with_fp8(cfg: dict, decisions: list[str], *, machine: Machine, world: int, on_gpu: bool,
                   procs_per_node: int | None) -> dict:
+    """The job sized, with FP8 where train.fp8 asks for it (auto: sized both ways)."""
     fp8_auto = cfg["train"].get("fp8", "auto") == "auto"
     fp8_lines: list[str] = []
     cfg = fp8.with_fp8(cfg, on_gpu, fp8_gpus(machine), fp8_lines, known_shape(cfg))
@@ -164,13 +167,15 @@ def size_with_fp8(cfg: dict, machine: Machine, world: int, on_gpu: bool, decisio
     return sized
 
 
-def fp8_as_launched(cfg: dict, machine: Machine, world: int, procs_per_node: int) -> dict:
-    """cfg with train.fp8 as a launch on these GPUs would settle it (`python -m launcher plan` sizes with it)."""
+def as_launched(cfg: dict, machine: Machine, world: int, procs_per_node: int) -> dict:
+    """cfg with train.fp8 and train.lora_dropout_kernel as a launch on these GPUs would settle them (`python -m
+    launcher plan` sizes with them)."""
+    keys = ("fp8", "lora_dropout_kernel")
     try:
-        fp8_setting = size_the_job(cfg, machine, world, True, [], procs_per_node)["train"]["fp8"]
-    except ConfigError:  # nothing fits: the table says so; auto would not add FP8 copies
-        fp8_setting = False if cfg["train"].get("fp8", "auto") == "auto" else cfg["train"]["fp8"]
-    return dict(cfg, train=dict(cfg["train"], fp8=fp8_setting))
+        settled = size_the_job(cfg, machine, world, True, [], procs_per_node)["train"]
+    except ConfigError:  # nothing fits (the table says so): auto adds no FP8 copies and no kernel
+        settled = {key: False if cfg["train"].get(key, "auto") == "auto" else cfg["train"][key] for key in keys}
+    return dict(cfg, train=dict(cfg["train"], **{key: settled[key] for key in keys}))
 
 
 def gpu_estimate(cfg: dict, machine: Machine, world: int, shape: memory.Shape | None,
