@@ -20,6 +20,7 @@ import triton.language as tl
 BK, G = 128, 16  # columns per block, per group (8 groups: one Philox call gives 8 16-bit draws)
 MAX_COUNTER = 2**31 - 1  # Philox counters are int32 here
 ROWS, WARPS = 64, 4  # rows per program and warps per program
+MAX_RANK = 128  # above it PEFT's dropout runs (a [ROWS, rank] float32 accumulator per program)
 
 
 @triton.jit
@@ -152,12 +153,13 @@ class DropoutThenDown(torch.autograd.Function):
         return dx, dweight, None, None
 
 
-def fits(x: torch.Tensor) -> bool:
-    """Whether the kernel takes x: 16-bit floats on CUDA, few enough elements for int32 Philox counters."""
-    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or x.dim() < 2:
+def fits(x: torch.Tensor, rank: int) -> bool:
+    """Whether the kernel takes x for a LoRA of this rank: 16-bit floats on CUDA, rows to drop, few enough for int32
+    Philox counters (the last program's rows included), a rank whose float32 accumulator stays in registers."""
+    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or x.dim() < 2 or rank > MAX_RANK:
         return False
     rows = x.numel() // x.shape[-1]
-    return rows * triton.cdiv(x.shape[-1], BK) * G <= MAX_COUNTER
+    return rows > 0 and (rows + ROWS) * triton.cdiv(x.shape[-1], BK) * G <= MAX_COUNTER
 
 
 def dropout_then_down(x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:

@@ -157,7 +157,8 @@ def add_adapter_outputs_inside_the_matmul(model, dropout_kernel: bool = False) -
     ZeRO-3 and FSDP gather them in module hooks). Any case it does not cover (adapter disabled, as in DPO's
     reference pass; merged; several adapters; LoRA variants; a bias on lora_B) runs PEFT's own forward.
     dropout_kernel: where LoRA's dropout is on (training, p > 0) and x is a 16-bit CUDA tensor, lora_A(dropout(x))
-    runs as one Triton kernel that keeps no dropped copy or mask (launcher/lora_dropout_kernel.py).
+    runs as one Triton kernel that keeps a bit per element, not a dropped copy and a byte mask
+    (launcher/lora_dropout_kernel.py).
     Returns the number of layers changed."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
@@ -176,7 +177,7 @@ def add_adapter_outputs_inside_the_matmul(model, dropout_kernel: bool = False) -
         rows = x.reshape(-1, x.shape[-1])
         result = self.base_layer(rows)
         dropout = self.lora_dropout[name]
-        if (kernel and dropout.training and getattr(dropout, "p", 0) > 0 and kernel.fits(rows)
+        if (kernel and dropout.training and getattr(dropout, "p", 0) > 0 and kernel.fits(rows, self.r[name])
                 and (x.dtype == self.lora_A[name].weight.dtype or not getattr(self, "cast_input_dtype_enabled", True))):
             down = kernel.dropout_then_down(rows, self.lora_A[name].weight, dropout.p)
         else:

@@ -8,4 +8,4 @@ python3 -c "import torch, transformers, trl, peft, accelerate, deepspeed, bitsan
 python3 -m launcher gpus=1 train.max_steps=1 run_dir=/tmp/warm > "$OUT/warm.log" 2>&1  # builds the tiny model once, before the workers
 export TEST_REPORT_FILE="$OUT/failures.txt" GPU_RUN_TIMEOUT_S=${GPU_RUN_TIMEOUT_S:-240}  # failures written as they happen (tests/conftest.py); a hung run fails with its rank logs
 # SIGINT at LIMIT_S lets pytest print its summary before the lent machine's own per-command limit
-timeout -s INT "${LIMIT_S:-3000}" python3 -m pytest -v -s -m gpu -n "${WORKERS:-8}" tests/test_gpu.py "$@" 2>&1 | tee "$OUT/gpu-tests.log" | grep -E "PASSED|FAILED|ERROR|GPU-CASE|passed|failed"
+timeout -s INT "${LIMIT_S:-3000}" python3 -m pytest -v -s -m gpu -n "${WORKERS:-8}" tests/test_gpu.py tests/test_lora_dropout_kernel.py "$@" 2>&1 | tee "$OUT/gpu-tests.log" | grep -E "PASSED|FAILED|ERROR|GPU-CASE|passed|failed"

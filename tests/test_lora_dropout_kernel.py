@@ -136,3 +136,29 @@ def test_checkpointing_recomputes_the_same_mask():
     torch.manual_seed(5)
     checkpoint(lambda t: dropout_then_down(t, weight, 0.1), x, use_reentrant=False).float().square().sum().backward()
     assert torch.equal(x.grad, plain[0]) and torch.equal(weight.grad, plain[1])
+
+
+def test_ddp_s_float32_adapters_under_autocast_take_the_kernel(monkeypatch):
+    """DDP's case: float32 LoRA weights, bf16 activations under bf16 autocast, PEFT's input cast off (the plan's
+    adapter_input_cast=false): the kernel runs (the memory plan counts on it) and gives torch's computation."""
+    from peft import LoraConfig, get_peft_model
+
+    from launcher import lora_dropout_kernel, modeling
+
+    calls = []
+    real = lora_dropout_kernel.dropout_then_down
+    monkeypatch.setattr(lora_dropout_kernel, "dropout_then_down", lambda *a: calls.append(a[1].dtype) or real(*a))
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(512, 256, bias=False)).cuda().to(torch.bfloat16)
+    net = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.1, target_modules=["0"]))
+    layer = net.base_model.model[0]
+    assert layer.lora_A["default"].weight.dtype == torch.float32  # PEFT keeps adapters in float32
+    modeling.feed_adapters_the_activations_as_they_are(net)
+    modeling.add_adapter_outputs_inside_the_matmul(net, dropout_kernel=True)
+    net.train()
+    x = torch.randn(600, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = net(x)
+    assert calls == [torch.float32] and out.dtype == torch.bfloat16 and out.shape == (600, 256)
+    out.float().sum().backward()
+    assert layer.lora_A["default"].weight.grad.dtype == torch.float32

@@ -258,6 +258,31 @@ def test_lora_sum_is_added_into_the_base_output_in_place(tiny_dir):
         assert x.grad.abs().sum() > 0 and layer.lora_A["default"].weight.grad.abs().sum() > 0
 
 
+def test_a_base_layer_that_returns_a_view_gets_the_sum_out_of_place(tiny_dir):
+    """A view (a base layer that reshapes its output) is not summed into in place, where autograd would copy it
+    back into its base: the out-of-place addmm runs and the output is PEFT's."""
+    model = lora_model_with_b(tiny_dir, 0.05)
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    x = torch.randn(2, 16, layer.in_features)
+    model.eval()  # no dropout: PEFT's output and the fused one compare exactly
+    with torch.no_grad():
+        expected = layer(x)
+    modeling.add_adapter_outputs_inside_the_matmul(model)
+    linear = layer.base_layer.forward
+    seen = {}
+
+    def as_view(rows):
+        out = linear(rows)
+        seen["ptr"] = out.data_ptr()
+        return out.view(out.shape)
+
+    layer.base_layer.forward = as_view
+    with torch.no_grad():
+        out = layer(x)
+    torch.testing.assert_close(out, expected)
+    assert out.data_ptr() != seen["ptr"]
+
+
 def test_the_merged_model_gives_the_adapter_on_base_outputs(tmp_path, tiny_dir, tiny_tokenizer):
     """merge_adapter reloads the base from disk in 16-bit on GPUs (float32 here) and folds the adapter in: the merged
     model must answer as the adapter on its base does, whatever ran during training (train.fp8 included: the merge
