@@ -29,10 +29,21 @@ from launcher import validate  # noqa: E402
 from launcher.config import register_resolvers, to_plain  # noqa: E402
 from launcher.errors import ConfigError  # noqa: E402
 from launcher.machine import detect_machine  # noqa: E402
-from launcher.plan import as_launched, build_plan, host_of, with_liger  # noqa: E402
+from launcher.plan import build_plan, host_of, size_the_job, with_liger  # noqa: E402
 from launcher.resources import shipped  # noqa: E402
 
 register_resolvers()
+
+
+def as_launched(cfg: dict, machine, world: int, procs_per_node: int) -> dict:
+    """cfg with train.fp8 and train.lora_dropout_kernel as a launch on these GPUs would settle them (`python -m
+    launcher plan` sizes with them)."""
+    keys = ("fp8", "lora_dropout_kernel")
+    try:
+        settled = size_the_job(cfg, machine, world, True, [], procs_per_node)["train"]
+    except ConfigError:  # nothing fits (the table says so): auto adds no FP8 copies and no kernel
+        settled = {key: False if cfg["train"].get(key, "auto") == "auto" else cfg["train"][key] for key in keys}
+    return dict(cfg, train=dict(cfg["train"], **{key: settled[key] for key in keys}))
 
 
 def memory_plan_text(cfg: dict, machine) -> str:

@@ -57,11 +57,9 @@ ACT_LIGER = 0.79  # ddp with Liger 54.8 against 68.9 without
 ACT_BF16_ADAPTERS = 0.86  # zero2 47.4 against ddp 54.8 when PEFT still ran DDP's adapters on float32 copies of
 # their inputs; without those copies (modeling.feed_adapters_the_activations_as_they_are) ddp measured 47.6
 ACT_KBIT_DDP = 1.46  # ddp 4-bit 77.4 against ddp bf16 54.8
-# LoRA's dropout, which TRL leaves on for SFT only, keeps a dropped copy and a byte mask of each adapter's input:
-# ddp at 24.6k tokens per micro-batch, SFT micro_batch 64 peaked at 64.53 GiB against DPO micro_batch 32 at 47.65
-# (61.4 against 44.5 above the weights); SFT with lora.dropout=0 peaked at 46.9 (2026-12-02), and so did the dropout
-# kernel's first version (launcher/lora_dropout.py; the kernel now keeps a bit per element, 1.4 GB at those 22.5k
-# tokens, within the plan's margin, not counted)
+# LoRA's dropout (on in SFT only) keeps a dropped copy and a byte mask of each adapter's input: at 24.6k tokens SFT
+# peaked at 64.53 GiB against DPO's 47.65, SFT without dropout or with its kernel (first version) at 46.9 (2026-12-02;
+# the kernel's bit per element, 1.4 GB at 22.5k tokens, is left to the plan's margin)
 ACT_SFT = 1.38
 BYTES_4BIT = 0.53
 LINEAR_BYTES = {None: 2.0, 4: BYTES_4BIT, 8: 1.0}  # per linear-layer weight, by quant bits

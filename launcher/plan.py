@@ -167,17 +167,6 @@ def size_with_fp8(cfg: dict, decisions: list[str], *, machine: Machine, world: i
     return sized
 
 
-def as_launched(cfg: dict, machine: Machine, world: int, procs_per_node: int) -> dict:
-    """cfg with train.fp8 and train.lora_dropout_kernel as a launch on these GPUs would settle them (`python -m
-    launcher plan` sizes with them)."""
-    keys = ("fp8", "lora_dropout_kernel")
-    try:
-        settled = size_the_job(cfg, machine, world, True, [], procs_per_node)["train"]
-    except ConfigError:  # nothing fits (the table says so): auto adds no FP8 copies and no kernel
-        settled = {key: False if cfg["train"].get(key, "auto") == "auto" else cfg["train"][key] for key in keys}
-    return dict(cfg, train=dict(cfg["train"], **{key: settled[key] for key in keys}))
-
-
 def gpu_estimate(cfg: dict, machine: Machine, world: int, shape: memory.Shape | None,
                  token_budget: int | None = None) -> tuple[memory.Estimate, float] | None:
     """The memory plan's peak per GPU for cfg as sized, and the GPU memory; None where it cannot say (GPU memory or
