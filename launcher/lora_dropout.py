@@ -91,20 +91,19 @@ def keep_where_it_pays(cfg: dict, size, fits, decisions: list[str]) -> dict:
     """train.lora_dropout_kernel=auto where it could run: cfg sized (`size(cfg, lines)`) with the kernel and with
     torch's dropout, each taken as not fitting where sizing fails or `fits(sized)` says so (a job given all its
     sizes); the kernel kept where it changes the sizing (what_it_changes)."""
-    def sized_or_none(c, lines):
+    def attempt(c):
+        lines: list[str] = []
         try:
-            job = size(c, lines)
+            return size(c, lines), lines
         except ConfigError:
-            return None
-        return job if fits(job) else None
+            return None, lines
 
-    without_lines: list[str] = []
     without_cfg = dict(cfg, train=dict(cfg["train"], lora_dropout_kernel=False))
-    without = sized_or_none(without_cfg, without_lines)
-    with_lines: list[str] = []
-    sized = sized_or_none(cfg, with_lines)
-    runs = sized is not None and in_kernel(sized, sized["strategy"]["name"])
-    if runs and (change := what_it_changes(sized, without)):
+    without, without_lines = attempt(without_cfg)
+    sized, with_lines = attempt(cfg)
+    runs = sized is not None and fits(sized) and in_kernel(sized, sized["strategy"]["name"])
+    fitting_without = without if without is not None and fits(without) else None
+    if runs and (change := what_it_changes(sized, fitting_without)):
         decisions += with_lines + [f"train.lora_dropout_kernel=auto -> on: without torch's dropout copies and masks, "
                                    f"{change}"]
         return sized
@@ -112,4 +111,7 @@ def keep_where_it_pays(cfg: dict, size, fits, decisions: list[str]) -> dict:
         decisions.append("train.lora_dropout_kernel=auto -> off: the job is sized the same with torch's dropout, "
                          "which ran 1.8% faster than the kernel's first version (true: the kernel, whose first "
                          "version peaked 27% lower in 1.5B SFT)")
-    return size(without_cfg, decisions)  # as before: its own error where nothing fits
+    if without is None:
+        return size(without_cfg, decisions)  # its own error: nothing fits
+    decisions += without_lines
+    return without
