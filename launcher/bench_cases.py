@@ -138,6 +138,12 @@ CASES["8b-fp8-off"] = Case("launcher", overrides=("train.fp8=false",), preset=EI
 CASES["8b-peer-sft-bs16"] = Case("peer_sft", "sft", env={"BS": "16", "GC": "0"}, preset=EIGHT_B)
 CASES["8b-sft-fp8"] = Case("launcher", "sft", overrides=("train.fp8=true",), preset=EIGHT_B)
 CASES["8b-sft-fp8-off"] = Case("launcher", "sft", overrides=("train.fp8=false",), preset=EIGHT_B)
+# LoRA's dropout at 8B's widths (4096, 14336), torch's against the kernel, at one micro-batch (the kernel's memory
+# would let the planner take a larger one)
+CASES["8b-sft-torch-dropout"] = Case("launcher", "sft", overrides=("train.lora_dropout_kernel=false", "micro_batch=32"),
+                                     preset=EIGHT_B)
+CASES["8b-sft-dropout-kernel"] = Case("launcher", "sft", overrides=("train.lora_dropout_kernel=true", "micro_batch=32"),
+                                      preset=EIGHT_B)
 # what is learned with FP8 against bf16 at equal samples (the same token budget, seed and so batches), and bf16
 # against itself with another seed (its run-to-run noise); lr 5e-4 so that 20 steps move the held-out accuracy.
 # The peer's 1.5B job with every frozen linear in FP8 (k and v included), and Llama-3.1-8B's shape with FP8 where

@@ -73,25 +73,27 @@ def _forward(x_ptr, a_ptr, out_ptr, bits_ptr, T, K, R, seed, threshold, scale,
 def _backward(x_ptr, a_ptr, g_ptr, bits_ptr, dx_ptr, da_ptr, T, K, R, scale, row_blocks, splits,
               RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, G: tl.constexpr,
               NEED_DX: tl.constexpr, NEED_DA: tl.constexpr):
-    """One group of G columns (program axis 0) over every splits-th row block from axis 1's index: dx[rows, cols]
+    """One block of BK columns (program axis 0) over every splits-th row block from axis 1's index: dx[rows, cols]
     = (g @ A[:, cols]) * kept * scale; dA[:, cols]'s partial sum per split into da_ptr [splits, RP, K] (summed on
-    the host: no atomics, the same result every run)."""
-    group, split = tl.program_id(0), tl.program_id(1)
-    blk, k = group // (BK // G), group % (BK // G)
+    the host: no atomics, the same result every run). Whole blocks, so that each row's loads and stores are BK
+    contiguous elements and each mask byte is read once."""
+    blk, split = tl.program_id(0), tl.program_id(1)
     blocks = tl.cdiv(K, BK)
     j = tl.arange(0, G)
-    cols = blk * BK + k * G + j
+    shifts = tl.arange(0, BK // G)
+    cols = blk * BK + tl.arange(0, BK)
     r = tl.arange(0, RP)
     a = tl.load(a_ptr + r[:, None] * K + cols[None, :], mask=(r[:, None] < R) & (cols[None, :] < K), other=0.0)
-    acc = tl.zeros((RP, G), dtype=tl.float32)
+    acc = tl.zeros((RP, BK), dtype=tl.float32)
     for tb in range(split, row_blocks, splits):
         rows = tb * BT + tl.arange(0, BT)
         inside = (rows[:, None] < T) & (cols[None, :] < K)
         g = tl.load(g_ptr + rows[:, None].to(tl.int64) * R + r[None, :], mask=(rows[:, None] < T) & (r[None, :] < R),
                     other=0.0)
         bits = tl.load(bits_ptr + rows[:, None].to(tl.int64) * (blocks * G) + blk * G + j[None, :],
-                       mask=rows[:, None] < T, other=0)
-        keep = ((bits.to(tl.int32) >> k) & 1) != 0
+                       mask=rows[:, None] < T, other=0).to(tl.int32)
+        # byte (t, blk * G + j), bit k -> column blk * BK + k * G + j: [BT, BK // G, G] in row-major order is [BT, BK]
+        keep = tl.reshape((bits[:, None, :] >> shifts[None, :, None]) & 1, (BT, BK)) != 0
         if NEED_DX:
             dx = tl.where(keep, tl.dot(g, a) * scale, 0.0)
             tl.store(dx_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
@@ -141,12 +143,12 @@ class DropoutThenDown(torch.autograd.Function):
         RP = _rank_padded(R)
         need_dx, need_da = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g = grad.reshape(-1, R).to(x2.dtype).contiguous()
-        row_blocks, groups = triton.cdiv(T, ROWS), triton.cdiv(K, BK) * (BK // G)
+        row_blocks, col_blocks = triton.cdiv(T, ROWS), triton.cdiv(K, BK)
         sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
-        splits = max(1, min(row_blocks, triton.cdiv(4 * sms, groups)))  # about 4 programs per SM
+        splits = max(1, min(row_blocks, triton.cdiv(4 * sms, col_blocks)))  # about 4 programs per SM
         dx = torch.empty_like(x2) if need_dx else x2
         da = torch.empty(splits, RP, K, device=x2.device, dtype=torch.float32) if need_da else g
-        _backward[(groups, splits)](x2, a, g, bits, dx, da, T, K, R, ctx.scale, row_blocks, splits,
+        _backward[(col_blocks, splits)](x2, a, g, bits, dx, da, T, K, R, ctx.scale, row_blocks, splits,
                                     RP=RP, BT=ROWS, BK=BK, G=G, NEED_DX=need_dx, NEED_DA=need_da, num_warps=WARPS)
         dx = dx.view(ctx.shape) if need_dx else None
         dweight = da.sum(0)[:R].to(ctx.weight_dtype) if need_da else None
