@@ -6,7 +6,6 @@ does the doing. A dry run prints the plan.
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import os
 import re
@@ -127,19 +126,14 @@ def host_of(cfg: dict, machine: Machine, procs_per_node: int) -> Host:
 
 def size_the_job(cfg: dict, machine: Machine, world: int, on_gpu: bool, decisions: list[str],
                  procs_per_node: int | None = None) -> dict:
-    """train.liger and train.fp8 settled (they change the memory needed), then strategy=auto, micro_batch=auto and
-    train.gradient_checkpointing=auto from the memory plan (launcher/memory.py, launcher/host_memory.py); a copy of
-    cfg, resolved. FP8 that train.fp8=auto turned on is kept only where its weight copies leave the sizing as it is
-    without them: the job is sized both ways. So is LoRA's dropout kernel that train.lora_dropout_kernel=auto could
-    run: kept where the memory it saves changes the sizing (launcher/lora_dropout.py)."""
+    """train.liger, train.lora_dropout_kernel and train.fp8 settled (they change the memory needed), then
+    strategy=auto, micro_batch=auto and train.gradient_checkpointing=auto from the memory plan (launcher/memory.py,
+    launcher/host_memory.py); a copy of cfg, resolved. FP8 that train.fp8=auto turned on is kept only where its
+    weight copies leave the sizing as it is without them: the job is sized both ways. LoRA's dropout kernel runs
+    wherever train.lora_dropout_kernel=auto can run it (launcher/lora_dropout.py)."""
     cfg = with_liger(copy.deepcopy(cfg), on_gpu, machine.liger)
-    kernel_auto = cfg["train"].get("lora_dropout_kernel", "auto") == "auto"
     cfg = lora_dropout.resolved(cfg, on_gpu, machine.triton)
-    size = functools.partial(size_with_fp8, machine=machine, world=world, on_gpu=on_gpu, procs_per_node=procs_per_node)
-    if kernel_auto and cfg["train"]["lora_dropout_kernel"]:
-        fits = functools.partial(fits_as_sized, machine=machine, world=world)
-        return lora_dropout.keep_where_it_pays(cfg, size, fits, decisions)
-    return size(cfg, decisions)
+    return size_with_fp8(cfg, decisions, machine=machine, world=world, on_gpu=on_gpu, procs_per_node=procs_per_node)
 
 
 def size_with_fp8(cfg: dict, decisions: list[str], *, machine: Machine, world: int, on_gpu: bool,
