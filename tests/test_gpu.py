@@ -12,6 +12,7 @@ import shutil
 import subprocess
 
 import pytest
+import yaml
 
 from conftest import run_launcher, untrained_adapters
 
@@ -110,6 +111,9 @@ def test_strategy_runs_learns_resumes_and_merges(tmp_path, tiny_dir, strategy, q
     if lever and "fp8=true" in lever:  # 2 layers x 7 projections
         logs = "".join(p.read_text() for p in (run / "logs").glob("rank*.log"))
         assert "for 14 frozen linear layers" in logs, rank_log(run)
+    if method == "sft" and quant == "none" and strategy in ("ddp", "zero2") and not (lever and "compile" in lever):
+        plan = yaml.safe_load((run / "config.yaml").read_text())["plan"]
+        assert plan["lora_dropout_kernel"] is True  # auto: LoRA's dropout ran in launcher/lora_dropout_kernel.py
     if lever and "compile=true" in lever:
         graphs = re.search(r"train\.compile: (\d+) graphs compiled in the first step", first.stdout)
         assert graphs and int(graphs[1]) >= 2, rank_log(run) + first.stdout[-2000:]
