@@ -8,28 +8,24 @@ Pure arithmetic (no torch, no weights). Bytes per parameter follow from what eac
 | embeddings, norms, lm_head | 2 | 2 | 2 |
 | FP8 copies (train.fp8, ddp/zero2) | +1 per copy: W.T, and W for fp8=true | - | - |
 
-Trainable parameters (the LoRA adapter, or every weight with lora=none) also carry gradients and AdamW's
-two moments: in the parameter's dtype under torch's AdamW (adapters are float32: 4 + 4 + 8 bytes; a
-bf16 full fine-tune: 2 + 2 + 4), and as float32 master weights, gradients and moments under DeepSpeed
-(4 + 4 + 8 + the bf16 copy). ZeRO-2 shards gradients and optimizer states over the GPUs; ZeRO-3 and FSDP
-shard the weights too; ZeRO-3-offload keeps weights and optimizer states in CPU memory.
+Trainable parameters (the LoRA adapter, or every weight with lora=none) also carry gradients and AdamW's two
+moments: in the parameter's dtype under torch's AdamW (float32 adapters: 4 + 4 + 8 bytes; a bf16 full fine-tune:
+2 + 2 + 4), as float32 master weights, gradients and moments under DeepSpeed (4 + 4 + 8 + the bf16 copy). ZeRO-2
+shards gradients and optimizer states; ZeRO-3 and FSDP the weights too; ZeRO-3-offload keeps both in CPU memory.
 
-Activations per token were fitted to the plain-TRL peer's measurements on 2x H200 (../shared/peer,
-Qwen2.5-1.5B shape, DPO, LoRA r16, 712 tokens per pair): without gradient checkpointing 71.3 bytes per
-hidden unit per layer, with it 2 bytes per hidden unit per layer (the checkpointed inputs) plus one
-layer's worth; plus 0.47 bytes per vocabulary entry (logits). Inside a layer that holds for float32 LoRA
-adapters under torch autocast (DDP), without Liger; our 2x H200 benchmark (docs/benchmarks.md, micro_batch
-32, no checkpointing) gave the factors below for Liger's kernels, for bf16 adapters (DeepSpeed, FSDP) and
-for 4-bit weights prepared for k-bit training under DDP (which upcasts to float32). DPO runs chosen and rejected together (2
-sequences per pair); with LoRA the reference pass keeps no activations, without LoRA the reference
-model's weights are one more copy.
+Activations per token were fitted to the plain-TRL peer's measurements on 2x H200 (../shared/peer, Qwen2.5-1.5B
+shape, DPO, LoRA r16, 712 tokens per pair): 71.3 bytes per hidden unit per layer without gradient checkpointing; with
+it 2 (the checkpointed inputs) plus one layer's worth; plus 0.47 bytes per vocabulary entry (logits). That holds for
+float32 adapters under autocast (DDP) without Liger; the factors below, from our 2x H200 benchmark
+(docs/benchmarks.md), scale it for Liger's kernels, bf16 adapters (DeepSpeed, FSDP) and 4-bit weights under DDP
+(upcast to float32 by k-bit preparation). DPO runs chosen and rejected together; with LoRA the reference pass keeps
+no activations, without it the reference model's weights are one more copy.
 
-Measured at Llama-3.1-70B's shape, ZeRO-3 over 4-bit weights held about the whole 4-bit model on each GPU (counted
-so; the cause is not found). What the sharded strategies hold beyond their shard: ZeRO-3 materializes up to stage3_max_live_parameters
-(1e9 in ds_configs/zero3*.json) at a time; FSDP keeps the (tied) embedding gathered from the first layer
-to the last; ZeRO-3's prefetch and persistence buffers take about 0.8 GiB (fitted to our 2x H200 run,
-docs/memory.md; ZeRO-2 with ds_configs/zero2.json's buckets showed none). Under DDP, 4-bit weights go
-through prepare_model_for_kbit_training, which keeps the unquantized ones (embeddings, norms) in float32.
+At Llama-3.1-70B's shape, ZeRO-3 over 4-bit weights held about the whole 4-bit model on each GPU (counted so; the
+cause is not found). Beyond their shard, ZeRO-3 materializes up to stage3_max_live_parameters (1e9 in
+ds_configs/zero3*.json) at a time and its prefetch and persistence buffers take about 0.8 GiB (docs/memory.md;
+ZeRO-2 showed none); FSDP keeps the (tied) embedding gathered from the first layer to the last. Under DDP, 4-bit
+weights go through prepare_model_for_kbit_training, which keeps the unquantized ones in float32.
 """
 from __future__ import annotations
 
