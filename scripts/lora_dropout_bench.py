@@ -1,8 +1,9 @@
 """LoRA's down-projection with dropout on one GPU: torch's dropout then lora_A (as PEFT runs it) against the
 launcher's kernel (launcher/lora_dropout_kernel.py) and against no dropout, forward alone and forward + backward
 (dx and dA), for the adapter input widths of Qwen2.5-1.5B (1536, 8960) and Llama-3.1-8B (4096, 14336) at 22528
-tokens (the SFT bench's micro-batch), in milliseconds (triton.testing.do_bench); then the kernel's tile choices.
-    python3 scripts/lora_dropout_bench.py
+tokens (the SFT bench's micro-batch), in milliseconds (triton.testing.do_bench); with `tiles`, then the kernel's
+tile choices.
+    python3 scripts/lora_dropout_bench.py [tiles]
 """
 import sys
 
@@ -38,6 +39,8 @@ for K in (1536, 8960, 4096, 14336):
     fwd, both = timings(K)
     print(f"| {K} | {fwd['torch']:.3f} / {fwd['kernel']:.3f} / {fwd['none']:.3f} | "
           f"{both['torch']:.3f} / {both['kernel']:.3f} / {both['none']:.3f} |", flush=True)
+if "tiles" not in sys.argv[1:]:
+    sys.exit()
 print("\n| rows, warps | K | kernel forward ms | kernel forward + backward ms |\n|---|---|---|---|")
 for rows, warps in ((32, 4), (64, 8), (128, 4), (128, 8)):
     kernel.ROWS, kernel.WARPS = rows, warps
