@@ -14,16 +14,18 @@ KEEPS_DROPOUT = ("sft",)
 UNDER = ("ddp", "zero2")  # where launcher/modeling.py runs its own LoRA forward (train.fuse_lora_sum)
 
 
-def resolved(cfg: dict, on_gpu: bool, triton_found: bool) -> dict:
-    """cfg with auto made true or false: true where the job runs on GPUs with triton and its dropout could run in
-    the kernel (in_kernel then says whether it does under the strategy the job is sized for)."""
+def resolved(cfg: dict, on_gpu: bool, triton_runs: bool) -> dict:
+    """cfg with auto made true or false: true where the job runs on GPUs where triton runs (installed; compute
+    capability 8.0 or newer, as triton 3 requires) and its dropout could run in the kernel (in_kernel then says
+    whether it does under the strategy the job is sized for)."""
     wanted = cfg["train"].get("lora_dropout_kernel", "auto")
-    if wanted is True and not (on_gpu and triton_found):
-        raise ConfigError("train.lora_dropout_kernel", "train.lora_dropout_kernel=true needs CUDA GPUs and triton "
-                                                       "(it comes with torch's CUDA builds); use auto or false.")
+    if wanted is True and not (on_gpu and triton_runs):
+        raise ConfigError("train.lora_dropout_kernel", "train.lora_dropout_kernel=true needs CUDA GPUs of compute "
+                                                       "capability 8.0 or newer and triton (it comes with torch's "
+                                                       "CUDA builds); use auto or false.")
     if wanted != "auto":
         return cfg
-    could = on_gpu and triton_found and why_not(cfg, UNDER[0]) is None
+    could = on_gpu and triton_runs and why_not(cfg, UNDER[0]) is None
     return dict(cfg, train=dict(cfg["train"], lora_dropout_kernel=could))
 
 

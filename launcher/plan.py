@@ -132,7 +132,8 @@ def size_the_job(cfg: dict, machine: Machine, world: int, on_gpu: bool, decision
     weight copies leave the sizing as it is without them: the job is sized both ways. LoRA's dropout kernel runs
     wherever train.lora_dropout_kernel=auto can run it (launcher/lora_dropout.py)."""
     cfg = with_liger(copy.deepcopy(cfg), on_gpu, machine.liger)
-    cfg = lora_dropout.resolved(cfg, on_gpu, machine.triton)
+    # triton 3 runs on compute capability 8.0+ (bf16's); with no GPU visible, the plan is for GPUs as current ones are
+    cfg = lora_dropout.resolved(cfg, on_gpu, machine.triton and (machine.bf16 or not machine.gpu_count))
     return size_with_fp8(cfg, decisions, machine=machine, world=world, on_gpu=on_gpu, procs_per_node=procs_per_node)
 
 

@@ -56,12 +56,16 @@ def test_sharded_strategies_run_peft_s_forward_and_so_torch_s_dropout():
     assert any(d.startswith("train.lora_dropout_kernel=true has nothing to do: strategy=zero3") for d in decisions)
 
 
-def test_auto_is_off_without_gpus_or_triton_and_true_is_refused_there():
+def test_auto_is_off_without_gpus_triton_or_compute_capability_8_and_true_is_refused_there():
     assert plan("method=sft", "strategy=ddp", machine=GPU_NODE)[0]["lora_dropout_kernel"] is False  # no triton
     cpu = build_plan(compose_cfg("method=sft", "cpu_procs=2"), CPU_NODE)
     assert yaml.safe_load(cpu.files["config.yaml"])["plan"]["lora_dropout_kernel"] is False
-    with pytest.raises(ConfigError, match="train.lora_dropout_kernel=true needs CUDA GPUs and triton"):
+    with pytest.raises(ConfigError, match="train.lora_dropout_kernel=true needs CUDA GPUs of compute capability 8.0"):
         build_plan(compose_cfg("method=sft", "cpu_procs=2", "train.lora_dropout_kernel=true"), CPU_NODE)
+    turing = dataclasses.replace(TRITON_GPU, gpu_name="Tesla T4", bf16=False, fp8=False)  # triton 3 needs 8.0+
+    assert plan("method=sft", "strategy=ddp", machine=turing)[0]["lora_dropout_kernel"] is False
+    with pytest.raises(ConfigError, match="needs CUDA GPUs of compute capability 8.0 or newer and triton"):
+        plan("method=sft", "strategy=ddp", "train.lora_dropout_kernel=true", machine=turing)
     with pytest.raises(ConfigError, match=r"train.lora_dropout_kernel='on': give true, false or auto"):
         plan("method=sft", "train.lora_dropout_kernel=on")
 
