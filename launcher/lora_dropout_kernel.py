@@ -149,7 +149,7 @@ class DropoutThenDown(torch.autograd.Function):
         dx = torch.empty_like(x2) if need_dx else x2
         da = torch.empty(splits, RP, K, device=x2.device, dtype=torch.float32) if need_da else g
         _backward[(col_blocks, splits)](x2, a, g, bits, dx, da, T, K, R, ctx.scale, row_blocks, splits,
-                                    RP=RP, BT=ROWS, BK=BK, G=G, NEED_DX=need_dx, NEED_DA=need_da, num_warps=WARPS)
+                                        RP=RP, BT=ROWS, BK=BK, G=G, NEED_DX=need_dx, NEED_DA=need_da, num_warps=WARPS)
         dx = dx.view(ctx.shape) if need_dx else None
         dweight = da.sum(0)[:R].to(ctx.weight_dtype) if need_da else None
         return dx, dweight, None, None
