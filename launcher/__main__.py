@@ -25,7 +25,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from launcher import validate  # noqa: E402
+from launcher import lora_dropout, validate  # noqa: E402
 from launcher.config import register_resolvers, to_plain  # noqa: E402
 from launcher.errors import ConfigError  # noqa: E402
 from launcher.machine import detect_machine  # noqa: E402
@@ -39,6 +39,7 @@ def as_launched(cfg: dict, machine, world: int, procs_per_node: int) -> dict:
     """cfg with train.fp8 and train.lora_dropout_kernel as a launch on these GPUs would settle them (`python -m
     launcher plan` sizes with them)."""
     keys = ("fp8", "lora_dropout_kernel")
+    lora_dropout.resolved(cfg, True, machine.runs_triton)  # true where it cannot run: refused, not "nothing fits"
     try:
         settled = size_the_job(cfg, machine, world, True, [], procs_per_node)["train"]
     except ConfigError:  # nothing fits (the table says so): auto adds no FP8 copies and no kernel

@@ -28,6 +28,12 @@ class Machine:
     deepspeed: bool = True  # deepspeed is installed (strategy=auto only picks ZeRO where it is)
     host_mem_gib: float | None = None  # this host's RAM (MemTotal)
 
+    @property
+    def runs_triton(self) -> bool:
+        """Triton installed and GPUs it runs on (compute capability 8.0+ for triton 3, as for bf16); with no GPU
+        visible, a plan is for GPUs as current ones are."""
+        return self.triton and (self.bf16 or not self.gpu_count)
+
 
 def _query_nvidia_smi() -> list[tuple[str, str, float, float]]:
     exe = shutil.which("nvidia-smi")

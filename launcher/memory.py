@@ -11,7 +11,8 @@ Pure arithmetic (no torch, no weights). Bytes per parameter follow from what eac
 Trainable parameters (the LoRA adapter, or every weight with lora=none) also carry gradients and AdamW's two
 moments: in the parameter's dtype under torch's AdamW (float32 adapters: 4 + 4 + 8 bytes; a bf16 full fine-tune:
 2 + 2 + 4), as float32 master weights, gradients and moments under DeepSpeed (4 + 4 + 8 + the bf16 copy). ZeRO-2
-shards gradients and optimizer states; ZeRO-3 and FSDP the weights too; ZeRO-3-offload keeps both in CPU memory.
+shards gradients and optimizer states; ZeRO-3 and FSDP the weights too; ZeRO-3-offload keeps weights and optimizer
+states in CPU memory.
 
 Activations per token were fitted to the plain-TRL peer's measurements on 2x H200 (../shared/peer, Qwen2.5-1.5B
 shape, DPO, LoRA r16, 712 tokens per pair): 71.3 bytes per hidden unit per layer without gradient checkpointing; with

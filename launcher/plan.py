@@ -132,9 +132,13 @@ def size_the_job(cfg: dict, machine: Machine, world: int, on_gpu: bool, decision
     weight copies leave the sizing as it is without them: the job is sized both ways. LoRA's dropout kernel runs
     wherever train.lora_dropout_kernel=auto can run it (launcher/lora_dropout.py)."""
     cfg = with_liger(copy.deepcopy(cfg), on_gpu, machine.liger)
-    # triton 3 runs on compute capability 8.0+ (bf16's); with no GPU visible, the plan is for GPUs as current ones are
-    cfg = lora_dropout.resolved(cfg, on_gpu, machine.triton and (machine.bf16 or not machine.gpu_count))
-    return size_with_fp8(cfg, decisions, machine=machine, world=world, on_gpu=on_gpu, procs_per_node=procs_per_node)
+    kernel_auto = cfg["train"].get("lora_dropout_kernel", "auto") == "auto"
+    cfg = lora_dropout.resolved(cfg, on_gpu, machine.runs_triton)
+    sized = size_with_fp8(cfg, decisions, machine=machine, world=world, on_gpu=on_gpu, procs_per_node=procs_per_node)
+    if kernel_auto:  # on only where it runs under the strategy sized for (zero3 and FSDP run PEFT's forward)
+        runs = lora_dropout.in_kernel(sized, sized["strategy"]["name"])
+        sized = dict(sized, train=dict(sized["train"], lora_dropout_kernel=runs))
+    return sized
 
 
 def size_with_fp8(cfg: dict, decisions: list[str], *, machine: Machine, world: int, on_gpu: bool,

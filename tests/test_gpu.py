@@ -113,7 +113,7 @@ def test_strategy_runs_learns_resumes_and_merges(tmp_path, tiny_dir, strategy, q
         assert "for 14 frozen linear layers" in logs, rank_log(run)
     if method == "sft" and quant == "none" and strategy in ("ddp", "zero2") and not (lever and "compile" in lever):
         plan = yaml.safe_load((run / "config.yaml").read_text())["plan"]
-        assert plan["lora_dropout_kernel"] is True  # auto: LoRA's dropout ran in launcher/lora_dropout_kernel.py
+        assert plan["lora_dropout_kernel"] is True  # auto: the plan turned LoRA's dropout kernel on for this run
     if lever and "compile=true" in lever:
         graphs = re.search(r"train\.compile: (\d+) graphs compiled in the first step", first.stdout)
         assert graphs and int(graphs[1]) >= 2, rank_log(run) + first.stdout[-2000:]

@@ -101,7 +101,22 @@ def test_auto_runs_the_kernel_wherever_it_can_and_sizes_the_job_with_its_memory(
     assert on_24["lora_dropout_kernel"] is True and on_24["gradient_checkpointing"] is False
     torch_24, _ = sized("sft", 24, "train.lora_dropout_kernel=false")
     assert torch_24["gradient_checkpointing"] is True
-    zero3, lines = sized("sft", 139.8, "strategy=zero3")  # PEFT's forward runs there: auto says nothing
-    assert zero3["lora_dropout_kernel"] is False and lines == []
-    dpo, lines = sized("dpo", 24)  # TRL turns dropout off: nothing to do
-    assert dpo["lora_dropout_kernel"] is False and lines == []
+    zero3, decisions = plan("method=sft", "model=qwen2.5-1.5b-instruct", "strategy=zero3")
+    assert zero3["lora_dropout_kernel"] is False  # PEFT's forward runs there: auto says nothing of the kernel
+    assert not any("lora_dropout_kernel" in d or "down-projection" in d for d in decisions)
+    dpo, decisions = plan("method=dpo", "model=qwen2.5-1.5b-instruct", "gpu_mem_gib=24")
+    assert dpo["lora_dropout_kernel"] is False  # TRL turns dropout off: nothing to do
+    assert not any("lora_dropout_kernel" in d or "down-projection" in d for d in decisions)
+
+
+def test_the_plan_subcommand_settles_the_kernel_as_a_launch_and_refuses_true_where_triton_cannot_run():
+    """`python -m launcher plan` (as_launched): auto is off where the strategy runs PEFT's forward, and true on a GPU
+    below compute capability 8.0 is refused, not taken for a job that does not fit."""
+    from launcher.__main__ import as_launched
+
+    assert as_launched(compose_cfg("method=sft", "strategy=ddp"), TRITON_GPU, 1, 1)["train"]["lora_dropout_kernel"]
+    zero3 = as_launched(compose_cfg("method=sft", "strategy=zero3"), TRITON_GPU, 1, 1)
+    assert zero3["train"]["lora_dropout_kernel"] is False
+    turing = dataclasses.replace(TRITON_GPU, gpu_name="Tesla T4", bf16=False, fp8=False)
+    with pytest.raises(ConfigError, match="compute capability 8.0 or newer"):
+        as_launched(compose_cfg("method=sft", "train.lora_dropout_kernel=true"), turing, 1, 1)
