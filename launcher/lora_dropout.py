@@ -12,6 +12,9 @@ from launcher.errors import ConfigError
 # leaves it on
 KEEPS_DROPOUT = ("sft",)
 UNDER = ("ddp", "zero2")  # where launcher/modeling.py runs its own LoRA forward (train.fuse_lora_sum)
+# The largest rank the kernel takes: its backward keeps a [rank, 128] float32 accumulator per program in registers
+# (tested on GPUs at ranks 8 to 64); above it PEFT's dropout runs
+MAX_RANK = 64
 
 
 def resolved(cfg: dict, on_gpu: bool, triton_runs: bool) -> dict:
@@ -34,6 +37,8 @@ def why_not(cfg: dict, strategy: str) -> str | None:
     lora, train, method = cfg["lora"], cfg["train"], cfg["method"]["name"]
     if lora["r"] is None or not lora.get("dropout"):
         return "no LoRA dropout"
+    if lora["r"] > MAX_RANK:
+        return f"lora.r={lora['r']} is over the kernel's {MAX_RANK}: PEFT's dropout runs"
     if method not in KEEPS_DROPOUT:
         return f"TRL turns dropout off for method={method}"
     if cfg["quant"]["bits"]:

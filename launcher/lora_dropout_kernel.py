@@ -17,10 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
+from launcher.lora_dropout import MAX_RANK
+
 BK, G = 128, 16  # columns per block, per group (8 groups: one Philox call gives 8 16-bit draws)
 MAX_COUNTER = 2**31 - 1  # Philox counters are int32 here
 ROWS, WARPS = 64, 4  # rows per program and warps per program
-MAX_RANK = 128  # above it PEFT's dropout runs (a [ROWS, rank] float32 accumulator per program)
 
 
 @triton.jit

@@ -32,6 +32,7 @@ def test_the_kernel_runs_where_trl_keeps_dropout_and_the_launchers_lora_forward_
     (("method=simpo",), "TRL turns dropout off for method=simpo"),
     (("method=sft", "lora.dropout=0"), "no LoRA dropout"),
     (("method=sft", "lora=none"), "no LoRA dropout"),
+    (("method=sft", "lora.r=128"), "lora.r=128 is over the kernel's 64: PEFT's dropout runs"),
     (("method=sft", "quant=4bit"), "PEFT's bitsandbytes LoRA layers run"),
     (("method=sft", "train.fuse_lora_sum=false"), "train.fuse_lora_sum=false: PEFT's forward runs"),
     (("method=sft", "train.compile=true"), "train.compile=true: the compiled layers run torch's dropout"),
