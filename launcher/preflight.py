@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -72,6 +73,29 @@ def deepspeed_settings_error(cfg: dict) -> str | None:
     return None
 
 
+STALE_LOCK_S = 1800  # DeepSpeed builds an op in minutes: a build lock this old was left by a stopped run
+
+
+def stale_build_lock_error(cfg: dict, root: Path | None = None, now: float | None = None) -> str | None:
+    """A lock older than STALE_LOCK_S where torch builds the extensions DeepSpeed compiles at first use
+    ($TORCH_EXTENSIONS_DIR/<op>/lock, else ~/.cache/torch_extensions/<python>_<device>/<op>/lock). torch's lock is a
+    bare file: a run stopped while building leaves it, and every later build of that op waits on it forever (the
+    ranks would hang before their first step)."""
+    if not resolve_strategy(cfg["plan"]["strategy"]).deepspeed_template:
+        return None
+    given = os.environ.get("TORCH_EXTENSIONS_DIR")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    root = root or (Path(given) if given else cache / "torch_extensions")
+    now = time.time() if now is None else now
+    for lock in sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]):
+        age = now - lock.stat().st_mtime
+        if age > STALE_LOCK_S:
+            return (f"{lock} is {age / 60:.0f} min old: a run stopped while torch built DeepSpeed's "
+                    f"{lock.parent.name} op left it, and this run's ranks would wait on it forever. If no build is "
+                    f"running, delete it (rm {lock}) and launch again")
+    return None
+
+
 def token_budget_error(cfg: dict, report: data.DataReport) -> str | None:
     """A micro-batch holds whole pairs: a token budget under the data's longest pair could never hold that one."""
     budget = cfg["plan"].get("token_budget")
@@ -114,6 +138,9 @@ def main(config_path: str) -> int:
     if why := deepspeed_settings_error(cfg):
         print(f"launcher: error: {why}. DeepSpeed's names: https://www.deepspeed.ai/docs/config-json/",
               file=sys.stderr)
+        return 2
+    if why := stale_build_lock_error(cfg):
+        print(f"launcher: error: {why}", file=sys.stderr)
         return 2
     resume = cfg["resume"]
     ckpt = checkpoints.find_resume(cfg["run_dir"], resume) if resume else None

@@ -74,3 +74,23 @@ def test_a_misspelt_optimizer_is_named_before_the_ranks_start():
     why = preflight.optimizer_error(run_config("strategy=ddp", "train.optim=adamw_fused"))
     assert why.startswith("train.optim=adamw_fused: not an optimizer transformers knows. Give auto, or one of: ")
     assert "adamw_torch_fused" in why
+
+
+def test_a_build_lock_left_by_a_stopped_run_is_named_before_deepspeeds_ranks_hang_on_it(tmp_path):
+    """torch's extension lock is a bare file: a run stopped while DeepSpeed built an op leaves it, and the next
+    build waits forever. An old one is named with what to do; a fresh one may be a build running now."""
+    lock = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    mtime = lock.stat().st_mtime
+    zero3 = run_config("strategy=zero3")
+    assert preflight.stale_build_lock_error(zero3, tmp_path, now=mtime + 60) is None  # a build under way
+    why = preflight.stale_build_lock_error(zero3, tmp_path, now=mtime + 3600)
+    assert why.startswith(f"{lock} is 60 min old: a run stopped while torch built DeepSpeed's deepspeed_shm_comm op")
+    assert why.endswith(f"If no build is running, delete it (rm {lock}) and launch again")
+    assert preflight.stale_build_lock_error(run_config("strategy=ddp"), tmp_path, now=mtime + 3600) is None
+    flat = tmp_path / "given" / "fused_adam" / "lock"  # TORCH_EXTENSIONS_DIR holds the ops' folders directly
+    flat.parent.mkdir(parents=True)
+    flat.touch()
+    assert preflight.stale_build_lock_error(zero3, tmp_path / "given", now=flat.stat().st_mtime + 3600).startswith(
+        f"{flat} is 60 min old")
