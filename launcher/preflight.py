@@ -88,7 +88,10 @@ def stale_build_lock_error(cfg: dict, root: Path | None = None, now: float | Non
     root = root or (Path(given) if given else cache / "torch_extensions")
     now = time.time() if now is None else now
     for lock in sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]):
-        age = now - lock.stat().st_mtime
+        try:
+            age = now - lock.stat().st_mtime
+        except FileNotFoundError:  # a build that just ended removed it
+            continue
         if age > STALE_LOCK_S:
             return (f"{lock} is {age / 60:.0f} min old: a run stopped while torch built DeepSpeed's "
                     f"{lock.parent.name} op left it, and this run's ranks would wait on it forever. If no build is "
