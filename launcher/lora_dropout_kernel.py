@@ -21,7 +21,10 @@ from launcher.lora_dropout import MAX_RANK
 
 BK, G = 128, 16  # columns per block, per group (8 groups: one Philox call gives 8 16-bit draws)
 MAX_COUNTER = 2**31 - 1  # Philox counters are int32 here
-ROWS, WARPS = 64, 4  # rows per program and warps per program
+# Tiles: the fastest of scripts/lora_dropout_bench.py's `tiles` on an H200 (docs/benchmarks.md, 2026-12-02 evening)
+ROWS, WARPS = 32, 2  # the forward's rows and warps per program
+BACKWARD_ROWS, BACKWARD_WARPS = 32, 4
+PROGRAMS_PER_SM = 8  # each kernel splits its loop until about this many programs run per SM
 
 
 @triton.jit
@@ -36,13 +39,17 @@ def _group(x_ptr, a_ptr, rows, cols, T, K, R, keep, scale, RP: tl.constexpr):
 
 
 @triton.jit
-def _forward(x_ptr, a_ptr, out_ptr, bits_ptr, T, K, R, seed, threshold, scale,
+def _forward(x_ptr, a_ptr, out_ptr, bits_ptr, T, K, R, seed, threshold, scale, splits,
              RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, G: tl.constexpr):
+    """BT rows (program axis 0) over every splits-th block of BK columns from axis 1's index: the partial product
+    into out_ptr [splits, T, RP] in float32 (summed on the host: no atomics, the same result every run). Split, so
+    that a few thousand rows still make enough programs to keep the memory busy."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    split = tl.program_id(1)
     j = tl.arange(0, G)
     blocks = tl.cdiv(K, BK)
     acc = tl.zeros((BT, RP), dtype=tl.float32)
-    for blk in range(0, blocks):
+    for blk in range(split, blocks, splits):
         r0, r1, r2, r3 = tl.randint4x(seed, rows[:, None] * (blocks * G) + blk * G + j[None, :])
         k0 = (r0 & 0xFFFF).to(tl.int32) >= threshold
         k1 = ((r0 >> 16) & 0xFFFF).to(tl.int32) >= threshold
@@ -66,16 +73,15 @@ def _forward(x_ptr, a_ptr, out_ptr, bits_ptr, T, K, R, seed, threshold, scale,
         tl.store(bits_ptr + rows[:, None].to(tl.int64) * (blocks * G) + blk * G + j[None, :], bits.to(tl.uint8),
                  mask=rows[:, None] < T)
     r = tl.arange(0, RP)
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * R + r[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=(rows[:, None] < T) & (r[None, :] < R))
+    tl.store(out_ptr + (split.to(tl.int64) * T + rows[:, None]) * RP + r[None, :], acc, mask=rows[:, None] < T)
 
 
 @triton.jit
 def _backward(x_ptr, a_ptr, g_ptr, bits_ptr, dx_ptr, da_ptr, T, K, R, scale, row_blocks, splits,
               RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, G: tl.constexpr,
-              NEED_DX: tl.constexpr, NEED_DA: tl.constexpr):
+              NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, ADD_TO_DX: tl.constexpr):
     """One block of BK columns (program axis 0) over every splits-th row block from axis 1's index: dx[rows, cols]
-    = (g @ A[:, cols]) * kept * scale; dA[:, cols]'s partial sum per split into da_ptr [splits, RP, K] (summed on
+    = (g @ A[:, cols]) * kept * scale (ADD_TO_DX: added to what dx holds); dA[:, cols]'s partial sum per split into da_ptr [splits, RP, K] (summed on
     the host: no atomics, the same result every run). Whole blocks, so that each row's loads and stores are BK
     contiguous elements and each mask byte is read once."""
     blk, split = tl.program_id(0), tl.program_id(1)
@@ -97,6 +103,8 @@ def _backward(x_ptr, a_ptr, g_ptr, bits_ptr, dx_ptr, da_ptr, T, K, R, scale, row
         keep = tl.reshape((bits[:, None, :] >> shifts[None, :, None]) & 1, (BT, BK)) != 0
         if NEED_DX:
             dx = tl.where(keep, tl.dot(g, a) * scale, 0.0)
+            if ADD_TO_DX:
+                dx += tl.load(dx_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=inside, other=0.0)
             tl.store(dx_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
                      mask=inside)
         if NEED_DA:
@@ -117,6 +125,44 @@ def threshold_and_scale(p: float) -> tuple[int, float]:
     return threshold, 65536 / (65536 - threshold)
 
 
+def _splits(device, programs: int, blocks: int) -> int:
+    """Into how many programs to split each of `programs` loops over `blocks` steps: about PROGRAMS_PER_SM
+    programs per SM in all."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(blocks, triton.cdiv(PROGRAMS_PER_SM * sms, programs)))
+
+
+def forward_pass(x2, a, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """dropout(x2, p) @ a^T for x2 [T, K] and a [R, K] of one 16-bit dtype, contiguous: (the product [T, R] in that
+    dtype, the kept bits for backward_pass)."""
+    threshold, scale = threshold_and_scale(p)
+    T, K = x2.shape
+    R = a.shape[0]
+    RP, blocks = _rank_padded(R), triton.cdiv(K, BK)
+    splits = _splits(x2.device, triton.cdiv(T, ROWS), blocks)
+    out = torch.empty(splits, T, RP, device=x2.device, dtype=torch.float32)
+    bits = torch.empty(T, blocks * G, device=x2.device, dtype=torch.uint8)
+    _forward[(triton.cdiv(T, ROWS), splits)](x2, a, out, bits, T, K, R, seed, threshold, scale, splits,
+                                             RP=RP, BT=ROWS, BK=BK, G=G, num_warps=WARPS)
+    return (out[0] if splits == 1 else out.sum(0))[:, :R].to(x2.dtype), bits
+
+
+def backward_pass(x2, a, g, bits, p: float, need_dx: bool, need_da: bool, add_to: torch.Tensor | None = None):
+    """forward_pass's gradients for g [T, R] (the product's, x2's dtype, contiguous): (dx [T, K] in x2's dtype, or
+    add_to [T, K] with dx added in place; None where not needed), (dA [R, K] in float32 or None)."""
+    scale = threshold_and_scale(p)[1]
+    T, K = x2.shape
+    R = a.shape[0]
+    RP, row_blocks, col_blocks = _rank_padded(R), triton.cdiv(T, BACKWARD_ROWS), triton.cdiv(K, BK)
+    splits = _splits(x2.device, col_blocks, row_blocks)
+    dx = (torch.empty_like(x2) if add_to is None else add_to) if need_dx else x2
+    da = torch.empty(splits, RP, K, device=x2.device, dtype=torch.float32) if need_da else g
+    _backward[(col_blocks, splits)](x2, a, g, bits, dx, da, T, K, R, scale, row_blocks, splits, RP=RP,
+                                    BT=BACKWARD_ROWS, BK=BK, G=G, NEED_DX=need_dx, NEED_DA=need_da,
+                                    ADD_TO_DX=add_to is not None, num_warps=BACKWARD_WARPS)
+    return (dx if need_dx else None), (da.sum(0)[:R] if need_da else None)
+
+
 class DropoutThenDown(torch.autograd.Function):
     """lora_A(dropout(x)) for x [..., K] and A [r, K]: [..., r] in x's dtype (A is cast to it, as autocast would)."""
 
@@ -125,35 +171,18 @@ class DropoutThenDown(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
         a = weight.to(x.dtype).contiguous()
-        T, K = x2.shape
-        R = a.shape[0]
-        threshold, scale = threshold_and_scale(p)
-        out = torch.empty(T, R, device=x.device, dtype=x.dtype)
-        bits = torch.empty(T, triton.cdiv(K, BK) * G, device=x.device, dtype=torch.uint8)
-        _forward[(triton.cdiv(T, ROWS),)](x2, a, out, bits, T, K, R, seed, threshold, scale,
-                                          RP=_rank_padded(R), BT=ROWS, BK=BK, G=G, num_warps=WARPS)
+        out, bits = forward_pass(x2, a, p, seed)
         ctx.save_for_backward(x2, a, bits)
-        ctx.scale, ctx.shape, ctx.weight_dtype = scale, shape, weight.dtype
-        return out.view(*shape[:-1], R)
+        ctx.p, ctx.shape, ctx.weight_dtype = p, shape, weight.dtype
+        return out.view(*shape[:-1], a.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
         x2, a, bits = ctx.saved_tensors
-        T, K = x2.shape
-        R = a.shape[0]
-        RP = _rank_padded(R)
+        g = grad.reshape(-1, a.shape[0]).to(x2.dtype).contiguous()
         need_dx, need_da = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        g = grad.reshape(-1, R).to(x2.dtype).contiguous()
-        row_blocks, col_blocks = triton.cdiv(T, ROWS), triton.cdiv(K, BK)
-        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
-        splits = max(1, min(row_blocks, triton.cdiv(4 * sms, col_blocks)))  # about 4 programs per SM
-        dx = torch.empty_like(x2) if need_dx else x2
-        da = torch.empty(splits, RP, K, device=x2.device, dtype=torch.float32) if need_da else g
-        _backward[(col_blocks, splits)](x2, a, g, bits, dx, da, T, K, R, ctx.scale, row_blocks, splits,
-                                        RP=RP, BT=ROWS, BK=BK, G=G, NEED_DX=need_dx, NEED_DA=need_da, num_warps=WARPS)
-        dx = dx.view(ctx.shape) if need_dx else None
-        dweight = da.sum(0)[:R].to(ctx.weight_dtype) if need_da else None
-        return dx, dweight, None, None
+        dx, da = backward_pass(x2, a, g, bits, ctx.p, need_dx, need_da)
+        return (dx.view(ctx.shape) if need_dx else None), (da.to(ctx.weight_dtype) if need_da else None), None, None
 
 
 def fits(x: torch.Tensor, rank: int) -> bool:
@@ -165,23 +194,23 @@ def fits(x: torch.Tensor, rank: int) -> bool:
     return rows > 0 and (rows + ROWS) * triton.cdiv(x.shape[-1], BK) * G <= MAX_COUNTER
 
 
+def draw_seed() -> int:
+    """A seed for one call, from torch's CPU generator (no GPU sync)."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
 def dropout_then_down(x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
-    """lora_A(dropout(x, p)) in one kernel; the seed comes from torch's CPU generator (no GPU sync)."""
-    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-    return DropoutThenDown.apply(x, weight, p, seed)
+    """lora_A(dropout(x, p)) in one kernel."""
+    return DropoutThenDown.apply(x, weight, p, draw_seed())
 
 
 def keep_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """The elements of x the kernel keeps for this seed, as a bool tensor of x's shape (for tests): the bits the
     forward stores, unpacked."""
-    x2 = x.detach().reshape(-1, x.shape[-1])
+    x2 = x.detach().reshape(-1, x.shape[-1]).contiguous()
     T, K = x2.shape
-    bits = torch.empty(T, triton.cdiv(K, BK) * G, device=x.device, dtype=torch.uint8)
-    out = torch.empty(T, 1, device=x.device, dtype=x.dtype)
-    threshold, scale = threshold_and_scale(p)
     a = torch.zeros(1, K, device=x.device, dtype=x.dtype)
-    _forward[(triton.cdiv(T, ROWS),)](x2.contiguous(), a, out, bits, T, K, 1, seed, threshold, scale,
-                                      RP=16, BT=ROWS, BK=BK, G=G, num_warps=WARPS)
+    _, bits = forward_pass(x2, a, p, seed)
     # byte (t, block * G + j), bit k -> column block * BK + k * G + j
     blocks = bits.view(T, -1, 1, G).int()
     unpacked = (blocks >> torch.arange(BK // G, device=x.device).view(1, 1, -1, 1)) & 1

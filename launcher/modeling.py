@@ -159,8 +159,12 @@ def add_adapter_outputs_inside_the_matmul(model, dropout_kernel: bool = False) -
     dropout_kernel: where LoRA's dropout is on (training, p > 0) and x is a 16-bit CUDA tensor, lora_A(dropout(x))
     runs as one Triton kernel that keeps a bit per element, not a dropped copy and a byte mask
     (launcher/lora_dropout_kernel.py).
+    Where the base is a plain frozen nn.Linear and the dropout is off or in the kernel, base and adapter run as one
+    autograd node (launcher/lora_layer.py): x's gradient is then made as one tensor, not two that autograd adds.
     Returns the number of layers changed."""
     from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from launcher import lora_layer
 
     kernel = None
     if dropout_kernel:
@@ -175,22 +179,30 @@ def add_adapter_outputs_inside_the_matmul(model, dropout_kernel: bool = False) -
         # Rows in, so that the base layer's output is a tensor of its own, not a view: the adapter's product is
         # then added into it in place (addmm_), where out-of-place addmm first copies the whole output
         rows = x.reshape(-1, x.shape[-1])
-        result = self.base_layer(rows)
+        lora_a, lora_b, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
         dropout = self.lora_dropout[name]
-        if (kernel and dropout.training and getattr(dropout, "p", 0) > 0 and kernel.fits(rows, self.r[name])
-                and (x.dtype == self.lora_A[name].weight.dtype or not getattr(self, "cast_input_dtype_enabled", True))):
-            down = kernel.dropout_then_down(rows, self.lora_A[name].weight, dropout.p)
+        p = getattr(dropout, "p", 0) if dropout.training else 0
+        in_kernel = (kernel and p > 0 and kernel.fits(rows, self.r[name])
+                     and (x.dtype == lora_a.dtype or not getattr(self, "cast_input_dtype_enabled", True)))
+        if (p == 0 or in_kernel) and lora_layer.takes(self.base_layer, rows, lora_a, lora_b):
+            seed = kernel.draw_seed() if in_kernel else 0
+            out = lora_layer.FrozenLinearWithLora.apply(rows, self.base_layer.weight, self.base_layer.bias, lora_a,
+                                                        lora_b, scaling, p if in_kernel else 0.0, seed)
+            return out.view(*x.shape[:-1], out.shape[-1])
+        result = self.base_layer(rows)
+        if in_kernel:
+            down = kernel.dropout_then_down(rows, lora_a, p)
         else:
-            down = self.lora_A[name](dropout(self._cast_input_dtype(rows, self.lora_A[name].weight.dtype)))
-        up = self.lora_B[name].weight.t()
+            down = self.lora_A[name](dropout(self._cast_input_dtype(rows, lora_a.dtype)))
+        up = lora_b.t()
         if torch.is_autocast_enabled(result.device.type):  # what autocast would do for addmm: all in its dtype
             down, up = down.to(result.dtype), up.to(result.dtype)
         if not result.dtype == down.dtype == up.dtype:  # mixed dtypes: PEFT's sum promotes them
-            out = result + self.lora_B[name](down) * self.scaling[name]
+            out = result + self.lora_B[name](down) * scaling
         elif result._base is not None:  # a view (a base layer that reshapes its output): in place would copy it back
-            out = torch.addmm(result, down, up, alpha=self.scaling[name])
+            out = torch.addmm(result, down, up, alpha=scaling)
         else:
-            out = result.addmm_(down, up, alpha=self.scaling[name])
+            out = result.addmm_(down, up, alpha=scaling)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     layers = [m for m in model.modules() if type(m) is LoraLinear]

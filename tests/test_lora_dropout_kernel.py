@@ -162,3 +162,28 @@ def test_ddp_s_float32_adapters_under_autocast_take_the_kernel(monkeypatch):
     assert calls == [torch.float32] and out.dtype == torch.bfloat16 and out.shape == (600, 256)
     out.float().sum().backward()
     assert layer.lora_A["default"].weight.grad.dtype == torch.float32
+
+
+def test_one_node_with_the_kernels_dropout_equals_torch_with_its_mask():
+    """launcher/lora_layer.py with dropout on: the base GEMM, the kernel's forward and its backward adding the
+    adapter's input gradient into the base's, against torch's separate ops on the kernel's mask."""
+    from launcher.lora_dropout_kernel import keep_mask
+    from launcher.lora_layer import FrozenLinearWithLora
+
+    torch.manual_seed(0)
+    T, K, N, R, p, seed, scaling = 1000, 1536, 384, 16, 0.1, 99, 2.0
+    x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(N, K, device="cuda") / math.sqrt(K)).bfloat16()
+    lora_a = (torch.randn(R, K, device="cuda") / math.sqrt(K)).requires_grad_(True)  # float32, as under DDP
+    lora_b = (torch.randn(N, R, device="cuda") / 4).requires_grad_(True)
+    keep = keep_mask(x, p, seed)
+    out = FrozenLinearWithLora.apply(x, weight, None, lora_a, lora_b, scaling, p, seed)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    x_ref, a_ref, b_ref = (t.detach().clone().requires_grad_(True) for t in (x, lora_a, lora_b))
+    ref = x_ref @ weight.t() + reference(x_ref, a_ref, keep, p) @ b_ref.bfloat16().t() * scaling
+    ref.backward(grad)
+    assert out.dtype == torch.bfloat16 and lora_a.grad.dtype == lora_b.grad.dtype == torch.float32
+    for ours, theirs in ((out, ref), (x.grad, x_ref.grad), (lora_a.grad, a_ref.grad), (lora_b.grad, b_ref.grad)):
+        assert rel_err(ours, theirs) < 1e-2
+

@@ -1,0 +1,71 @@
+"""A LoRA linear over a frozen nn.Linear as one autograd node: base(x) + scaling * lora_B(lora_A(dropout(x))).
+
+Run as separate ops (PEFT's forward, or modeling.py's sum inside the lora_B matmul), the base and the adapter both
+read x, so autograd gets x's gradient as two [tokens, features] tensors and adds them: per adapted linear, one pass
+to write the adapter's part and three for the sum. Here the adapter's part goes into the base's input gradient as
+it is made: addmm_ into it (no dropout), or the dropout kernel's backward adding into it
+(launcher/lora_dropout_kernel.py, where dropout is on). The forward runs the same ops as modeling.py's: the base
+GEMM, then the adapter's product added into its output in place.
+
+All in x's dtype: the adapter weights (float32 under DDP) are cast to it, as autocast casts them for the matmuls,
+and their gradients come back in their own dtype."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class FrozenLinearWithLora(torch.autograd.Function):
+    """x2 [T, K]; weight [N, K] and bias (or None), frozen, in x2's dtype; lora_a [R, K], lora_b [N, R]; p > 0
+    drops with the kernel (CUDA, 16-bit x2) under `seed`. Returns [T, N]."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, lora_a, lora_b, scaling: float, p: float, seed: int):
+        a, b = lora_a.to(x2.dtype).contiguous(), lora_b.to(x2.dtype)
+        out = F.linear(x2, weight, bias)
+        if p > 0:
+            x2 = x2.contiguous()
+            from launcher import lora_dropout_kernel as kernel
+
+            down, bits = kernel.forward_pass(x2, a, p, seed)
+        else:
+            down, bits = F.linear(x2, a), None
+        out.addmm_(down, b.t(), alpha=scaling)
+        ctx.save_for_backward(x2, weight, a, b, down, bits)
+        ctx.scaling, ctx.p, ctx.dtypes = scaling, p, (lora_a.dtype, lora_b.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight, a, b, down, bits = ctx.saved_tensors
+        need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        g = grad.to(x2.dtype)
+        g_down = torch.mm(g, b).mul_(ctx.scaling).contiguous()  # the adapter's down-projection's output gradient
+        dx = torch.mm(g, weight) if need_x else None
+        if bits is not None:
+            from launcher import lora_dropout_kernel as kernel
+
+            dx, da = kernel.backward_pass(x2, a, g_down, bits, ctx.p, need_x, need_a, add_to=dx)
+        else:
+            if need_x:
+                dx.addmm_(g_down, a)
+            da = torch.mm(g_down.t(), x2) if need_a else None
+        db = torch.mm(g.t(), down).mul_(ctx.scaling) if need_b else None
+        a_dtype, b_dtype = ctx.dtypes
+        return (dx, None, None, da.to(a_dtype) if need_a else None, db.to(b_dtype) if need_b else None,
+                None, None, None)
+
+
+def takes(base: torch.nn.Module, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
+    """Whether the one node computes what the separate ops would for this base layer and input: a plain frozen
+    nn.Linear (its class's forward: not FP8's or another patch; no hooks) whose weight has the dtype the matmuls
+    run in, x's; the adapters in that dtype too, unless autocast casts them to it."""
+    if type(base) is not torch.nn.Linear or "forward" in vars(base) or base._forward_hooks or base._forward_pre_hooks:
+        return False
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return False
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device)
+    if autocast and torch.get_autocast_dtype(device) != x.dtype:
+        return False
+    return base.weight.dtype == x.dtype and (autocast or lora_a.dtype == lora_b.dtype == x.dtype)
