@@ -1,11 +1,15 @@
-"""A LoRA linear over a frozen nn.Linear as one autograd node: base(x) + scaling * lora_B(lora_A(dropout(x))).
+"""A LoRA linear over a frozen nn.Linear, with LoRA's dropout in the kernel of launcher/lora_dropout_kernel.py, as
+one autograd node: base(x) + scaling * lora_B(lora_A(dropout(x))).
 
 Run as separate ops (PEFT's forward, or modeling.py's sum inside the lora_B matmul), the base and the adapter both
 read x, so autograd gets x's gradient as two [tokens, features] tensors and adds them: per adapted linear, one pass
-to write the adapter's part and three for the sum. Here the adapter's part goes into the base's input gradient as
-it is made: addmm_ into it (no dropout), or the dropout kernel's backward adding into it
-(launcher/lora_dropout_kernel.py, where dropout is on). The forward runs the same ops as modeling.py's: the base
-GEMM, then the adapter's product added into its output in place.
+to write the adapter's part and three for the sum. Here the dropout kernel's backward adds the adapter's part into
+the base's input gradient as it makes it (one read more). The forward runs the same ops as modeling.py's: the base
+GEMM, the kernel, the adapter's product added into the base's output in place.
+
+Without dropout the same idea (the base's input gradient, then addmm_ of the adapter's into it) timed slower than
+the separate ops at two of the three layer shapes of Qwen2.5-1.5B (scripts/lora_dropout_bench.py, docs/benchmarks.md
+2026-12-02 evening): cuBLAS's accumulate into a wide output over a rank-16 product is slow. So it is not done.
 
 All in x's dtype: the adapter weights (float32 under DDP) are cast to it, as autocast casts them for the matmuls,
 and their gradients come back in their own dtype."""
@@ -16,20 +20,16 @@ import torch.nn.functional as F
 
 
 class FrozenLinearWithLora(torch.autograd.Function):
-    """x2 [T, K]; weight [N, K] and bias (or None), frozen, in x2's dtype; lora_a [R, K], lora_b [N, R]; p > 0
-    drops with the kernel (CUDA, 16-bit x2) under `seed`. Returns [T, N]."""
+    """x2 [T, K], 16-bit on CUDA, as lora_dropout_kernel.fits takes; weight [N, K] and bias (or None), frozen, in
+    x2's dtype; lora_a [R, K], lora_b [N, R]; dropout p drawn under `seed`. Returns [T, N]."""
 
     @staticmethod
     def forward(ctx, x2, weight, bias, lora_a, lora_b, scaling: float, p: float, seed: int):
-        a, b = lora_a.to(x2.dtype).contiguous(), lora_b.to(x2.dtype)
-        out = F.linear(x2, weight, bias)
-        if p > 0:
-            x2 = x2.contiguous()
-            from launcher import lora_dropout_kernel as kernel
+        from launcher import lora_dropout_kernel as kernel  # triton: CUDA machines only
 
-            down, bits = kernel.forward_pass(x2, a, p, seed)
-        else:
-            down, bits = F.linear(x2, a), None
+        x2, a, b = x2.contiguous(), lora_a.to(x2.dtype).contiguous(), lora_b.to(x2.dtype)
+        out = F.linear(x2, weight, bias)
+        down, bits = kernel.forward_pass(x2, a, p, seed)
         out.addmm_(down, b.t(), alpha=scaling)
         ctx.save_for_backward(x2, weight, a, b, down, bits)
         ctx.scaling, ctx.p, ctx.dtypes = scaling, p, (lora_a.dtype, lora_b.dtype)
@@ -37,19 +37,14 @@ class FrozenLinearWithLora(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        from launcher import lora_dropout_kernel as kernel
+
         x2, weight, a, b, down, bits = ctx.saved_tensors
         need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         g = grad.to(x2.dtype)
         g_down = torch.mm(g, b).mul_(ctx.scaling).contiguous()  # the adapter's down-projection's output gradient
         dx = torch.mm(g, weight) if need_x else None
-        if bits is not None:
-            from launcher import lora_dropout_kernel as kernel
-
-            dx, da = kernel.backward_pass(x2, a, g_down, bits, ctx.p, need_x, need_a, add_to=dx)
-        else:
-            if need_x:
-                dx.addmm_(g_down, a)
-            da = torch.mm(g_down.t(), x2) if need_a else None
+        dx, da = kernel.backward_pass(x2, a, g_down, bits, ctx.p, need_x, need_a, add_to=dx)
         db = torch.mm(g.t(), down).mul_(ctx.scaling) if need_b else None
         a_dtype, b_dtype = ctx.dtypes
         return (dx, None, None, da.to(a_dtype) if need_a else None, db.to(b_dtype) if need_b else None,

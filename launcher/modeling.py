@@ -159,7 +159,7 @@ def add_adapter_outputs_inside_the_matmul(model, dropout_kernel: bool = False) -
     dropout_kernel: where LoRA's dropout is on (training, p > 0) and x is a 16-bit CUDA tensor, lora_A(dropout(x))
     runs as one Triton kernel that keeps a bit per element, not a dropped copy and a byte mask
     (launcher/lora_dropout_kernel.py).
-    Where the base is a plain frozen nn.Linear and the dropout is off or in the kernel, base and adapter run as one
+    Where the dropout runs in the kernel and the base is a plain frozen nn.Linear, base and adapter run as one
     autograd node (launcher/lora_layer.py): x's gradient is then made as one tensor, not two that autograd adds.
     Returns the number of layers changed."""
     from peft.tuners.lora.layer import Linear as LoraLinear
@@ -184,10 +184,9 @@ def add_adapter_outputs_inside_the_matmul(model, dropout_kernel: bool = False) -
         p = getattr(dropout, "p", 0) if dropout.training else 0
         in_kernel = (kernel and p > 0 and kernel.fits(rows, self.r[name])
                      and (x.dtype == lora_a.dtype or not getattr(self, "cast_input_dtype_enabled", True)))
-        if (p == 0 or in_kernel) and lora_layer.takes(self.base_layer, rows, lora_a, lora_b):
-            seed = kernel.draw_seed() if in_kernel else 0
+        if in_kernel and lora_layer.takes(self.base_layer, rows, lora_a, lora_b):
             out = lora_layer.FrozenLinearWithLora.apply(rows, self.base_layer.weight, self.base_layer.bias, lora_a,
-                                                        lora_b, scaling, p if in_kernel else 0.0, seed)
+                                                        lora_b, scaling, p, kernel.draw_seed())
             return out.view(*x.shape[:-1], out.shape[-1])
         result = self.base_layer(rows)
         if in_kernel:

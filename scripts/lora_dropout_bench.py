@@ -40,15 +40,14 @@ for K in (1536, 8960, 4096, 14336):
     fwd, both = timings(K)
     print(f"| {K} | {fwd['torch']:.3f} / {fwd['kernel']:.3f} / {fwd['none']:.3f} | "
           f"{both['torch']:.3f} / {both['kernel']:.3f} / {both['none']:.3f} |", flush=True)
-print("\nA whole LoRA linear (frozen bf16 base, rank 16, scaling 2), forward + backward, ms, 32768 tokens: the base "
-      "and the adapter as separate ops (autograd adds their input gradients) against one node (launcher/lora_layer.py)")
-print("| K -> N | dropout | separate ops | one node |\n|---|---|---|---|")
+print(f"\nA whole LoRA linear (frozen bf16 base, rank 16, scaling 2, dropout {P}), forward + backward, ms, 32768 "
+      "tokens: the base and the adapter as separate ops (autograd adds their input gradients) against one node "
+      "(launcher/lora_layer.py)")
+print("| K -> N | separate ops | one node |\n|---|---|---|")
 
 
-def separate_ops(x, w, a, b, p):
-    out = F.linear(x, w)
-    down = kernel.dropout_then_down(x, a, p) if p else F.linear(x, a)
-    return out.addmm_(down, b.t(), alpha=2.0)
+def separate_ops(x, w, a, b):
+    return F.linear(x, w).addmm_(kernel.dropout_then_down(x, a, P), b.t(), alpha=2.0)
 
 
 for K, N in ((1536, 1536), (1536, 8960), (8960, 1536)):
@@ -57,11 +56,10 @@ for K, N in ((1536, 1536), (1536, 8960), (8960, 1536)):
     a = torch.randn(R, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     b = torch.randn(N, R, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(32768, N, device="cuda", dtype=torch.bfloat16)
-    for p in (0.0, P):
-        apart = do_bench(lambda: separate_ops(x, w, a, b, p).backward(g), grad_to_none=[x, a, b])
-        one = do_bench(lambda: lora_layer.FrozenLinearWithLora.apply(x, w, None, a, b, 2.0, p, 1).backward(g),
-                       grad_to_none=[x, a, b])
-        print(f"| {K} -> {N} | {p} | {apart:.3f} | {one:.3f} |", flush=True)
+    apart = do_bench(lambda: separate_ops(x, w, a, b).backward(g), grad_to_none=[x, a, b])
+    one = do_bench(lambda: lora_layer.FrozenLinearWithLora.apply(x, w, None, a, b, 2.0, P, 1).backward(g),
+                   grad_to_none=[x, a, b])
+    print(f"| {K} -> {N} | {apart:.3f} | {one:.3f} |", flush=True)
 if "tiles" not in sys.argv[1:]:
     sys.exit()
 print("\nThe kernels alone at tile choices (ms; GB/s of the bytes each must move: x read, and for the backward dx "

@@ -304,32 +304,3 @@ def test_the_merged_model_gives_the_adapter_on_base_outputs(tmp_path, tiny_dir, 
     assert (expected - base).abs().max() > 1e-3  # the adapter changes the outputs: the comparison means something
     torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-5)
 
-
-def test_without_dropout_each_lora_layer_is_one_autograd_node_computing_what_peft_computes(tiny_dir):
-    """DPO's case (TRL turns LoRA's dropout off): base and adapter as one node (launcher/lora_layer.py), whose
-    input gradient is one tensor; the loss and the adapter gradients those of PEFT's forward, in float32."""
-    def run(fused):
-        torch.manual_seed(0)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir / "model"),
-                               LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.data += 0.01
-        if fused:
-            modeling.add_adapter_outputs_inside_the_matmul(model)
-        layer = model.base_model.model.model.layers[0].self_attn.q_proj
-        seen = {}
-        layer.register_forward_hook(lambda mod, args, out: seen.update(
-            node=type(out.grad_fn.next_functions[0][0] if fused else out.grad_fn).__name__))  # fused: under a view
-        ids = torch.arange(2, 34).reshape(2, 16)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, seen["node"]
-
-    loss, grads, node = run(fused=False)
-    fused_loss, fused_grads, fused_node = run(fused=True)
-    assert node != fused_node and fused_node.startswith("FrozenLinearWithLora")
-    torch.testing.assert_close(fused_loss, loss, rtol=1e-5, atol=0)
-    assert grads.keys() == fused_grads.keys()
-    for name in grads:
-        torch.testing.assert_close(fused_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
