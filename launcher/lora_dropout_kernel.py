@@ -81,9 +81,9 @@ def _backward(x_ptr, a_ptr, g_ptr, bits_ptr, dx_ptr, da_ptr, T, K, R, scale, row
               RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, G: tl.constexpr,
               NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, ADD_TO_DX: tl.constexpr):
     """One block of BK columns (program axis 0) over every splits-th row block from axis 1's index: dx[rows, cols]
-    = (g @ A[:, cols]) * kept * scale (ADD_TO_DX: added to what dx holds); dA[:, cols]'s partial sum per split into da_ptr [splits, RP, K] (summed on
-    the host: no atomics, the same result every run). Whole blocks, so that each row's loads and stores are BK
-    contiguous elements and each mask byte is read once."""
+    = (g @ A[:, cols]) * kept * scale (ADD_TO_DX: added to what dx holds); dA[:, cols]'s partial sum per split into
+    da_ptr [splits, RP, K] (summed on the host: no atomics, the same result every run). Whole blocks, so that each
+    row's loads and stores are BK contiguous elements and each mask byte is read once."""
     blk, split = tl.program_id(0), tl.program_id(1)
     blocks = tl.cdiv(K, BK)
     j = tl.arange(0, G)
@@ -153,8 +153,11 @@ def backward_pass(x2, a, g, bits, p: float, need_dx: bool, need_da: bool, add_to
     scale = threshold_and_scale(p)[1]
     T, K = x2.shape
     R = a.shape[0]
+    if add_to is not None:  # the kernel indexes it as x2 is laid out
+        assert add_to.shape == x2.shape and add_to.dtype == x2.dtype and add_to.is_contiguous()
     RP, row_blocks, col_blocks = _rank_padded(R), triton.cdiv(T, BACKWARD_ROWS), triton.cdiv(K, BK)
     splits = _splits(x2.device, col_blocks, row_blocks)
+    # where dx or dA is not needed, the kernel is given some other tensor as its pointer and never touches it
     dx = (torch.empty_like(x2) if add_to is None else add_to) if need_dx else x2
     da = torch.empty(splits, RP, K, device=x2.device, dtype=torch.float32) if need_da else g
     _backward[(col_blocks, splits)](x2, a, g, bits, dx, da, T, K, R, scale, row_blocks, splits, RP=RP,

@@ -42,9 +42,11 @@ class FrozenLinearWithLora(torch.autograd.Function):
         x2, weight, a, b, down, bits = ctx.saved_tensors
         need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         g = grad.to(x2.dtype)
-        g_down = torch.mm(g, b).mul_(ctx.scaling).contiguous()  # the adapter's down-projection's output gradient
         dx = torch.mm(g, weight) if need_x else None
-        dx, da = kernel.backward_pass(x2, a, g_down, bits, ctx.p, need_x, need_a, add_to=dx)
+        da = None
+        if need_x or need_a:
+            g_down = torch.mm(g, b).mul_(ctx.scaling).contiguous()  # the adapter's down-projection's output gradient
+            dx, da = kernel.backward_pass(x2, a, g_down, bits, ctx.p, need_x, need_a, add_to=dx)
         db = torch.mm(g.t(), down).mul_(ctx.scaling) if need_b else None
         a_dtype, b_dtype = ctx.dtypes
         return (dx, None, None, da.to(a_dtype) if need_a else None, db.to(b_dtype) if need_b else None,
@@ -53,9 +55,10 @@ class FrozenLinearWithLora(torch.autograd.Function):
 
 def takes(base: torch.nn.Module, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
     """Whether the one node computes what the separate ops would for this base layer and input: a plain frozen
-    nn.Linear (its class's forward: not FP8's or another patch; no hooks) whose weight has the dtype the matmuls
-    run in, x's; the adapters in that dtype too, unless autocast casts them to it."""
-    if type(base) is not torch.nn.Linear or "forward" in vars(base) or base._forward_hooks or base._forward_pre_hooks:
+    nn.Linear (its class's forward: not FP8's or another patch; no hook of its own or global, which calling the
+    base would run and F.linear skips) whose weight has the dtype the matmuls run in, x's; the adapters in that
+    dtype too, unless autocast casts them to it."""
+    if type(base) is not torch.nn.Linear or "forward" in vars(base) or _hooked(base):
         return False
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return False
@@ -64,3 +67,13 @@ def takes(base: torch.nn.Module, x: torch.Tensor, lora_a: torch.Tensor, lora_b: 
     if autocast and torch.get_autocast_dtype(device) != x.dtype:
         return False
     return base.weight.dtype == x.dtype and (autocast or lora_a.dtype == lora_b.dtype == x.dtype)
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    """Any hook that calling the module would run (the test of nn.Module._call_impl's fast path)."""
+    from torch.nn.modules import module as nn_module
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or nn_module._global_forward_hooks
+                or nn_module._global_forward_pre_hooks or nn_module._global_backward_hooks
+                or nn_module._global_backward_pre_hooks)

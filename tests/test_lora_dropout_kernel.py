@@ -166,26 +166,55 @@ def test_ddp_s_float32_adapters_under_autocast_take_the_kernel(monkeypatch):
     assert layer.lora_A["default"].weight.grad.dtype == torch.float32
 
 
-def test_one_node_with_the_kernels_dropout_equals_torch_with_its_mask():
+@pytest.mark.parametrize("x_needs_grad, with_bias", [(True, False), (False, True)])
+def test_one_node_with_the_kernels_dropout_equals_torch_with_its_mask(x_needs_grad, with_bias):
     """launcher/lora_layer.py with dropout on: the base GEMM, the kernel's forward and its backward adding the
-    adapter's input gradient into the base's, against torch's separate ops on the kernel's mask."""
+    adapter's input gradient into the base's, against torch's separate ops on the kernel's mask; an input that
+    needs no gradient (the first layer's, over frozen embeddings) and a frozen bias."""
     from launcher.lora_dropout_kernel import keep_mask
     from launcher.lora_layer import FrozenLinearWithLora
 
     torch.manual_seed(0)
     T, K, N, R, p, seed, scaling = 1000, 1536, 384, 16, 0.1, 99, 2.0
-    x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16, requires_grad=x_needs_grad)
     weight = (torch.randn(N, K, device="cuda") / math.sqrt(K)).bfloat16()
+    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16) if with_bias else None
     lora_a = (torch.randn(R, K, device="cuda") / math.sqrt(K)).requires_grad_(True)  # float32, as under DDP
     lora_b = (torch.randn(N, R, device="cuda") / 4).requires_grad_(True)
     keep = keep_mask(x, p, seed)
-    out = FrozenLinearWithLora.apply(x, weight, None, lora_a, lora_b, scaling, p, seed)
+    out = FrozenLinearWithLora.apply(x, weight, bias, lora_a, lora_b, scaling, p, seed)
     grad = torch.randn_like(out)
     out.backward(grad)
     x_ref, a_ref, b_ref = (t.detach().clone().requires_grad_(True) for t in (x, lora_a, lora_b))
-    ref = x_ref @ weight.t() + reference(x_ref, a_ref, keep, p) @ b_ref.bfloat16().t() * scaling
+    adapter = reference(x_ref, a_ref, keep, p) @ b_ref.bfloat16().t() * scaling
+    ref = torch.nn.functional.linear(x_ref, weight, bias) + adapter
     ref.backward(grad)
     assert out.dtype == torch.bfloat16 and lora_a.grad.dtype == lora_b.grad.dtype == torch.float32
-    for ours, theirs in ((out, ref), (x.grad, x_ref.grad), (lora_a.grad, a_ref.grad), (lora_b.grad, b_ref.grad)):
+    for ours, theirs in ((out, ref), (lora_a.grad, a_ref.grad), (lora_b.grad, b_ref.grad)):
         assert rel_err(ours, theirs) < 1e-2
+    assert rel_err(x.grad, x_ref.grad) < 1e-2 if x_needs_grad else x.grad is None
 
+
+def test_a_hooked_base_layer_takes_the_separate_ops_with_the_kernel(monkeypatch):
+    """Where the one node would skip something calling the base layer runs (here a forward hook), the kernel
+    still drops, through modeling.py's separate ops: the hook runs and the output is no FrozenLinearWithLora."""
+    from peft import LoraConfig, get_peft_model
+
+    from launcher import lora_dropout_kernel, modeling
+
+    calls, hooked = [], []
+    real = lora_dropout_kernel.forward_pass
+    monkeypatch.setattr(lora_dropout_kernel, "forward_pass", lambda *a: calls.append(1) or real(*a))
+    base = torch.nn.Sequential(torch.nn.Linear(512, 256, bias=False)).cuda().to(torch.bfloat16)
+    net = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.1, target_modules=["0"]))
+    net.to(torch.bfloat16)
+    layer = net.base_model.model[0]
+    layer.base_layer.register_forward_hook(lambda *args: hooked.append(1))
+    modeling.add_adapter_outputs_inside_the_matmul(net, dropout_kernel=True)
+    net.train()
+    x = torch.randn(600, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out = net(x)
+    assert calls == [1] and hooked == [1]
+    assert "FrozenLinearWithLora" not in type(out.grad_fn.next_functions[0][0]).__name__
+    out.float().sum().backward()
+    assert x.grad.abs().sum() > 0 and layer.lora_A["default"].weight.grad.abs().sum() > 0

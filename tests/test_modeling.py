@@ -303,4 +303,3 @@ def test_the_merged_model_gives_the_adapter_on_base_outputs(tmp_path, tiny_dir, 
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits
     assert (expected - base).abs().max() > 1e-3  # the adapter changes the outputs: the comparison means something
     torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-5)
-
