@@ -1,9 +1,11 @@
 """Whether LoRA's dropout runs inside each adapter's down-projection (train.lora_dropout_kernel): a Triton kernel
 that keeps a bit per element instead of torch's dropped copy and byte mask (launcher/lora_dropout_kernel.py).
 Pure: the config, the strategy and where it runs in; the setting and the plan's line out. Measured in SFT on one
-H200 against torch's dropout at one micro-batch (docs/benchmarks.md, 2026-12-02): 2.9% faster on the 1.5B shape's
-uniform rows, 2.6% on the realistic mix, the same speed on Llama-3.1-8B's shape, and 16-24 GiB lower peak in each;
-so auto runs it wherever it can, and the memory plan sizes the job with its smaller activations."""
+H200 against torch's dropout at one micro-batch (docs/benchmarks.md): on 2026-12-02 (afternoon) 2.9% faster on the
+1.5B shape's uniform rows, 2.6% on the realistic mix, the same speed on Llama-3.1-8B's shape, and 16-24 GiB lower
+peak in each; re-tiled and as one autograd node with the base layer (launcher/lora_layer.py) that evening, 4.4-4.8%
+faster on the realistic mix (across machines; 8B not re-timed). So auto runs it wherever it can, and the memory plan
+sizes the job with its smaller activations."""
 from __future__ import annotations
 
 from launcher.errors import ConfigError
@@ -70,8 +72,8 @@ def decide(cfg: dict, strategy: str) -> tuple[dict, str | None]:
         return {"lora_dropout_kernel": True}, (
             f"LoRA's dropout (p={cfg['lora']['dropout']}) inside each adapter's down-projection: one Triton kernel "
             "draws the mask as it multiplies and keeps a bit per element for the backward, not torch's dropped "
-            "copy and byte mask; in SFT on one H200, 2.6-2.9% faster at 1.5B, as fast at 8B, 16-24 GiB lower peak "
-            "(train.lora_dropout_kernel=false: torch's dropout)")
+            "copy and byte mask; in SFT on one H200 at 1.5B, 4.4-4.8% faster on the realistic mix, about 24 GiB "
+            "lower peak (train.lora_dropout_kernel=false: torch's dropout)")
     if cfg["train"].get("lora_dropout_kernel") is True:  # given: auto never leaves true where it cannot run
         why = why_not(cfg, strategy)
         return {"lora_dropout_kernel": False}, f"train.lora_dropout_kernel=true has nothing to do: {why}"
