@@ -21,7 +21,8 @@ from launcher.lora_dropout import MAX_RANK
 
 BK, G = 128, 16  # columns per block, per group (8 groups: one Philox call gives 8 16-bit draws)
 MAX_COUNTER = 2**31 - 1  # Philox counters are int32 here
-# Tiles: the fastest of scripts/lora_dropout_bench.py's `tiles` on an H200 (docs/benchmarks.md, 2026-12-02 evening)
+# Tiles: chosen from scripts/lora_dropout_bench.py's `tiles` on an H200 and the kernels' time in training
+# (docs/benchmarks.md, 2026-12-02 evening)
 ROWS, WARPS = 32, 2  # the forward's rows and warps per program
 BACKWARD_ROWS, BACKWARD_WARPS = 32, 4
 PROGRAMS_PER_SM = 8  # each kernel splits its loop until about this many programs run per SM

@@ -164,11 +164,9 @@ def add_adapter_outputs_inside_the_matmul(model, dropout_kernel: bool = False) -
     Returns the number of layers changed."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    from launcher import lora_layer
-
     kernel = None
     if dropout_kernel:
-        from launcher import lora_dropout_kernel as kernel
+        from launcher import lora_dropout_kernel as kernel, lora_layer
 
     def forward(self, x, *args, **kwargs):
         names = self.active_adapters
