@@ -13,6 +13,8 @@ its K features, in blocks of 128 = 8 groups of 16; Philox counter (t, block, j) 
 of each group, and byte (t, block * 16 + j) of the kept mask holds their 8 bits."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -126,11 +128,15 @@ def threshold_and_scale(p: float) -> tuple[int, float]:
     return threshold, 65536 / (65536 - threshold)
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:  # asked once per GPU, not at each of the ~800 kernel calls a step
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _splits(device, programs: int, blocks: int) -> int:
     """Into how many programs to split each of `programs` loops over `blocks` steps: about PROGRAMS_PER_SM
     programs per SM in all."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(blocks, triton.cdiv(PROGRAMS_PER_SM * sms, programs)))
+    return max(1, min(blocks, triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), programs)))
 
 
 def forward_pass(x2, a, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

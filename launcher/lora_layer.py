@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules import module as nn_module
 
 
 class FrozenLinearWithLora(torch.autograd.Function):
@@ -71,8 +72,6 @@ def takes(base: torch.nn.Module, x: torch.Tensor, lora_a: torch.Tensor, lora_b: 
 
 def _hooked(module: torch.nn.Module) -> bool:
     """Any hook that calling the module would run (the test of nn.Module._call_impl's fast path)."""
-    from torch.nn.modules import module as nn_module
-
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks or nn_module._global_forward_hooks
                 or nn_module._global_forward_pre_hooks or nn_module._global_backward_hooks
