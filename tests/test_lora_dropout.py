@@ -11,6 +11,7 @@ from launcher.errors import ConfigError
 from launcher.plan import build_plan
 
 TRITON_GPU = dataclasses.replace(GPU_NODE, triton=True, liger=True)  # a GPU machine with the [gpu] extra
+TURING = dataclasses.replace(TRITON_GPU, gpu_name="Tesla T4", bf16=False, fp8=False)  # triton 3 needs 8.0+
 
 
 def plan(*overrides, machine=TRITON_GPU):
@@ -63,10 +64,9 @@ def test_auto_is_off_without_gpus_triton_or_compute_capability_8_and_true_is_ref
     assert yaml.safe_load(cpu.files["config.yaml"])["plan"]["lora_dropout_kernel"] is False
     with pytest.raises(ConfigError, match="train.lora_dropout_kernel=true needs CUDA GPUs of compute capability 8.0"):
         build_plan(compose_cfg("method=sft", "cpu_procs=2", "train.lora_dropout_kernel=true"), CPU_NODE)
-    turing = dataclasses.replace(TRITON_GPU, gpu_name="Tesla T4", bf16=False, fp8=False)  # triton 3 needs 8.0+
-    assert plan("method=sft", "strategy=ddp", machine=turing)[0]["lora_dropout_kernel"] is False
+    assert plan("method=sft", "strategy=ddp", machine=TURING)[0]["lora_dropout_kernel"] is False
     with pytest.raises(ConfigError, match="needs CUDA GPUs of compute capability 8.0 or newer and triton"):
-        plan("method=sft", "strategy=ddp", "train.lora_dropout_kernel=true", machine=turing)
+        plan("method=sft", "strategy=ddp", "train.lora_dropout_kernel=true", machine=TURING)
     with pytest.raises(ConfigError, match=r"train.lora_dropout_kernel='on': give true, false or auto"):
         plan("method=sft", "train.lora_dropout_kernel=on")
 
@@ -118,6 +118,5 @@ def test_the_plan_subcommand_settles_the_kernel_as_a_launch_and_refuses_true_whe
     assert as_launched(compose_cfg("method=sft", "strategy=ddp"), TRITON_GPU, 1, 1)["train"]["lora_dropout_kernel"]
     zero3 = as_launched(compose_cfg("method=sft", "strategy=zero3"), TRITON_GPU, 1, 1)
     assert zero3["train"]["lora_dropout_kernel"] is False
-    turing = dataclasses.replace(TRITON_GPU, gpu_name="Tesla T4", bf16=False, fp8=False)
     with pytest.raises(ConfigError, match="compute capability 8.0 or newer"):
-        as_launched(compose_cfg("method=sft", "train.lora_dropout_kernel=true"), turing, 1, 1)
+        as_launched(compose_cfg("method=sft", "train.lora_dropout_kernel=true"), TURING, 1, 1)
