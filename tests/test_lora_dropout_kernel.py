@@ -209,6 +209,7 @@ def test_a_hooked_base_layer_takes_the_separate_ops_with_the_kernel(monkeypatch)
     net = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.1, target_modules=["0"]))
     net.to(torch.bfloat16)
     layer = net.base_model.model[0]
+    torch.nn.init.normal_(layer.lora_B["default"].weight)  # PEFT's zeros would give lora_A no gradient
     layer.base_layer.register_forward_hook(lambda *args: hooked.append(1))
     modeling.add_adapter_outputs_inside_the_matmul(net, dropout_kernel=True)
     net.train()
