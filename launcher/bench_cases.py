@@ -80,6 +80,9 @@ CASES = {
     "real-sft-torch-dropout": Case("launcher", "sft", overrides=("train.lora_dropout_kernel=false",), mix="realistic"),
     "sft-dropout-kernel": Case("launcher", "sft", overrides=("train.lora_dropout_kernel=true",)),
     "real-sft-dropout-kernel": Case("launcher", "sft", overrides=("train.lora_dropout_kernel=true",), mix="realistic"),
+    # each LoRA linear and its base as separate ops, autograd adding their input gradients (train.lora_one_node)
+    "defaults-separate-ops": Case("launcher", overrides=("train.lora_one_node=false",)),
+    "real-defaults-separate-ops": Case("launcher", overrides=("train.lora_one_node=false",), mix="realistic"),
     # the methods beyond DPO on the same model and pairs, with the launcher's defaults: ORPO and SimPO have no
     # reference pass; KTO takes each pair as a desirable and an undesirable row (rows/s counts those)
     "orpo-defaults": Case("launcher", "orpo"),

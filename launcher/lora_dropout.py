@@ -5,7 +5,12 @@ H200 against torch's dropout at one micro-batch (docs/benchmarks.md): on 2026-12
 1.5B shape's uniform rows, 2.6% on the realistic mix, the same speed on Llama-3.1-8B's shape, and 16-24 GiB lower
 peak in each; re-tiled and as one autograd node with the base layer (launcher/lora_layer.py) that evening, 4.4-4.8%
 faster on the realistic mix (across machines; 8B not re-timed). So auto runs it wherever it can, and the memory plan
-sizes the job with its smaller activations."""
+sizes the job with its smaller activations.
+
+Also whether each LoRA linear runs as one autograd node with its frozen base (train.lora_one_node,
+launcher/lora_layer.py): the kernel's backward adds the adapter's input gradient into the base's, with its dropout
+mask or, where nothing drops (DPO and the other methods TRL turns dropout off for), without one. The memory plan is
+the same either way: the node keeps what the separate ops keep."""
 from __future__ import annotations
 
 from launcher.errors import ConfigError
@@ -36,13 +41,19 @@ def resolved(cfg: dict, on_gpu: bool, triton_runs: bool) -> dict:
 
 def why_not(cfg: dict, strategy: str) -> str | None:
     """Why the kernel has nothing to do for cfg under strategy; None where it runs."""
-    lora, train, method = cfg["lora"], cfg["train"], cfg["method"]["name"]
+    lora, method = cfg["lora"], cfg["method"]["name"]
     if lora["r"] is None or not lora.get("dropout"):
         return "no LoRA dropout"
     if lora["r"] > MAX_RANK:
         return f"lora.r={lora['r']} is over the kernel's {MAX_RANK}: PEFT's dropout runs"
     if method not in KEEPS_DROPOUT:
         return f"TRL turns dropout off for method={method}"
+    return _why_not_the_launchers_forward(cfg, strategy, "torch's dropout")
+
+
+def _why_not_the_launchers_forward(cfg: dict, strategy: str, compiled_runs: str) -> str | None:
+    """Why launcher/modeling.py's own LoRA forward, where the kernels run, does not run for cfg under strategy."""
+    train = cfg["train"]
     if cfg["quant"]["bits"]:
         return "PEFT's bitsandbytes LoRA layers run"
     if strategy not in UNDER:
@@ -50,7 +61,7 @@ def why_not(cfg: dict, strategy: str) -> str | None:
     if train.get("fuse_lora_sum") is False:
         return "train.fuse_lora_sum=false: PEFT's forward runs"
     if train.get("compile") is True:
-        return "train.compile=true: the compiled layers run torch's dropout"
+        return f"train.compile=true: the compiled layers run {compiled_runs}"
     return None
 
 
@@ -78,3 +89,42 @@ def decide(cfg: dict, strategy: str) -> tuple[dict, str | None]:
         why = why_not(cfg, strategy)
         return {"lora_dropout_kernel": False}, f"train.lora_dropout_kernel=true has nothing to do: {why}"
     return {"lora_dropout_kernel": False}, None
+
+
+def one_node_resolved(cfg: dict, on_gpu: bool, triton_runs: bool) -> dict:
+    """cfg with train.lora_one_node=auto made true where it could run on these GPUs (as `resolved`); the plan then
+    settles auto to one_node_why_not's answer once the strategy and train.fp8 are known."""
+    wanted = cfg["train"].get("lora_one_node", "auto")
+    if wanted is True and not (on_gpu and triton_runs):
+        raise ConfigError("train.lora_one_node", "train.lora_one_node=true needs CUDA GPUs of compute capability 8.0 "
+                                                 "or newer and triton (it comes with torch's CUDA builds); use auto "
+                                                 "or false.")
+    if wanted != "auto":
+        return cfg
+    return dict(cfg, train=dict(cfg["train"], lora_one_node=on_gpu and triton_runs))
+
+
+def one_node_why_not(cfg: dict, strategy: str) -> str | None:
+    """Why no LoRA linear runs as one node for cfg under strategy (train.fp8 and lora_dropout_kernel settled)."""
+    lora = cfg["lora"]
+    if lora["r"] is None:
+        return "no LoRA"
+    if lora["r"] > MAX_RANK:
+        return f"lora.r={lora['r']} is over the kernel's {MAX_RANK}"
+    if cfg["train"].get("fp8"):  # true or backward
+        return f"train.fp8={str(cfg['train']['fp8']).lower()}: FP8's base layers run their own forward"
+    if cfg["method"]["name"] in KEEPS_DROPOUT and lora.get("dropout") and not in_kernel(cfg, strategy):
+        return "LoRA's dropout runs in torch (train.lora_dropout_kernel), between the base and the adapter"
+    return _why_not_the_launchers_forward(cfg, strategy, "autograd's ops")
+
+
+def decide_one_node(cfg: dict, strategy: str) -> tuple[dict, str | None]:
+    """({"lora_one_node": bool}, the plan's line or None), for cfg as resolved and sized."""
+    if cfg["train"].get("lora_one_node") is not True:
+        return {"lora_one_node": False}, None
+    if why := one_node_why_not(cfg, strategy):  # given: auto never leaves true where it cannot run
+        return {"lora_one_node": False}, f"train.lora_one_node=true has nothing to do: {why}"
+    return {"lora_one_node": True}, (
+        "each LoRA linear and its frozen base layer run as one autograd node (launcher/lora_layer.py): the kernel's "
+        "backward adds the adapter's input gradient into the base's, where autograd would add two [tokens, features] "
+        "tensors (train.lora_one_node=false: separate ops)")

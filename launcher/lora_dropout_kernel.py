@@ -82,11 +82,12 @@ def _forward(x_ptr, a_ptr, out_ptr, bits_ptr, T, K, R, seed, threshold, scale, s
 @triton.jit
 def _backward(x_ptr, a_ptr, g_ptr, bits_ptr, dx_ptr, da_ptr, T, K, R, scale, row_blocks, splits,
               RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, G: tl.constexpr,
-              NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, ADD_TO_DX: tl.constexpr):
+              NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, ADD_TO_DX: tl.constexpr, DROPOUT: tl.constexpr):
     """One block of BK columns (program axis 0) over every splits-th row block from axis 1's index: dx[rows, cols]
     = (g @ A[:, cols]) * kept * scale (ADD_TO_DX: added to what dx holds); dA[:, cols]'s partial sum per split into
     da_ptr [splits, RP, K] (summed on the host: no atomics, the same result every run). Whole blocks, so that each
-    row's loads and stores are BK contiguous elements and each mask byte is read once."""
+    row's loads and stores are BK contiguous elements and each mask byte is read once. DROPOUT false: no mask, every
+    element kept (bits_ptr unread)."""
     blk, split = tl.program_id(0), tl.program_id(1)
     blocks = tl.cdiv(K, BK)
     j = tl.arange(0, G)
@@ -100,20 +101,24 @@ def _backward(x_ptr, a_ptr, g_ptr, bits_ptr, dx_ptr, da_ptr, T, K, R, scale, row
         inside = (rows[:, None] < T) & (cols[None, :] < K)
         g = tl.load(g_ptr + rows[:, None].to(tl.int64) * R + r[None, :], mask=(rows[:, None] < T) & (r[None, :] < R),
                     other=0.0)
-        bits = tl.load(bits_ptr + rows[:, None].to(tl.int64) * (blocks * G) + blk * G + j[None, :],
-                       mask=rows[:, None] < T, other=0).to(tl.int32)
-        # byte (t, blk * G + j), bit k -> column blk * BK + k * G + j: [BT, BK // G, G] in row-major order is [BT, BK]
-        keep = tl.reshape((bits[:, None, :] >> shifts[None, :, None]) & 1, (BT, BK)) != 0
+        if DROPOUT:
+            bits = tl.load(bits_ptr + rows[:, None].to(tl.int64) * (blocks * G) + blk * G + j[None, :],
+                           mask=rows[:, None] < T, other=0).to(tl.int32)
+            # byte (t, blk * G + j), bit k -> column blk * BK + k * G + j: [BT, BK // G, G] row-major is [BT, BK]
+            keep = tl.reshape((bits[:, None, :] >> shifts[None, :, None]) & 1, (BT, BK)) != 0
         if NEED_DX:
-            dx = tl.where(keep, tl.dot(g, a) * scale, 0.0)
+            dx = tl.dot(g, a)
+            if DROPOUT:
+                dx = tl.where(keep, dx * scale, 0.0)
             if ADD_TO_DX:
                 dx += tl.load(dx_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=inside, other=0.0)
             tl.store(dx_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
                      mask=inside)
         if NEED_DA:
             x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=inside, other=0.0)
-            dropped = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
-            acc += tl.dot(tl.trans(g), dropped)
+            if DROPOUT:
+                x = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
+            acc += tl.dot(tl.trans(g), x)
     if NEED_DA:
         tl.store(da_ptr + split.to(tl.int64) * RP * K + r[:, None] * K + cols[None, :], acc, mask=cols[None, :] < K)
 
@@ -156,8 +161,9 @@ def forward_pass(x2, a, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor
 
 def backward_pass(x2, a, g, bits, p: float, need_dx: bool, need_da: bool, add_to: torch.Tensor | None = None):
     """forward_pass's gradients for g [T, R] (the product's, x2's dtype, contiguous): (dx [T, K] in x2's dtype, or
-    add_to [T, K] with dx added in place; None where not needed), (dA [R, K] in float32 or None)."""
-    scale = threshold_and_scale(p)[1]
+    add_to [T, K] with dx added in place; None where not needed), (dA [R, K] in float32 or None). bits None: the
+    gradients of x2 @ a^T without dropout (p unused)."""
+    scale = threshold_and_scale(p)[1] if bits is not None else 1.0
     T, K = x2.shape
     R = a.shape[0]
     if add_to is not None:  # the kernel indexes it as x2 is laid out
@@ -167,9 +173,10 @@ def backward_pass(x2, a, g, bits, p: float, need_dx: bool, need_da: bool, add_to
     # where dx or dA is not needed, the kernel is given some other tensor as its pointer and never touches it
     dx = (torch.empty_like(x2) if add_to is None else add_to) if need_dx else x2
     da = torch.empty(splits, RP, K, device=x2.device, dtype=torch.float32) if need_da else g
-    _backward[(col_blocks, splits)](x2, a, g, bits, dx, da, T, K, R, scale, row_blocks, splits, RP=RP,
-                                    BT=BACKWARD_ROWS, BK=BK, G=G, NEED_DX=need_dx, NEED_DA=need_da,
-                                    ADD_TO_DX=add_to is not None, num_warps=BACKWARD_WARPS)
+    _backward[(col_blocks, splits)](x2, a, g, x2 if bits is None else bits, dx, da, T, K, R, scale, row_blocks,
+                                    splits, RP=RP, BT=BACKWARD_ROWS, BK=BK, G=G, NEED_DX=need_dx, NEED_DA=need_da,
+                                    ADD_TO_DX=add_to is not None, DROPOUT=bits is not None,
+                                    num_warps=BACKWARD_WARPS)
     return (dx if need_dx else None), (da.sum(0)[:R] if need_da else None)
 
 

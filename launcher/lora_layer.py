@@ -30,7 +30,7 @@ class FrozenLinearWithLora(torch.autograd.Function):
 
         x2, a, b = x2.contiguous(), lora_a.to(x2.dtype).contiguous(), lora_b.to(x2.dtype)
         out = F.linear(x2, weight, bias)
-        down, bits = kernel.forward_pass(x2, a, p, seed)
+        down, bits = kernel.forward_pass(x2, a, p, seed) if p > 0 else (torch.mm(x2, a.t()), None)
         out.addmm_(down, b.t(), alpha=scaling)
         ctx.save_for_backward(x2, weight, a, b, down, bits)
         ctx.scaling, ctx.p, ctx.dtypes = scaling, p, (lora_a.dtype, lora_b.dtype)

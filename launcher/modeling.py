@@ -149,7 +149,7 @@ def feed_adapters_the_activations_as_they_are(model) -> int:
     return len(layers)
 
 
-def add_adapter_outputs_inside_the_matmul(model, dropout_kernel: bool = False) -> int:
+def add_adapter_outputs_inside_the_matmul(model, dropout_kernel: bool = False, one_node: bool = False) -> int:
     """PEFT computes each LoRA layer as `result + lora_B(lora_A(dropout(x))) * scaling`: the scaling and the sum
     are two passes over the layer's whole output, and the scaling's backward a third. One GEMM does both:
     result.addmm_(lora_A(dropout(x)), lora_B.weight.T, alpha=scaling), accumulating into the base output in place.
@@ -159,13 +159,14 @@ def add_adapter_outputs_inside_the_matmul(model, dropout_kernel: bool = False) -
     dropout_kernel: where LoRA's dropout is on (training, p > 0) and x is a 16-bit CUDA tensor, lora_A(dropout(x))
     runs as one Triton kernel that keeps a bit per element, not a dropped copy and a byte mask
     (launcher/lora_dropout_kernel.py).
-    Where the dropout runs in the kernel and the base is a plain frozen nn.Linear, base and adapter run as one
-    autograd node (launcher/lora_layer.py): x's gradient is then made as one tensor, not two that autograd adds.
+    one_node: where the dropout runs in the kernel or nothing drops, x is a 16-bit CUDA tensor and the base is a
+    plain frozen nn.Linear, base and adapter run as one autograd node (launcher/lora_layer.py): x's gradient is then
+    made as one tensor, not two that autograd adds.
     Returns the number of layers changed."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     kernel = None
-    if dropout_kernel:
+    if dropout_kernel or one_node:
         from launcher import lora_dropout_kernel as kernel, lora_layer
 
     def forward(self, x, *args, **kwargs):
@@ -180,11 +181,12 @@ def add_adapter_outputs_inside_the_matmul(model, dropout_kernel: bool = False) -
         lora_a, lora_b, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
         dropout = self.lora_dropout[name]
         p = getattr(dropout, "p", 0) if dropout.training else 0
-        in_kernel = (kernel and p > 0 and kernel.fits(rows, self.r[name])
-                     and (x.dtype == lora_a.dtype or not getattr(self, "cast_input_dtype_enabled", True)))
-        if in_kernel and lora_layer.takes(self.base_layer, rows, lora_a, lora_b):
+        fits = (kernel and kernel.fits(rows, self.r[name])
+                and (x.dtype == lora_a.dtype or not getattr(self, "cast_input_dtype_enabled", True)))
+        in_kernel = fits and dropout_kernel and p > 0
+        if one_node and (in_kernel or (fits and p == 0)) and lora_layer.takes(self.base_layer, rows, lora_a, lora_b):
             out = lora_layer.FrozenLinearWithLora.apply(rows, self.base_layer.weight, self.base_layer.bias, lora_a,
-                                                        lora_b, scaling, p, kernel.draw_seed())
+                                                        lora_b, scaling, p, kernel.draw_seed() if p else 0)
             return out.view(*x.shape[:-1], out.shape[-1])
         result = self.base_layer(rows)
         if in_kernel:

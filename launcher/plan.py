@@ -130,14 +130,19 @@ def size_the_job(cfg: dict, machine: Machine, world: int, on_gpu: bool, decision
     strategy=auto, micro_batch=auto and train.gradient_checkpointing=auto from the memory plan (launcher/memory.py,
     launcher/host_memory.py); a copy of cfg, resolved. FP8 that train.fp8=auto turned on is kept only where its
     weight copies leave the sizing as it is without them: the job is sized both ways. LoRA's dropout kernel runs
-    wherever train.lora_dropout_kernel=auto can run it (launcher/lora_dropout.py)."""
+    wherever train.lora_dropout_kernel=auto can run it, LoRA's one node too (launcher/lora_dropout.py)."""
     cfg = with_liger(copy.deepcopy(cfg), on_gpu, machine.liger)
     kernel_auto = cfg["train"].get("lora_dropout_kernel", "auto") == "auto"
+    one_node_auto = cfg["train"].get("lora_one_node", "auto") == "auto"
     cfg = lora_dropout.resolved(cfg, on_gpu, machine.runs_triton)
+    cfg = lora_dropout.one_node_resolved(cfg, on_gpu, machine.runs_triton)
     sized = size_with_fp8(cfg, decisions, machine=machine, world=world, on_gpu=on_gpu, procs_per_node=procs_per_node)
+    strategy = sized["strategy"]["name"]
     if kernel_auto:  # on only where it runs under the strategy sized for (zero3 and FSDP run PEFT's forward)
-        runs = lora_dropout.in_kernel(sized, sized["strategy"]["name"])
-        sized = dict(sized, train=dict(sized["train"], lora_dropout_kernel=runs))
+        sized = dict(sized, train=dict(sized["train"], lora_dropout_kernel=lora_dropout.in_kernel(sized, strategy)))
+    if one_node_auto and sized["train"]["lora_one_node"]:
+        runs = lora_dropout.one_node_why_not(sized, strategy) is None
+        sized = dict(sized, train=dict(sized["train"], lora_one_node=runs))
     return sized
 
 
@@ -324,9 +329,10 @@ def build_plan(cfg: dict, machine: Machine, cwd: str | None = None, overrides: l
     fp8_settings, line = fp8.decide_fp8(cfg, strategy.name, shape)
     settings.update(fp8_settings)
     decisions += [line] if line else []
-    dropout_settings, line = lora_dropout.decide(cfg, strategy.name)
-    settings.update(dropout_settings)
-    decisions += [line] if line else []
+    for decide_lora_kernel in (lora_dropout.decide, lora_dropout.decide_one_node):
+        kernel_settings, line = decide_lora_kernel(cfg, strategy.name)
+        settings.update(kernel_settings)
+        decisions += [line] if line else []
     compile_settings, line = compiling.decide_compile(cfg, on_gpu, strategy.name)
     settings.update(compile_settings)
     decisions += [line] if line else []

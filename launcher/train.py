@@ -192,7 +192,8 @@ def main(config_path: str) -> int:
     if not plan["adapter_input_cast"]:
         modeling.feed_adapters_the_activations_as_they_are(trainer.model)
     if plan["fuse_lora_sum"]:
-        modeling.add_adapter_outputs_inside_the_matmul(trainer.model, plan["lora_dropout_kernel"])
+        modeling.add_adapter_outputs_inside_the_matmul(trainer.model, plan["lora_dropout_kernel"],
+                                                       plan.get("lora_one_node", False))
     if plan["fp8"]:
         fp8_linear.compute_frozen_linears_in_fp8(trainer.model, plan["fp8_min_features"], plan["fp8_cache_weights"],
                                                  forward=plan["fp8_forward"])

@@ -78,8 +78,8 @@ def check_values(cfg, machine: Machine) -> None:
                                                     "both size the micro-batch: give one of them (tokens for "
                                                     "micro-batches of varying rows, micro_batch for a fixed count).")
     _whole(cfg, "save_steps", 1)
-    for key in ("gradient_checkpointing", "liger", "fuse_lora_sum", "lora_dropout_kernel", "padding_free",
-                "group_by_length"):
+    for key in ("gradient_checkpointing", "liger", "fuse_lora_sum", "lora_dropout_kernel", "lora_one_node",
+                "padding_free", "group_by_length"):
         value = cfg["train"][key]
         if not (isinstance(value, bool) or value == "auto"):
             raise ConfigError(f"train.{key}", f"train.{key}={value!r}: give true, false or auto.")

@@ -40,26 +40,27 @@ for K in (1536, 8960, 4096, 14336):
     fwd, both = timings(K)
     print(f"| {K} | {fwd['torch']:.3f} / {fwd['kernel']:.3f} / {fwd['none']:.3f} | "
           f"{both['torch']:.3f} / {both['kernel']:.3f} / {both['none']:.3f} |", flush=True)
-print(f"\nA whole LoRA linear (frozen bf16 base, rank 16, scaling 2, dropout {P}), forward + backward, ms, 32768 "
-      "tokens: the base and the adapter as separate ops (autograd adds their input gradients) against one node "
-      "(launcher/lora_layer.py)")
-print("| K -> N | separate ops | one node |\n|---|---|---|")
+print(f"\nA whole LoRA linear (frozen bf16 base, rank 16, scaling 2), forward + backward, ms, 32768 tokens: the "
+      "base and the adapter as separate ops (autograd adds their input gradients) against one node "
+      f"(launcher/lora_layer.py), with dropout {P} and without (DPO)")
+print("| K -> N | dropout: separate ops | dropout: one node | none: separate ops | none: one node |\n|---|---|---|---|---|")
 
 
-def separate_ops(x, w, a, b):
-    return F.linear(x, w).addmm_(kernel.dropout_then_down(x, a, P), b.t(), alpha=2.0)
+def separate_ops(x, w, a, b, p):
+    down = kernel.dropout_then_down(x, a, p) if p else F.linear(x, a)
+    return F.linear(x, w).addmm_(down, b.t(), alpha=2.0)
 
 
-for K, N in ((1536, 1536), (1536, 8960), (8960, 1536)):
+for K, N in ((1536, 1536), (1536, 256), (1536, 8960), (8960, 1536)):
     x = torch.randn(32768, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
     a = torch.randn(R, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     b = torch.randn(N, R, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(32768, N, device="cuda", dtype=torch.bfloat16)
-    apart = do_bench(lambda: separate_ops(x, w, a, b).backward(g), grad_to_none=[x, a, b])
     one_node = lora_layer.FrozenLinearWithLora.apply
-    one = do_bench(lambda: one_node(x, w, None, a, b, 2.0, P, 1).backward(g), grad_to_none=[x, a, b])
-    print(f"| {K} -> {N} | {apart:.3f} | {one:.3f} |", flush=True)
+    ms = [do_bench(lambda: f(p).backward(g), grad_to_none=[x, a, b]) for p in (P, 0.0)
+          for f in (lambda p: separate_ops(x, w, a, b, p), lambda p: one_node(x, w, None, a, b, 2.0, p, 1))]
+    print(f"| {K} -> {N} | " + " | ".join(f"{t:.3f}" for t in ms) + " |", flush=True)
 if "tiles" not in sys.argv[1:]:
     sys.exit()
 print("\nThe kernels alone at tile choices (ms; GB/s of the bytes each must move: x read, and for the backward dx "

@@ -120,3 +120,42 @@ def test_the_plan_subcommand_settles_the_kernel_as_a_launch_and_refuses_true_whe
     assert zero3["train"]["lora_dropout_kernel"] is False
     with pytest.raises(ConfigError, match="compute capability 8.0 or newer"):
         as_launched(compose_cfg("method=sft", "train.lora_dropout_kernel=true"), TURING, 1, 1)
+
+
+@pytest.mark.parametrize("method", ["dpo", "sft", "kto"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_lora_linears_run_as_one_node_with_or_without_dropout(method, strategy):
+    settings, decisions = plan(f"method={method}", f"strategy={strategy}")
+    assert settings["lora_one_node"] is True
+    assert settings["lora_dropout_kernel"] is (method == "sft")  # the one node drops only where TRL keeps dropout
+    assert any(d.startswith("each LoRA linear and its frozen base layer run as one autograd node") for d in decisions)
+    off, decisions = plan(f"method={method}", f"strategy={strategy}", "train.lora_one_node=false")
+    assert off["lora_one_node"] is False and not any("one autograd node" in d for d in decisions)
+
+
+@pytest.mark.parametrize("overrides, why", [
+    (("lora=none",), "no LoRA"),
+    (("lora.r=128",), "lora.r=128 is over the kernel's 64"),
+    (("quant=4bit",), "PEFT's bitsandbytes LoRA layers run"),
+    (("strategy=zero3",), "strategy=zero3 gathers the adapter's weights in module hooks: PEFT's forward runs"),
+    (("train.fuse_lora_sum=false",), "train.fuse_lora_sum=false: PEFT's forward runs"),
+    (("train.compile=true",), "train.compile=true: the compiled layers run autograd's ops"),
+    (("train.fp8=backward",), "train.fp8=backward: FP8's base layers run their own forward"),
+    (("method=sft", "train.lora_dropout_kernel=false"),
+     "LoRA's dropout runs in torch (train.lora_dropout_kernel), between the base and the adapter"),
+])
+def test_no_one_node_where_the_launchers_forward_or_a_plain_base_does_not_run(overrides, why):
+    settings, decisions = plan("strategy=ddp", *overrides, "train.lora_one_node=true")
+    assert settings["lora_one_node"] is False
+    assert f"train.lora_one_node=true has nothing to do: {why}" in decisions  # given, not silently dropped
+    auto, decisions = plan("strategy=ddp", *overrides)
+    assert auto["lora_one_node"] is False and not any("lora_one_node" in d for d in decisions)
+
+
+def test_one_node_auto_is_off_without_triton_and_true_is_refused_there():
+    assert plan("strategy=ddp", machine=GPU_NODE)[0]["lora_one_node"] is False  # no triton
+    assert plan("strategy=ddp", machine=TURING)[0]["lora_one_node"] is False
+    with pytest.raises(ConfigError, match="train.lora_one_node=true needs CUDA GPUs of compute capability 8.0"):
+        build_plan(compose_cfg("cpu_procs=2", "train.lora_one_node=true"), CPU_NODE)
+    with pytest.raises(ConfigError, match=r"train.lora_one_node='on': give true, false or auto"):
+        plan("train.lora_one_node=on")

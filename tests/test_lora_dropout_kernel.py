@@ -195,6 +195,28 @@ def test_one_node_with_the_kernels_dropout_equals_torch_with_its_mask(x_needs_gr
     assert rel_err(x.grad, x_ref.grad) < 1e-2 if x_needs_grad else x.grad is None
 
 
+@pytest.mark.parametrize("K, N, rank", [(1536, 256, 16), (8960, 1536, 16), (200, 300, 8)])
+def test_one_node_without_dropout_equals_torch(K, N, rank):
+    """launcher/lora_layer.py with p 0 (DPO: TRL turns dropout off): cuBLAS's lora_A product forward, and the
+    kernel's backward without a mask adding the adapter's input gradient into the base's, against torch's ops."""
+    from launcher.lora_layer import FrozenLinearWithLora
+
+    torch.manual_seed(1)
+    T, scaling = 1000, 2.0
+    x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(N, K, device="cuda") / math.sqrt(K)).bfloat16()
+    lora_a = (torch.randn(rank, K, device="cuda") / math.sqrt(K)).requires_grad_(True)
+    lora_b = (torch.randn(N, rank, device="cuda") / 4).requires_grad_(True)
+    out = FrozenLinearWithLora.apply(x, weight, None, lora_a, lora_b, scaling, 0.0, 0)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    x_ref, a_ref, b_ref = (t.detach().clone().requires_grad_(True) for t in (x, lora_a, lora_b))
+    ref = x_ref @ weight.t() + (x_ref @ a_ref.bfloat16().t()) @ b_ref.bfloat16().t() * scaling
+    ref.backward(grad)
+    for ours, theirs in ((out, ref), (x.grad, x_ref.grad), (lora_a.grad, a_ref.grad), (lora_b.grad, b_ref.grad)):
+        assert rel_err(ours, theirs) < 1e-2
+
+
 def test_a_hooked_base_layer_takes_the_separate_ops_with_the_kernel(monkeypatch):
     """Where the one node would skip something calling the base layer runs (here a forward hook), the kernel
     still drops, through modeling.py's separate ops: the hook runs and the output is no FrozenLinearWithLora."""
