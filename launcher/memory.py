@@ -30,15 +30,14 @@ weights go through prepare_model_for_kbit_training, which keeps the unquantized 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from launcher import host_memory, lora_dropout
 from launcher.fp8 import CACHED_UNDER
 from launcher.fp8 import weight_copies as fp8_weight_copies
 from launcher.host_memory import Host
 from launcher.methods import METHODS
+from launcher.model_shape import Shape, model_shape  # noqa: F401 (the plan's callers read them here too)
 from launcher.strategies import STRATEGIES as RULES  # what each strategy shards, and where DeepSpeed runs
 
 GIB = 2**30
@@ -75,62 +74,6 @@ SAFETY = 0.9  # a plan fits when its peak stays under this share of (GPU memory 
 # zero2 fits, and no run has compared the two over the same weights yet, so those values stay.
 RELATIVE_SPEED = {"ddp": 1.0, "zero2": 0.97, "fsdp_qlora": 0.58, "zero3": 0.375, "zero3_offload": 0.09}
 STRATEGIES = ("ddp", "zero2", "fsdp_qlora", "zero3", "zero3_offload")  # the order of the plan's table
-
-
-@dataclass(frozen=True)
-class Shape:
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    tied: bool
-
-    @classmethod
-    def from_config(cls, c: dict) -> "Shape":
-        return cls(c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_attention_heads"],
-                   c.get("num_key_value_heads") or c["num_attention_heads"], c["vocab_size"],
-                   bool(c.get("tie_word_embeddings", False)))
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * (self.hidden // self.heads)
-
-    def linear_params(self) -> int:
-        """Weights of the layers' linear projections (what bitsandbytes quantizes)."""
-        return self.fp8_params(0)
-
-    def other_params(self) -> int:
-        embed = self.vocab * self.hidden * (1 if self.tied else 2)
-        return embed + self.layers * 2 * self.hidden + self.hidden
-
-    def total_params(self) -> int:
-        return self.linear_params() + self.other_params()
-
-    def projections(self) -> dict[str, tuple[int, int]]:
-        h, i, kv = self.hidden, self.intermediate, self.kv_dim
-        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-    def lora_params(self, r: int, targets) -> int:
-        shapes = self.projections()
-        names = shapes if targets == "all-linear" else [t for t in targets if t in shapes]
-        return self.layers * sum(r * (shapes[n][0] + shapes[n][1]) for n in names)
-
-    def fp8_params(self, min_features: int) -> int:
-        """Weights of the projections at least min_features wide (those FP8 computes with, launcher/fp8_linear.py)."""
-        return self.layers * sum(a * b for a, b in self.projections().values() if min(a, b) >= min_features)
-
-
-def model_shape(model_cfg: dict) -> Shape:
-    """The model's own config.json when it is on disk, else the preset's `shape`."""
-    path = Path(str(model_cfg["path"])).expanduser() / "config.json"
-    if path.is_file():
-        return Shape.from_config(json.loads(path.read_text()))
-    if model_cfg.get("shape"):
-        return Shape.from_config(model_cfg["shape"])
-    raise ValueError(f"model.path={model_cfg['path']}: no config.json here and no model.shape in the preset")
 
 
 @dataclass(frozen=True)

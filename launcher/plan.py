@@ -213,7 +213,8 @@ def size_for_memory(cfg: dict, machine: Machine, world: int, on_gpu: bool, decis
         shape = memory.model_shape(cfg["model"])
     except ValueError as err:
         if auto_strategy or auto_mb:
-            raise ConfigError("model.shape", f"{err}: the memory plan needs the model's dimensions") from None
+            raise ConfigError("model.shape", f"{err}: the memory plan needs the model's dimensions (or give "
+                                             "strategy=<name> and micro_batch=<n> to launch without it)") from None
         if auto_gc:
             cfg["train"]["gradient_checkpointing"] = True
             decisions.append(f"train.gradient_checkpointing=auto -> on: {err}")

@@ -1,0 +1,44 @@
+"""launcher/model_shape.py: a model's dimensions from config.json files as transformers writes them for several
+families (names that differ, a head width of its own, a multimodal model's text config), and what is missing said."""
+import json
+
+import pytest
+
+from launcher.model_shape import Shape, model_shape
+
+QWEN2_1_5B = {"model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+              "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True}
+
+
+def test_llama_style_names():
+    shape = Shape.from_config(QWEN2_1_5B)
+    assert shape == Shape(1536, 8960, 28, 12, 2, 151936, True)
+    assert shape.kv_dim == 256 and shape.attention_dim == 1536
+    assert shape.total_params() == pytest.approx(1.54e9, rel=0.01)  # Qwen2.5-1.5B's published 1.54B
+
+
+def test_gpt2_names_and_its_4x_mlp():
+    gpt2 = {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None, "vocab_size": 50257}
+    shape = Shape.from_config(gpt2)
+    assert (shape.hidden, shape.intermediate, shape.layers, shape.heads, shape.kv_heads) == (768, 3072, 12, 12, 12)
+
+
+def test_a_head_width_of_its_own_sizes_the_attention_projections():
+    gemma2_2b = {"model_type": "gemma2", "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+                 "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 256000,
+                 "tie_word_embeddings": True}
+    projections = Shape.from_config(gemma2_2b).projections()
+    assert projections["q_proj"] == (2304, 2048) and projections["o_proj"] == (2048, 2304)
+    assert projections["k_proj"] == projections["v_proj"] == (2304, 1024)
+
+
+def test_a_multimodal_config_gives_its_language_models_dimensions():
+    nested = {"model_type": "qwen2_5_vl_like", "text_config": QWEN2_1_5B, "vision_config": {"hidden_size": 1280}}
+    assert Shape.from_config(nested) == Shape.from_config(QWEN2_1_5B)
+
+
+def test_what_is_missing_is_named_with_the_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mystery", "vocab_size": 100, "n_head": 4}))
+    with pytest.raises(ValueError, match=r"config.json gives no hidden_size, num_hidden_layers \(nor n_embd, d_model, "
+                                         r"n_layer, num_layers\)"):
+        model_shape({"path": str(tmp_path), "name": "mine"})
