@@ -121,6 +121,34 @@ def optimizer_error(cfg: dict) -> str | None:
             + ", ".join(names))
 
 
+def lora_targets_error(cfg: dict) -> str | None:
+    """Each name in lora.target_modules names layers of the model: PEFT adapts the names that match and says nothing
+    of the others (a Llama list on Phi-3's fused qkv_proj would train o_proj alone). The model is built on the meta
+    device from its config.json, no weights read; a hub id not on disk here is left to the ranks."""
+    targets, path = cfg["lora"].get("target_modules"), Path(cfg["plan"]["model_path"]).expanduser()
+    if cfg["lora"]["r"] is None or not isinstance(targets, list) or not (path / "config.json").is_file():
+        return None
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    trust = cfg["model"]["trust_remote_code"]
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+    except Exception:  # noqa: BLE001 (a model transformers cannot build here: the ranks' loading says why)
+        return None
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if not unmatched:
+        return None
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"} - {"lm_head"})
+    return (f"lora.target_modules={targets}: {', '.join(unmatched)} name no layer of {path} ({config.model_type}), "
+            f"so LoRA would leave {'it' if len(unmatched) == 1 else 'them'} out. Its linear layers: "
+            f"{', '.join(linear)}. Give names from these, or lora.target_modules=all-linear.")
+
+
 def main(config_path: str) -> int:
     import datasets
 
@@ -133,6 +161,9 @@ def main(config_path: str) -> int:
         print(f"launcher: error: data error: {err}", file=sys.stderr)
         return 2
     if why := token_budget_error(cfg, report):
+        print(f"launcher: error: {why}", file=sys.stderr)
+        return 2
+    if why := lora_targets_error(cfg):
         print(f"launcher: error: {why}", file=sys.stderr)
         return 2
     if why := optimizer_error(cfg):

@@ -94,3 +94,18 @@ def test_a_build_lock_left_by_a_stopped_run_is_named_before_deepspeeds_ranks_han
     flat.touch()
     assert preflight.stale_build_lock_error(zero3, tmp_path / "given", now=flat.stat().st_mtime + 3600).startswith(
         f"{flat} is 60 min old")
+
+
+def test_lora_targets_that_name_no_layer_of_the_model_are_named_before_the_ranks_start(tmp_path):
+    """Phi-3 fuses q, k and v into qkv_proj: a Llama-style list would train o_proj alone, silently (PEFT adapts
+    what matches). Only config.json is needed: the model is built on the meta device."""
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("phi3", hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=256, pad_token_id=0).save_pretrained(tmp_path)
+    why = preflight.lora_targets_error(run_config(f"model.path={tmp_path}", "lora=r8_attn"))
+    assert why == (f"lora.target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj']: q_proj, k_proj, v_proj name no "
+                   f"layer of {tmp_path} (phi3), so LoRA would leave them out. Its linear layers: down_proj, "
+                   "gate_up_proj, o_proj, qkv_proj. Give names from these, or lora.target_modules=all-linear.")
+    assert preflight.lora_targets_error(run_config(f"model.path={tmp_path}", "lora.target_modules=[qkv_proj]")) is None
+    assert preflight.lora_targets_error(run_config(f"model.path={tmp_path}")) is None  # all-linear
