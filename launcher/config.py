@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -18,3 +19,20 @@ def to_plain(cfg: DictConfig) -> dict:
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain["run_dir"] = os.path.abspath(os.path.expanduser(str(plain["run_dir"])))
     return plain
+
+
+# A model folder's last part that says nothing of the model: the one above it names it (runs/x/merged, llama/model)
+GENERIC_FOLDERS = {"model", "models", "hf", "checkpoint", "final", "merged", "weights"}
+
+
+def name_model_after_its_path(cfg: DictConfig, overrides: list[str]) -> None:
+    """model.path given without model.name: the preset's name (`tiny`, say) would name a user's model in the plan, the
+    run's name and its run_dir; the path's last meaningful part names it instead (a hub id's model part)."""
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    if "model.path" not in given or "model.name" in given:
+        return
+    parts = [p for p in re.split(r"[/\\]", str(cfg.model.path)) if p not in ("", ".", "..")]
+    if not parts:
+        return
+    name = parts[-2] if parts[-1].lower() in GENERIC_FOLDERS and len(parts) > 1 else parts[-1]
+    cfg.model.name = name

@@ -17,6 +17,16 @@ def test_dry_run_end_to_end_prints_the_plan_and_writes_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_model_path_given_names_the_run_after_the_model(tmp_path):
+    """model.path without model.name: the preset's name (tiny) would call the user's model tiny in run_dir."""
+    (tmp_path / "llama-3.2-1b" / "model").mkdir(parents=True)
+    res = run_launcher(f"model.path={tmp_path}/llama-3.2-1b/model", "dry_run=true", "gpus=1")
+    assert res.returncode == 0, res.stderr
+    assert re.search(r"run_dir: +\S+/runs/dpo-llama-3.2-1b-\d{8}-\d{6}\n", res.stdout), res.stdout[:500]
+    named = run_launcher(f"model.path={tmp_path}/llama-3.2-1b/model", "model.name=mine", "dry_run=true", "gpus=1")
+    assert re.search(r"run_dir: +\S+/runs/dpo-mine-\d{8}", named.stdout), named.stdout[:500]
+
+
 def test_unknown_group_option_is_hydras_message():
     res = run_launcher("strategy=zero9", "dry_run=true")
     assert res.returncode != 0
