@@ -320,7 +320,9 @@ def smallest_change(cfg, shape, world, gpu_mem_gib, host: Host | None = None) ->
 
 def table(cfg, shape, world, gpu_mem_gib, micro_batch, host: Host | None = None) -> str:
     """Every strategy's predicted peak per GPU and on the host, for `python -m launcher plan`."""
-    rows = [f"model {cfg['model']['name']}: {shape.total_params() / 1e9:.2f}B parameters, quant "
+    params = shape.total_params()
+    count = f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.2f}M"  # a tiny model is not 0.00B
+    rows = [f"model {cfg['model']['name']}: {count} parameters, quant "
             f"{cfg['quant']['name']}, lora {cfg['lora']['name']}, method {cfg['method']['name']}, "
             f"max_length {cfg['data']['max_length']}, {world} GPU(s) of {gpu_mem_gib:.0f} GiB",
             f"{'strategy':<14}{'mb':>4}{'ckpt':>5}{'weights':>9}{'grads':>7}{'optim':>7}{'activ':>8}{'ref':>6}"

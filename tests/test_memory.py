@@ -169,8 +169,11 @@ def test_plan_command_prints_every_strategy_without_a_gpu():
     for strategy in memory.STRATEGIES:
         assert f"\n{strategy} " in res.stdout
     assert "weights" in res.stdout and "activ" in res.stdout and "strategy=auto would take" in res.stdout
+    assert "model qwen2.5-7b-instruct: 7.62B parameters" in res.stdout
     missing = run_launcher("plan", "model=qwen2.5-7b-instruct")
     assert missing.returncode == 2 and "gpu_mem_gib" in missing.stderr
+    tiny = run_launcher("plan", "gpu_mem_gib=24")
+    assert re.search(r"model tiny: 0\.\d\dM parameters", tiny.stdout), tiny.stdout[:300]  # not 0.00B
 
 
 def test_a_full_finetune_with_precomputed_log_probs_plans_no_frozen_reference_copy():
