@@ -6,6 +6,7 @@ model sees real tokens only) and launcher/samplers.py (which rows go into which 
 from __future__ import annotations
 
 from launcher.errors import ConfigError
+from launcher.model_shape import attention_softcap
 
 VARLEN_ATTENTION = "packed_varlen"  # launcher/padding_free.py registers it (a name with "flash" in it would
 # send transformers looking for a flash-attn package)
@@ -39,6 +40,13 @@ def padding_free(cfg, on_gpu: bool) -> tuple[bool, str]:
                                                     "batches are DPO's and SFT's (launcher/padding_free.py rewires "
                                                     "their batches); drop it.")
         return False, f"method={method} runs padded rows (padding-free batches are DPO's and SFT's)"
+    if (cap := attention_softcap(cfg["model"])) and on_gpu:  # the CPU runs SDPA (a block mask), padded or not
+        if wanted is True or (method == "sft" and cfg["method"].get("packing") is True):
+            raise ConfigError("train.padding_free", f"the model caps its attention logits (attn_logit_softcapping="
+                                                    f"{cap}, Gemma 2), which the GPU's padding-free attention kernel "
+                                                    "cannot: use train.padding_free=auto or false (and method.packing="
+                                                    "auto or false for SFT).")
+        return False, f"padding-free batches off: the model caps its attention logits (attn_logit_softcapping={cap})"
     if method == "sft":
         packing = cfg["method"].get("packing", "auto")
         if not (isinstance(packing, bool) or packing == "auto"):
@@ -102,7 +110,7 @@ def decide_batching(cfg, on_gpu: bool, micro_batch_was_auto: bool, world_size: i
     decisions = []
     attn, attn_why = attention(cfg, on_gpu, unpadded)
     budget = token_budget(cfg, unpadded, micro_batch_was_auto)
-    if not unpadded and on_gpu and ("not been measured" in why or "padded rows" in why):  # said where expected
+    if not unpadded and on_gpu and any(w in why for w in ("not been measured", "padded rows", "caps its attention")):
         decisions.append(why)
     if unpadded:
         how = ("TRL packs whole rows (best fit, none split) into micro_batch rows of data.max_length"

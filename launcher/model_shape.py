@@ -82,11 +82,23 @@ class Shape:
         return self.layers * sum(a * b for a, b in self.projections().values() if min(a, b) >= min_features)
 
 
+def model_config(model_cfg: dict) -> dict | None:
+    """The model's config.json where it is on disk, else None (a hub id not downloaded here)."""
+    path = Path(str(model_cfg["path"])).expanduser() / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def attention_softcap(model_cfg: dict) -> float | None:
+    """Gemma 2's tanh cap on the attention logits (config.json's attn_logit_softcapping), or None."""
+    config = model_config(model_cfg) or model_cfg.get("shape") or {}
+    config = config.get("text_config", config) if "attn_logit_softcapping" not in config else config
+    return config.get("attn_logit_softcapping") if isinstance(config, dict) else None
+
+
 def model_shape(model_cfg: dict) -> Shape:
     """The model's own config.json when it is on disk, else the preset's `shape`."""
-    path = Path(str(model_cfg["path"])).expanduser() / "config.json"
-    if path.is_file():
-        return Shape.from_config(json.loads(path.read_text()), str(path))
+    if (config := model_config(model_cfg)) is not None:
+        return Shape.from_config(config, f"{Path(str(model_cfg['path'])).expanduser() / 'config.json'}")
     if model_cfg.get("shape"):
         return Shape.from_config(model_cfg["shape"], f"model.shape of the preset {model_cfg.get('name')}")
     raise ValueError(f"model.path={model_cfg['path']}: no config.json here and no model.shape in the preset")

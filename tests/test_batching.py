@@ -96,3 +96,23 @@ def test_auto_stays_padded_over_4_bit_weights_where_it_was_not_measured():
     assert any("off with quant=4bit, where it has not been measured" in d for d in plan.decisions)
     forced = build_plan(compose_cfg(*REAL, "strategy=ddp", "quant=4bit", "train.padding_free=true"), H200X2)
     assert forced.settings["padding_free"] and forced.settings["attn_implementation"] == "packed_varlen"
+
+
+def test_a_model_that_caps_its_attention_logits_runs_padded_on_gpus(tmp_path):
+    """Gemma 2's attn_logit_softcapping: torch's flash kernel, which padding-free batches run on GPUs, has no cap."""
+    import json
+
+    gemma2 = {"model_type": "gemma2", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1000,
+              "attn_logit_softcapping": 50.0, "sliding_window": 4096}
+    (tmp_path / "config.json").write_text(json.dumps(gemma2))
+    for method in ("dpo", "sft"):
+        plan = build_plan(compose_cfg(f"model.path={tmp_path}", "gpus=2", f"method={method}"), H200X2)
+        assert not plan.settings["padding_free"] and plan.settings["attn_implementation"] != "packed_varlen"
+        assert ("padding-free batches off: the model caps its attention logits (attn_logit_softcapping=50.0)"
+                in plan.decisions)
+    for given in ("train.padding_free=true", "method.packing=true"):
+        with pytest.raises(ConfigError, match=r"caps its attention logits \(attn_logit_softcapping=50.0, Gemma 2\)"):
+            build_plan(compose_cfg(f"model.path={tmp_path}", "gpus=2", "method=sft", given), H200X2)
+    on_cpu = build_plan(compose_cfg(f"model.path={tmp_path}", "method=sft", "train.padding_free=true"), CPU_NODE)
+    assert on_cpu.settings["padding_free"]  # the CPU runs SDPA with a block mask, as for padded rows
