@@ -201,3 +201,36 @@ def test_a_full_finetune_with_precomputed_log_probs_keeps_no_frozen_copy(tmp_pat
     assert (run / "logs" / "rank0.log").read_text().count(" launcher DEBUG loading ") == 1  # the policy only
     summary = json.loads((run / "summary.json").read_text())
     assert summary["global_step"] == 4 and "eval_rewards/accuracies" in summary
+
+
+@pytest.mark.parametrize("family, method, targets", [
+    ("gpt2", "dpo", ["c_attn", "c_fc", "c_proj"]),  # other config names; Conv1D layers, no gate
+    ("phi3", "sft", ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]),  # fused projections
+])
+def test_a_local_model_of_another_family_trains(tmp_path, tiny_dir, family, method, targets):
+    """A user's model.path of another architecture, tiny and random: planned (its shape under other names), its
+    every linear layer adapted (lora.target_modules=all-linear), trained, and named after its folder."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir / "tokenizer")
+    size = ({"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 1024} if family == "gpt2" else
+            {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "max_position_embeddings": 1024})
+    config = AutoConfig.for_model(family, vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=None,
+                                  eos_token_id=tok.eos_token_id, **size)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "models" / f"tiny-{family}")
+    run = tmp_path / "run"
+    extra = ["data=demo_sft"] if method == "sft" else []
+    res = run_launcher(f"model.path={tmp_path}/models/tiny-{family}", f"model.tokenizer={tiny_dir}/tokenizer",
+                       f"method={method}", *extra, "train.max_steps=10", "train.logging_steps=2", f"run_dir={run}",
+                       timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    adapted = json.loads((run / "final" / "adapter_config.json").read_text())["target_modules"]
+    assert sorted({name.rsplit(".", 1)[-1] for name in adapted}) == targets
+    losses = [m["loss"] for m in read_metrics(run) if "loss" in m]
+    assert len(losses) >= 2 and losses[-1] < losses[0], losses
+    if method == "dpo":
+        assert json.loads((run / "summary.json").read_text())["eval_rewards/accuracies"] >= 0.8  # chance: 0.5
+    assert f"run_name: {method}-tiny-{family}-" in (run / "config.yaml").read_text()
