@@ -154,7 +154,7 @@ def test_ddp_s_float32_adapters_under_autocast_take_the_kernel(monkeypatch):
     layer = net.base_model.model[0]
     assert layer.lora_A["default"].weight.dtype == torch.float32  # PEFT keeps adapters in float32
     modeling.feed_adapters_the_activations_as_they_are(net)
-    modeling.add_adapter_outputs_inside_the_matmul(net, dropout_kernel=True)
+    modeling.add_adapter_outputs_inside_the_matmul(net, dropout_kernel=True, one_node=True)
     net.train()
     x = torch.randn(600, 512, device="cuda", dtype=torch.bfloat16)
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -217,6 +217,35 @@ def test_one_node_without_dropout_equals_torch(K, N, rank):
         assert rel_err(ours, theirs) < 1e-2
 
 
+def test_a_peft_layer_without_dropout_runs_as_one_node_as_peft_computes_it():
+    """DPO's case (TRL turns dropout off): modeling.py's forward with one_node takes the node at p 0, in training,
+    and gives PEFT's output and gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    from launcher import modeling
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(512, 256, bias=False)).cuda().to(torch.bfloat16)
+    net = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["0"]))
+    net.to(torch.bfloat16).train()
+    layer = net.base_model.model[0]
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
+    x = torch.randn(600, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    expected = net(x)
+    expected.float().pow(2).sum().backward()
+    want = [t.grad.clone() for t in (x, layer.lora_A["default"].weight, layer.lora_B["default"].weight)]
+    for t in (x, layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+        t.grad = None
+    modeling.add_adapter_outputs_inside_the_matmul(net, one_node=True)
+    out = net(x)
+    assert type(out.grad_fn.next_functions[0][0]).__name__ == "FrozenLinearWithLoraBackward"
+    assert rel_err(out, expected) < 1e-2
+    out.float().pow(2).sum().backward()
+    got = [x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad]
+    for ours, theirs in zip(got, want):
+        assert rel_err(ours, theirs) < 2e-2
+
+
 def test_a_hooked_base_layer_takes_the_separate_ops_with_the_kernel(monkeypatch):
     """Where the one node would skip something calling the base layer runs (here a forward hook), the kernel
     still drops, through modeling.py's separate ops: the hook runs and the output is no FrozenLinearWithLora."""
@@ -233,7 +262,7 @@ def test_a_hooked_base_layer_takes_the_separate_ops_with_the_kernel(monkeypatch)
     layer = net.base_model.model[0]
     torch.nn.init.normal_(layer.lora_B["default"].weight)  # PEFT's zeros would give lora_A no gradient
     layer.base_layer.register_forward_hook(lambda *args: hooked.append(1))
-    modeling.add_adapter_outputs_inside_the_matmul(net, dropout_kernel=True)
+    modeling.add_adapter_outputs_inside_the_matmul(net, dropout_kernel=True, one_node=True)
     net.train()
     x = torch.randn(600, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     out = net(x)
