@@ -87,14 +87,18 @@ def peer_argv(case: Case, peer: Path, gpus: int, port: int) -> list[str]:
 def read_launcher_run(run: Path, case: Case, n_params: float, tokens_per_row: float | None = None) -> dict:
     """The run's row of the table. `tokens_per_row`: the data's mean real tokens per pair (or SFT row), which
     turns tokens/s into pairs/s where micro-batches hold varying numbers of rows."""
+    if not (run / "config.yaml").is_file():
+        raise ValueError("the run stopped before it wrote its config.yaml")
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    rows = read_metrics(run)
+    rows = read_metrics(run) if (run / "metrics.jsonl").is_file() else []
     first, last = cfg["train"].get("profile_steps") or (0, -1)
     steady, before = [], 0
     for r in (r for r in rows if "step_seconds" in r):  # each row: the mean over the steps since the previous log
         if before >= WARMUP_STEPS and not (before < last and r["step"] >= first):  # past warm-up, none profiled
             steady.append(r)
         before = r["step"]
+    if not steady:
+        raise ValueError(f"no step timed: none was logged after the {WARMUP_STEPS} warm-up steps")
     step_s = statistics.median(r["step_seconds"] for r in steady)
     tokens = statistics.median(r["tokens_per_sec_per_gpu"] for r in steady)
     clock = "between logs"

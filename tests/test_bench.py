@@ -93,6 +93,12 @@ def test_a_clocked_case_is_timed_by_single_steps_as_the_peer_is(tmp_path):
     assert row["tokens_per_s_per_gpu"] == pytest.approx(1000.0 * 0.6 / 0.53)  # the logged tokens per step
     (tmp_path / "step_clock.txt").unlink()
     assert bench.read_launcher_run(tmp_path, bench.CASES["defaults"], 1.5e9)["clock"] == "between logs"
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(logged[0]) + "\n")  # stopped by the budget at step 5
+    with pytest.raises(ValueError, match="no step timed: none was logged after the 5 warm-up steps"):
+        bench.read_launcher_run(tmp_path, bench.CASES["defaults"], 1.5e9)
+    (tmp_path / "config.yaml").unlink()
+    with pytest.raises(ValueError, match="the run stopped before it wrote its config.yaml"):
+        bench.read_launcher_run(tmp_path, bench.CASES["defaults"], 1.5e9)
 
 
 
