@@ -48,7 +48,42 @@ def procs_per_node(cfg, machine: Machine) -> tuple[int, bool]:
     return gpus, True
 
 
+# Values the libraries take without a word where they make a run learn nothing (lora.alpha=0, a negative beta), or
+# reject only once the ranks run: (key, whole number, lowest, lowest allowed, below this, null allowed)
+RANGES = [("seed", True, 0, True, None, False),
+          ("lora.r", True, 1, True, None, True), ("lora.alpha", False, 0, False, None, True),
+          ("lora.dropout", False, 0, True, 1, True),
+          ("data.test_fraction", False, 0, False, 1, False), ("data.max_rows", True, 1, True, None, True),
+          ("train.warmup_ratio", False, 0, True, 1, False), ("train.weight_decay", False, 0, True, None, False),
+          ("train.max_grad_norm", False, 0, True, None, True), ("train.eval_steps", True, 1, True, None, True),
+          ("method.beta", False, 0, False, None, False), ("method.label_smoothing", False, 0, True, 0.5, False),
+          ("method.gamma", False, 0, True, None, False), ("method.desirable_weight", False, 0, False, None, False),
+          ("method.undesirable_weight", False, 0, False, None, False)]
+SWITCHES = ("dry_run", "merge", "overwrite", "checkpoint_on_signal", "memory_plan")
+
+
+def check_ranges(cfg) -> None:
+    for key, whole, low, low_ok, below, null_ok in RANGES:
+        group, _, name = key.rpartition(".")
+        holder = cfg.get(group, {}) if group else cfg
+        if name not in holder or (holder[name] is None and null_ok):
+            continue
+        value = holder[name]
+        fine = not isinstance(value, bool) and isinstance(value, int if whole else (int, float))
+        if not (fine and (value >= low if low_ok else value > low) and (below is None or value < below)):
+            what = "a whole number" if whole else "a number"
+            bounds = f"{'>=' if low_ok else '>'} {low}" + (f" and < {below}" if below is not None else "")
+            raise ConfigError(key, f"{key}={value!r}: give {what} {bounds}{' (or null)' if null_ok else ''}.")
+    for key in SWITCHES:
+        if not isinstance(cfg.get(key, False), bool):
+            raise ConfigError(key, f"{key}={cfg[key]!r}: give true or false.")
+    if cfg["data"].get("conversational", "auto") not in (True, False, "auto"):
+        raise ConfigError("data.conversational", f"data.conversational={cfg['data']['conversational']!r}: give "
+                                                 "true, false or auto.")
+
+
 def check_values(cfg, machine: Machine) -> None:
+    check_ranges(cfg)
     methods.check(cfg)
     if cfg["quant"]["bits"] and cfg["lora"]["r"] is None:  # before strategy=auto looks for a strategy
         raise ConfigError(
@@ -141,6 +176,15 @@ def check_paths(cfg) -> None:
             raise ConfigError(
                 f"model.{key}", f"model.{key}={value} is a file; give the directory that holds config.json."
             )
+        if key == "path" and not (path / "config.json").is_file():
+            raise ConfigError("model.path", f"model.path={value} holds no config.json: give the directory of a "
+                                            "transformers checkpoint (config.json beside the weights).")
+    template = model.get("chat_template")
+    # a template is Jinja text or a file holding it: a path-like value that names no file would be taken as the
+    # template's text, and every row would read as that path
+    if template and "{" not in template and not Path(template).expanduser().is_file():
+        raise ConfigError("model.chat_template", f"model.chat_template={template} is no file here and no Jinja "
+                                                 "template: give a file that holds one, or the template's text.")
     resume = cfg["resume"]
     if resume not in (None, "auto") and not is_complete(Path(resume).expanduser()):
         raise ConfigError("resume", f"resume={resume} is not a complete checkpoint (no {MARKER} file inside). "

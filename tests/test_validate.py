@@ -38,6 +38,26 @@ def refused(*overrides, machine=GPU_NODE) -> ConfigError:
     (["strategy=ddp", "+strategy.deepspeed.zero_optimization.stage=3"], "strategy.deepspeed", "strategy=zero2, zero3"),
     (["strategy=zero2", "+strategy.fsdp.fsdp_version=2"], "strategy.fsdp", "Use strategy=fsdp_qlora"),
     (["strategy=fsdp_qlora", "+strategy.fsdp.version=2"], "strategy.fsdp", "named fsdp_*"),
+    # values the libraries would take without a word, or refuse only in the ranks
+    (["lora.alpha=0"], "lora.alpha", "lora.alpha=0: give a number > 0 (or null)"),
+    (["lora.r=0"], "lora.r", "lora.r=0: give a whole number >= 1 (or null)"),
+    (["lora.r=sixteen"], "lora.r", "give a whole number >= 1"),
+    (["lora.dropout=1.5"], "lora.dropout", "give a number >= 0 and < 1"),
+    (["method.beta=-1"], "method.beta", "method.beta=-1: give a number > 0."),
+    (["method.beta=abc"], "method.beta", "give a number > 0"),
+    (["method.label_smoothing=2"], "method.label_smoothing", "give a number >= 0 and < 0.5"),
+    (["method=simpo", "method.gamma=abc"], "method.gamma", "give a number >= 0"),
+    (["seed=abc"], "seed", "seed='abc': give a whole number >= 0."),
+    (["seed=-1"], "seed", "give a whole number >= 0"),
+    (["data.test_fraction=1.5"], "data.test_fraction", "give a number > 0 and < 1"),
+    (["data.max_rows=-1"], "data.max_rows", "give a whole number >= 1 (or null)"),
+    (["train.warmup_ratio=-0.5"], "train.warmup_ratio", "give a number >= 0 and < 1"),
+    (["train.weight_decay=abc"], "train.weight_decay", "give a number >= 0"),
+    (["train.max_grad_norm=abc"], "train.max_grad_norm", "give a number >= 0 (or null)"),
+    (["train.eval_steps=-1"], "train.eval_steps", "give a whole number >= 1 (or null)"),
+    (["dry_run=maybe"], "dry_run", "dry_run='maybe': give true or false."),
+    (["merge=maybe"], "merge", "give true or false"),
+    (["data.conversational=maybe"], "data.conversational", "give true, false or auto"),
 ])
 def test_refused_with_key_and_advice(overrides, key, words):
     err = refused(*overrides)
@@ -70,8 +90,20 @@ def test_model_path_missing_or_a_file(tmp_path):
     (tmp_path / "weights.bin").write_text("x")
     with pytest.raises(ConfigError, match="is a file; give the directory"):
         validate.check_paths(compose_cfg(f"model.path={tmp_path}/weights.bin"))
-    validate.check_paths(compose_cfg(f"model.path={tmp_path}"))  # a directory passes
+    with pytest.raises(ConfigError, match=f"model.path={tmp_path} holds no config.json"):
+        validate.check_paths(compose_cfg(f"model.path={tmp_path}"))
+    (tmp_path / "config.json").write_text("{}")
+    validate.check_paths(compose_cfg(f"model.path={tmp_path}"))  # a checkpoint's directory passes
     validate.check_paths(compose_cfg("model=qwen2.5-7b-instruct"))  # a hub id is checked at download
+
+
+def test_a_chat_template_path_that_names_no_file_is_refused(tmp_path):
+    """It would be taken as the template's text: every row rendered as the path itself, and nothing learned."""
+    with pytest.raises(ConfigError, match=r"model.chat_template=/nonexistent/file.jinja is no file here"):
+        validate.check_paths(compose_cfg("model.chat_template=/nonexistent/file.jinja"))
+    (tmp_path / "t.jinja").write_text("{{ messages }}")
+    validate.check_paths(compose_cfg(f"model.chat_template={tmp_path}/t.jinja"))
+    validate.check_paths(compose_cfg("model.chat_template='{% for m in messages %}{{ m.content }}{% endfor %}'"))
 
 
 def test_missing_data_file_names_the_key(tmp_path):
