@@ -6,6 +6,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -194,14 +197,32 @@ def check_paths(cfg) -> None:
         raise ConfigError("data.path", f"data.path={data_path} does not exist. Give a file, a folder or a hub id.")
 
 
+def _can_make(run_dir: Path) -> None:
+    """Whether run_dir can be made: its nearest existing parent is a directory where one can be made (tried with a
+    folder of our own, removed at once: a read-only or virtual file system, /proc, says no only when asked)."""
+    parent = next(p for p in run_dir.parents if p.exists())
+    try:
+        if not parent.is_dir():
+            raise NotADirectoryError(parent)
+        os.rmdir(tempfile.mkdtemp(prefix=".launcher-probe-", dir=parent))
+    except OSError as err:
+        raise ConfigError("run_dir", f"run_dir={run_dir} cannot be made under {parent} ({err.strerror or err}). "
+                                     "Choose a run_dir in a folder you can write to.") from None
+
+
 # What makes two runs "the same run": resuming with a different model or adapter shape cannot work.
 IDENTITY_KEYS = (("model", "path"), ("method", "name"), ("lora", "r"), ("lora", "target_modules"), ("quant", "bits"))
 
 
 def check_run_dir(cfg) -> str:
-    """'new', 'resume' or 'overwrite'. Refuses to touch a directory that holds another run."""
+    """'new', 'resume' or 'overwrite'. Refuses to touch a directory that holds another run, or one that cannot be
+    made here (found now, not once the checks have passed and the ranks wait)."""
     run_dir = Path(cfg["run_dir"])
+    if cfg["cluster"]["name"] == "slurm" and not shutil.which("sbatch"):
+        raise ConfigError("cluster", "cluster=slurm submits the job with sbatch, which is not on PATH here: run it "
+                                     "on a host of the cluster (a login node), or give cluster=local.")
     if not run_dir.exists():
+        _can_make(run_dir)
         return "new"
     if not run_dir.is_dir():
         raise ConfigError("run_dir", f"run_dir={run_dir} is a file. Choose another run_dir.")

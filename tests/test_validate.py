@@ -143,3 +143,17 @@ def test_resume_path_must_be_a_complete_checkpoint(tmp_path):
         validate.check_paths(compose_cfg(f"resume={ckpt}"))
     (ckpt / "COMPLETE").write_text("5\n")
     validate.check_paths(compose_cfg(f"resume={ckpt}"))
+
+
+def test_a_run_dir_that_cannot_be_made_or_a_slurm_without_sbatch_is_refused(tmp_path, monkeypatch):
+    """Found before the checks and the ranks start, not when the launcher first writes into run_dir."""
+    with pytest.raises(ConfigError, match=r"run_dir=/proc/launcher-run cannot be made under /proc"):
+        validate.check_run_dir(compose_cfg("run_dir=/proc/launcher-run"))
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match="cannot be made under"):
+        validate.check_run_dir(compose_cfg(f"run_dir={tmp_path}/a-file/run"))
+    assert validate.check_run_dir(compose_cfg(f"run_dir={tmp_path}/new/run")) == "new"
+    assert list(tmp_path.iterdir()) == [tmp_path / "a-file"]  # the check left nothing behind
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch
+    with pytest.raises(ConfigError, match="cluster=slurm submits the job with sbatch, which is not on PATH here"):
+        validate.check_run_dir(compose_cfg("cluster=slurm", f"run_dir={tmp_path}/job"))
