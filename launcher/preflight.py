@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -121,12 +122,36 @@ def optimizer_error(cfg: dict) -> str | None:
             + ", ".join(names))
 
 
+def scheduler_error(cfg: dict) -> str | None:
+    """train.lr_scheduler as transformers knows it (a misspelt name stops every rank at its first step)."""
+    from transformers.trainer_utils import SchedulerType
+
+    names = [s.value for s in SchedulerType]
+    wanted = cfg["train"]["lr_scheduler"]
+    return None if wanted in names else (f"train.lr_scheduler={wanted}: not a scheduler transformers knows. Give "
+                                         "one of: " + ", ".join(names))
+
+
+def chat_template_error(tokenizer, cfg: dict) -> str | None:
+    """model.chat_template that Jinja cannot parse, named before the ranks render rows with it."""
+    if not cfg["model"].get("chat_template"):
+        return None
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment().parse(tokenizer.chat_template)
+    except TemplateSyntaxError as err:
+        return f"model.chat_template: line {err.lineno} of the template: {err.message}"
+    return None
+
+
 def lora_targets_error(cfg: dict) -> str | None:
     """Each name in lora.target_modules names layers of the model: PEFT adapts the names that match and says nothing
     of the others (a Llama list on Phi-3's fused qkv_proj would train o_proj alone). The model is built on the meta
     device from its config.json, no weights read; a hub id not on disk here is left to the ranks."""
     targets, path = cfg["lora"].get("target_modules"), Path(cfg["plan"]["model_path"]).expanduser()
-    if cfg["lora"]["r"] is None or not isinstance(targets, list) or not (path / "config.json").is_file():
+    if cfg["lora"]["r"] is None or targets == "all-linear" or not (path / "config.json").is_file():
         return None
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -139,14 +164,20 @@ def lora_targets_error(cfg: dict) -> str | None:
     except Exception:  # noqa: BLE001 (a model transformers cannot build here: the ranks' loading says why)
         return None
     names = [name for name, _ in model.named_modules()]
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"} - {"lm_head"})
+    advice = f"Its linear layers: {', '.join(linear)}. Give names from these, or lora.target_modules=all-linear."
+    if isinstance(targets, str):  # PEFT takes a string as a regular expression over the whole module name
+        if any(re.fullmatch(targets, n) for n in names):
+            return None
+        return (f"lora.target_modules={targets}: PEFT reads a single name as a regular expression over whole module "
+                f"names (model.layers.0.self_attn.q_proj), and this one matches none of {path}. Give a list, e.g. "
+                f"lora.target_modules=[{linear[0] if linear else 'q_proj'}]. {advice}")
     unmatched = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
     if not unmatched:
         return None
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                     if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"} - {"lm_head"})
     return (f"lora.target_modules={targets}: {', '.join(unmatched)} name no layer of {path} ({config.model_type}), "
-            f"so LoRA would leave {'it' if len(unmatched) == 1 else 'them'} out. Its linear layers: "
-            f"{', '.join(linear)}. Give names from these, or lora.target_modules=all-linear.")
+            f"so LoRA would leave {'it' if len(unmatched) == 1 else 'them'} out. {advice}")
 
 
 def main(config_path: str) -> int:
@@ -156,6 +187,16 @@ def main(config_path: str) -> int:
     cfg = yaml.safe_load(Path(config_path).read_text())
     try:
         tokenizer = modeling.load_tokenizer(cfg)
+    except OSError as err:  # a hub id neither cached nor reachable, or a folder without a tokenizer
+        where = cfg["plan"]["tokenizer_path"]
+        print(f"launcher: error: model.tokenizer: no tokenizer could be loaded from {where} "
+              f"({str(err).strip().splitlines()[0][:200]}). Give a local model directory (model.path, or "
+              "model.tokenizer for a tokenizer of its own), or a hub id this machine can download.", file=sys.stderr)
+        return 2
+    if why := chat_template_error(tokenizer, cfg):
+        print(f"launcher: error: {why}", file=sys.stderr)
+        return 2
+    try:
         _, _, report = data.prepare(cfg["data"], cfg["method"]["name"], tokenizer, cfg["seed"])
     except data.DataError as err:
         print(f"launcher: error: data error: {err}", file=sys.stderr)
@@ -163,9 +204,10 @@ def main(config_path: str) -> int:
     if why := token_budget_error(cfg, report):
         print(f"launcher: error: {why}", file=sys.stderr)
         return 2
-    if why := lora_targets_error(cfg):
-        print(f"launcher: error: {why}", file=sys.stderr)
-        return 2
+    for why in (lora_targets_error(cfg), scheduler_error(cfg)):
+        if why:
+            print(f"launcher: error: {why}", file=sys.stderr)
+            return 2
     if why := optimizer_error(cfg):
         print(f"launcher: error: {why}", file=sys.stderr)
         return 2

@@ -56,6 +56,9 @@ CASES = [
     (["data.path={d}/garbage.jsonl"], 2, "garbage.jsonl: cannot be read"),
     (["data.path={d}/corrupt.jsonl"], 2, "Line 3 is not valid JSON"),
     (["train.optim=adamw_fused"], 2, "train.optim=adamw_fused: not an optimizer transformers knows"),
+    (["train.lr_scheduler=cosin"], 2, "train.lr_scheduler=cosin: not a scheduler transformers knows"),
+    (["lora.alpha=0"], 2, "lora.alpha=0: give a number > 0"),  # PEFT would train an adapter that changes nothing
+    (["model.chat_template=/nonexistent/file.jinja"], 2, "model.chat_template=/nonexistent/file.jinja is no file"),
     (["data.path={d}/missing.jsonl"], 2, "data.path: data.path={d}/missing.jsonl does not exist"),
     (["model.path={d}/weights.bin"], 2, "is a file; give the directory that holds config.json"),
     (["method=sft", "data=demo_sft"], 2, "holds a different run (method.name: 'dpo' there, 'sft' now"),

@@ -109,3 +109,27 @@ def test_lora_targets_that_name_no_layer_of_the_model_are_named_before_the_ranks
                    "gate_up_proj, o_proj, qkv_proj. Give names from these, or lora.target_modules=all-linear.")
     assert preflight.lora_targets_error(run_config(f"model.path={tmp_path}", "lora.target_modules=[qkv_proj]")) is None
     assert preflight.lora_targets_error(run_config(f"model.path={tmp_path}")) is None  # all-linear
+
+
+def test_a_single_target_name_is_a_regular_expression_that_must_match_and_a_misspelt_scheduler_is_named(tmp_path):
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("phi3", hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=256, pad_token_id=0).save_pretrained(tmp_path)
+    why = preflight.lora_targets_error(run_config(f"model.path={tmp_path}", "lora.target_modules=qkv_proj"))
+    assert why.startswith("lora.target_modules=qkv_proj: PEFT reads a single name as a regular expression")
+    assert "Give a list, e.g. lora.target_modules=[down_proj]" in why
+    assert preflight.lora_targets_error(run_config(f"model.path={tmp_path}",
+                                                   r"lora.target_modules='.*\.qkv_proj'")) is None
+    assert preflight.scheduler_error(run_config("train.lr_scheduler=cosin")).startswith(
+        "train.lr_scheduler=cosin: not a scheduler transformers knows. Give one of: linear, cosine")
+    assert preflight.scheduler_error(run_config()) is None
+
+
+def test_a_chat_template_jinja_cannot_parse_is_named_with_its_line():
+    class Tokenizer:
+        chat_template = "{% for m in messages %}\n{{ m.content }\n{% endfor %}"
+
+    why = preflight.chat_template_error(Tokenizer(), run_config("model.chat_template=x"))
+    assert why.startswith("model.chat_template: line 2 of the template:")
+    assert preflight.chat_template_error(Tokenizer(), run_config()) is None  # the tokenizer's own: not ours to judge
