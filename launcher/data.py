@@ -38,7 +38,7 @@ class DataReport:
 
     def line(self, max_length: int) -> str:
         return (f"data: {self.rows_read} rows read ({self.fmt}), dropped {self.dropped_empty} with empty fields and "
-                f"{self.dropped_duplicate} duplicates, {self.truncated} longer than max_length={max_length} "
+                f"{self.dropped_duplicate} duplicates or pairs with the same two answers, {self.truncated} longer than max_length={max_length} "
                 f"(truncated), {self.prompt_too_long} whose prompt alone fills it (dropped); "
                 f"{self.train_rows} train / {self.eval_rows} held out{self.note}")
 
@@ -165,6 +165,20 @@ def _empty(value) -> bool:
     return value is None or (isinstance(value, (str, list)) and len(value) == 0)
 
 
+def _not_text(value) -> str | None:
+    """Why a required column's value is neither text nor a conversation TRL can render; None where it is one."""
+    if isinstance(value, str):
+        return None
+    if not isinstance(value, list):
+        return f"holds {type(value).__name__} {str(value)[:60]!r}, not text"
+    for message in value:
+        if not (isinstance(message, dict) and "role" in message and "content" in message):
+            keys = sorted(message) if isinstance(message, dict) else type(message).__name__
+            return (f"holds a message without 'role' and 'content' ({keys}; ShareGPT's 'from'/'value' are not "
+                    "read: rename them)")
+    return None
+
+
 def _as_messages(value, role: str):
     return value if isinstance(value, list) else [{"role": role, "content": value}]
 
@@ -235,12 +249,24 @@ def prepare(data_cfg: dict, method: str, tokenizer, seed: int):
     conversational = needs_template or (has_template and fmt != "text" and wanted in ("auto", True))
 
     def clean(ds, name):
-        """(rows, their positions in ds, empty ones dropped, duplicates dropped)"""
+        """(rows, their positions in ds, empty ones dropped, duplicates dropped (pairs whose answers are the same
+        among them))"""
         cols = [c for c in required_columns(fmt) if c in ds.column_names]  # DPO's prompt may be implicit
-        rows, positions, seen, empty, dup = [], [], set(), 0, 0
+        rows, positions, seen, empty, dup, same = [], [], set(), 0, 0, 0
         for position, row in enumerate(ds):
             if any(_empty(row[c]) for c in cols):
                 empty += 1
+                continue
+            for c in (c for c in cols if c != "label"):
+                if why := _not_text(row[c]):
+                    raise DataError(f"data.path={path}, {where(path, name, position)}: column {c!r} {why}; give "
+                                    "text, or a list of {'role', 'content'} messages")
+            if fmt == "messages" and not any(m["role"] == "assistant" for m in row["messages"]):
+                raise DataError(f"data.path={path}, {where(path, name, position)}: no message has role 'assistant' "
+                                f"(roles {sorted({m['role'] for m in row['messages']})}); SFT learns the assistant's "
+                                "turns: name the roles system, user and assistant")
+            if fmt == "preference" and row["chosen"] == row["rejected"]:  # nothing to prefer: no gradient
+                same += 1
                 continue
             if fmt == "unpaired" and str(row["label"]).lower() in ("true", "false"):  # a CSV's column of strings
                 row = dict(row, label=str(row["label"]).lower() == "true")
@@ -257,8 +283,9 @@ def prepare(data_cfg: dict, method: str, tokenizer, seed: int):
         if data_cfg.get("max_rows"):
             rows, positions = rows[: data_cfg["max_rows"]], positions[: data_cfg["max_rows"]]
         if not rows:
-            raise DataError(f"data.path={path}: no usable rows in {name} after dropping empty ones")
-        return rows, positions, empty, dup
+            raise DataError(f"data.path={path}: no usable rows in {name} after dropping empty ones"
+                            + (f" and {same} whose chosen and rejected are the same" if same else ""))
+        return rows, positions, empty, dup + same
 
     import datasets
 

@@ -98,3 +98,35 @@ def test_preference_conversations_with_an_implicit_prompt(tmp_path, tiny_tokeniz
             for i in range(10)]
     train, _, report = prepare(data_cfg(write_jsonl(tmp_path / "c.jsonl", rows)), "dpo", tiny_tokenizer, 0)
     assert set(train.column_names) == {"chosen", "rejected"} and report.train_rows == 8
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"chosen": 42}, "line 4: column 'chosen' holds int '42', not text"),
+    ({"rejected": {"text": "no"}}, "line 4: column 'rejected' holds dict"),
+    ({"prompt": [{"from": "human", "value": "hi"}]}, "line 4: column 'prompt' holds a message without 'role' and "
+                                                      "'content' (['from', 'value']; ShareGPT's 'from'/'value'"),
+])
+def test_a_value_that_is_not_text_is_named_with_its_line(tmp_path, tiny_tokenizer, bad, words):
+    """TRL would stop in the ranks on these (or pyarrow before them); a report drawn after training would fail."""
+    rows = [{"prompt": f"q{i}", "chosen": "yes", "rejected": "no"} for i in range(10)]
+    rows[3] = dict(rows[3], **bad)
+    with pytest.raises(DataError, match="p.jsonl, " + words.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                       .replace("]", r"\]")):
+        prepare(data_cfg(write_jsonl(tmp_path / "p.jsonl", rows)), "dpo", tiny_tokenizer, 0)
+
+
+def test_pairs_with_the_same_two_answers_are_dropped_and_counted(tmp_path, tiny_tokenizer):
+    rows = [{"prompt": f"q{i}", "chosen": "yes", "rejected": "yes" if i < 3 else "no"} for i in range(10)]
+    _, _, report = prepare(data_cfg(write_jsonl(tmp_path / "p.jsonl", rows)), "dpo", tiny_tokenizer, 0)
+    assert report.train_rows + report.eval_rows == 7 and report.dropped_duplicate == 3
+    same = [{"prompt": f"q{i}", "chosen": "a", "rejected": "a"} for i in range(5)]
+    with pytest.raises(DataError, match="no usable rows in train after dropping empty ones and 5 whose chosen and "
+                                        "rejected are the same"):
+        prepare(data_cfg(write_jsonl(tmp_path / "same.jsonl", same)), "dpo", tiny_tokenizer, 0)
+
+
+def test_conversations_without_an_assistant_turn_are_refused(tmp_path, tiny_tokenizer):
+    rows = [{"messages": [{"role": "human", "content": f"hi {i}"}, {"role": "bot", "content": "hello"}]}
+            for i in range(10)]
+    with pytest.raises(DataError, match=r"line 1: no message has role 'assistant' \(roles \['bot', 'human'\]\)"):
+        prepare(data_cfg(write_jsonl(tmp_path / "m.jsonl", rows)), "sft", tiny_tokenizer, 0)
