@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from launcher import lora_dropout, validate  # noqa: E402
-from launcher.config import name_model_after_its_path, register_resolvers, to_plain  # noqa: E402
+from launcher.config import check_added_keys, name_model_after_its_path, register_resolvers, to_plain  # noqa: E402
 from launcher.errors import ConfigError  # noqa: E402
 from launcher.machine import detect_machine  # noqa: E402
 from launcher.plan import build_plan, host_of, size_the_job, with_liger  # noqa: E402
@@ -83,6 +83,7 @@ def memory_plan_text(cfg: dict, machine) -> str:
 @hydra.main(config_path=str(shipped("conf")), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
+        check_added_keys(list(HydraConfig.get().overrides.task))
         name_model_after_its_path(cfg, list(HydraConfig.get().overrides.task))
         plain = to_plain(cfg)
         machine = detect_machine(ports=[plain["master_port"]])

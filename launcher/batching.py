@@ -40,12 +40,13 @@ def padding_free(cfg, on_gpu: bool) -> tuple[bool, str]:
                                                     "batches are DPO's and SFT's (launcher/padding_free.py rewires "
                                                     "their batches); drop it.")
         return False, f"method={method} runs padded rows (padding-free batches are DPO's and SFT's)"
-    if (cap := attention_softcap(cfg["model"])) and on_gpu:  # the CPU runs SDPA (a block mask), padded or not
+    if cap := attention_softcap(cfg["model"]):  # attention() runs it eager: padded rows, as measured nowhere else
         if wanted is True or (method == "sft" and cfg["method"].get("packing") is True):
             raise ConfigError("train.padding_free", f"the model caps its attention logits (attn_logit_softcapping="
-                                                    f"{cap}, Gemma 2), which the GPU's padding-free attention kernel "
-                                                    "cannot: use train.padding_free=auto or false (and method.packing="
-                                                    "auto or false for SFT).")
+                                                    f"{cap}, Gemma 2), and only eager attention keeps the cap, which "
+                                                    "padding-free batches do not run with here: use train."
+                                                    "padding_free=auto or false (and method.packing=auto or false "
+                                                    "for SFT).")
         return False, f"padding-free batches off: the model caps its attention logits (attn_logit_softcapping={cap})"
     if method == "sft":
         packing = cfg["method"].get("packing", "auto")
@@ -77,6 +78,10 @@ def attention(cfg, on_gpu: bool, unpadded: bool) -> tuple[str, str | None]:
     """Padding-free attention must stay within each sequence: torch's flash kernel reads the boundaries (GPUs);
     SDPA and flex attention get a block-diagonal mask from transformers (the CPU; flex if asked for)."""
     asked = cfg["model"]["attn_implementation"]
+    if (cap := attention_softcap(cfg["model"])) and asked == "sdpa":
+        return "eager", (f"attention eager: the model caps its attention logits (attn_logit_softcapping={cap}, Gemma "
+                         "2), which SDPA and the flash kernels leave out without a word (transformers advises eager "
+                         "for Gemma 2's training)")
     if unpadded and on_gpu and asked == "sdpa":
         return VARLEN_ATTENTION, (f"attention {VARLEN_ATTENTION}: torch's flash-attention kernel over each packed "
                                   "sequence (SDPA would need a dense mask over the whole packed row)")

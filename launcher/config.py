@@ -36,3 +36,23 @@ def name_model_after_its_path(cfg: DictConfig, overrides: list[str]) -> None:
         return
     name = parts[-2] if parts[-1].lower() in GENERIC_FOLDERS and len(parts) > 1 else parts[-1]
     cfg.model.name = name
+
+
+# Where a key the shipped config lacks is still read: engine settings passed through as they are, each method's own
+# TRL settings, Hydra's
+ADDED_KEYS_READ_UNDER = ("strategy.deepspeed.", "strategy.fsdp.", "method.", "hydra.")
+
+
+def check_added_keys(overrides: list[str]) -> None:
+    """`+group.key=value` adds a key the shipped config lacks: outside ADDED_KEYS_READ_UNDER nothing reads it, so a
+    misspelt `+train.lr_sheduler=...` would change nothing, silently."""
+    from launcher.errors import ConfigError
+
+    for override in overrides:
+        if not override.startswith("+") or override.startswith("++"):
+            continue
+        key = override[1:].split("=", 1)[0]
+        if not key.startswith(ADDED_KEYS_READ_UNDER):
+            raise ConfigError(key, f"{override}: the launcher reads no key {key}, so it would change nothing. Check "
+                                   "its spelling (python -m launcher --help lists the keys), and drop the '+' for a "
+                                   "key that exists.")

@@ -98,21 +98,25 @@ def test_auto_stays_padded_over_4_bit_weights_where_it_was_not_measured():
     assert forced.settings["padding_free"] and forced.settings["attn_implementation"] == "packed_varlen"
 
 
-def test_a_model_that_caps_its_attention_logits_runs_padded_on_gpus(tmp_path):
-    """Gemma 2's attn_logit_softcapping: torch's flash kernel, which padding-free batches run on GPUs, has no cap."""
+def test_a_model_that_caps_its_attention_logits_runs_eager_attention_over_padded_rows(tmp_path):
+    """Gemma 2's attn_logit_softcapping: SDPA and the flash kernels (padding-free batches run these) leave the cap
+    out without a word; only eager attention keeps it."""
     import json
 
     gemma2 = {"model_type": "gemma2", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1000,
               "attn_logit_softcapping": 50.0, "sliding_window": 4096}
     (tmp_path / "config.json").write_text(json.dumps(gemma2))
-    for method in ("dpo", "sft"):
-        plan = build_plan(compose_cfg(f"model.path={tmp_path}", "gpus=2", f"method={method}"), H200X2)
-        assert not plan.settings["padding_free"] and plan.settings["attn_implementation"] != "packed_varlen"
-        assert ("padding-free batches off: the model caps its attention logits (attn_logit_softcapping=50.0)"
-                in plan.decisions)
+    for method, machine in (("dpo", H200X2), ("sft", H200X2), ("dpo", CPU_NODE)):
+        plan = build_plan(compose_cfg(f"model.path={tmp_path}", f"method={method}",
+                                      *(("gpus=2",) if machine is H200X2 else ())), machine)
+        assert not plan.settings["padding_free"] and plan.settings["attn_implementation"] == "eager"
+        assert any(d.startswith("attention eager: the model caps its attention logits (attn_logit_softcapping=50.0")
+                   for d in plan.decisions)
+        if machine is H200X2:  # where padding-free would otherwise be on
+            assert ("padding-free batches off: the model caps its attention logits (attn_logit_softcapping=50.0)"
+                    in plan.decisions)
     for given in ("train.padding_free=true", "method.packing=true"):
-        with pytest.raises(ConfigError, match=r"caps its attention logits \(attn_logit_softcapping=50.0, Gemma 2\)"):
+        with pytest.raises(ConfigError, match=r"caps its attention logits \(attn_logit_softcapping=50.0, Gemma 2\), "
+                                              "and only eager attention keeps the cap"):
             build_plan(compose_cfg(f"model.path={tmp_path}", "gpus=2", "method=sft", given), H200X2)
-    on_cpu = build_plan(compose_cfg(f"model.path={tmp_path}", "method=sft", "train.padding_free=true"), CPU_NODE)
-    assert on_cpu.settings["padding_free"]  # the CPU runs SDPA with a block mask, as for padded rows

@@ -27,6 +27,13 @@ def test_a_model_path_given_names_the_run_after_the_model(tmp_path):
     assert re.search(r"run_dir: +\S+/runs/dpo-mine-\d{8}", named.stdout), named.stdout[:500]
 
 
+def test_an_added_key_nothing_reads_is_refused_and_engine_settings_pass():
+    res = run_launcher("+train.foo=1", "dry_run=true", "gpus=1")
+    assert res.returncode == 2 and "+train.foo=1: the launcher reads no key train.foo" in res.stderr, res.stderr
+    passed = run_launcher("strategy=zero2", "+strategy.deepspeed.steps_per_print=7", "dry_run=true", "gpus=1")
+    assert passed.returncode == 0 and '"steps_per_print": 7' in passed.stdout, passed.stderr[-500:]
+
+
 def test_unknown_group_option_is_hydras_message():
     res = run_launcher("strategy=zero9", "dry_run=true")
     assert res.returncode != 0
