@@ -26,16 +26,24 @@ GENERIC_FOLDERS = {"model", "models", "hf", "checkpoint", "final", "merged", "we
 
 
 def name_model_after_its_path(cfg: DictConfig, overrides: list[str]) -> None:
-    """model.path given without model.name: the preset's name (`tiny`, say) would name a user's model in the plan, the
-    run's name and its run_dir; the path's last meaningful part names it instead (a hub id's model part)."""
+    """model.path given without a preset (`model=...`) or model.name: the default preset's name and shape (the tiny
+    model's) would name and size a user's model in the plan, the run's name and its run_dir. The path's last
+    meaningful part names it instead (a hub id's model part; a hub cache's models--org--name), and its own
+    config.json sizes it (launcher/model_shape.py)."""
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    if "model.path" not in given or "model.name" in given:
+    if "model.path" not in given or "model" in given:
         return
-    parts = [p for p in re.split(r"[/\\]", str(cfg.model.path)) if p not in ("", ".", "..")]
-    if not parts:
+    cfg.model.shape = None
+    if "model.name" in given:
         return
-    name = parts[-2] if parts[-1].lower() in GENERIC_FOLDERS and len(parts) > 1 else parts[-1]
-    cfg.model.name = name
+    parts = [p for p in re.split(r"[/\\]", os.path.normpath(str(cfg.model.path))) if p not in ("", ".")]
+    if "snapshots" in parts[:-1] and parts[parts.index("snapshots") - 1].startswith("models--"):
+        parts = [parts[parts.index("snapshots") - 1].split("--")[-1]]
+    while len(parts) > 1 and parts[-1].lower() in GENERIC_FOLDERS:
+        parts = parts[:-1]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", parts[-1] if parts else "").strip("-.")
+    if name and not re.fullmatch(r"[A-Za-z]", name):  # not a drive letter
+        cfg.model.name = name
 
 
 # Where a key the shipped config lacks is still read: engine settings passed through as they are, each method's own

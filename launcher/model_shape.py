@@ -39,9 +39,13 @@ class Shape:
 
         missing = [key for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
                    if given(key) is None]
+        others = [n for key in missing for n in CONFIG_NAMES[key][1:]]
         if missing:
-            raise ValueError(f"{where} gives no {', '.join(missing)} (nor "
-                             + ", ".join(n for key in missing for n in CONFIG_NAMES[key][1:]) + ")")
+            raise ValueError(f"{where} gives no {', '.join(missing)}" + (f" (nor {', '.join(others)})" if others else ""))
+        wrong = [key for key in CONFIG_NAMES if given(key) is not None
+                 and (isinstance(given(key), bool) or not isinstance(given(key), int))]
+        if wrong:  # a list per layer, say: the plan's arithmetic takes one size
+            raise ValueError(f"{where}: {', '.join(f'{k}={given(k)!r}' for k in wrong)} is not one whole number")
         hidden, heads = given("hidden_size"), given("num_attention_heads")
         return cls(hidden, given("intermediate_size") or 4 * hidden,  # GPT-2's n_inner null: 4 x hidden
                    given("num_hidden_layers"), heads, given("num_key_value_heads") or heads, given("vocab_size"),
@@ -83,14 +87,28 @@ class Shape:
 
 
 def model_config(model_cfg: dict) -> dict | None:
-    """The model's config.json where it is on disk, else None (a hub id not downloaded here)."""
+    """The model's config.json: in its folder, or in the hub's cache for a hub id downloaded before (no network);
+    None where neither has it. ValueError where the file is no JSON."""
     path = Path(str(model_cfg["path"])).expanduser() / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file() and str(model_cfg["path"]).count("/") == 1 and not str(model_cfg["path"]).startswith("."):
+        from huggingface_hub import try_to_load_from_cache  # a hub id, "org/name"
+
+        cached = try_to_load_from_cache(str(model_cfg["path"]), "config.json")
+        path = Path(cached) if isinstance(cached, str) else path
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not JSON ({err})") from None
 
 
 def attention_softcap(model_cfg: dict) -> float | None:
     """Gemma 2's tanh cap on the attention logits (config.json's attn_logit_softcapping), or None."""
-    config = model_config(model_cfg) or model_cfg.get("shape") or {}
+    try:
+        config = model_config(model_cfg) or model_cfg.get("shape") or {}
+    except ValueError:  # the memory plan names the file where it needs it
+        return None
     config = config.get("text_config", config) if "attn_logit_softcapping" not in config else config
     return config.get("attn_logit_softcapping") if isinstance(config, dict) else None
 
@@ -98,7 +116,7 @@ def attention_softcap(model_cfg: dict) -> float | None:
 def model_shape(model_cfg: dict) -> Shape:
     """The model's own config.json when it is on disk, else the preset's `shape`."""
     if (config := model_config(model_cfg)) is not None:
-        return Shape.from_config(config, f"{Path(str(model_cfg['path'])).expanduser() / 'config.json'}")
+        return Shape.from_config(config, f"the config.json of model.path={model_cfg['path']}")
     if model_cfg.get("shape"):
         return Shape.from_config(model_cfg["shape"], f"model.shape of the preset {model_cfg.get('name')}")
     raise ValueError(f"model.path={model_cfg['path']}: no config.json here and no model.shape in the preset")

@@ -25,6 +25,22 @@ def test_a_model_path_given_names_the_run_after_the_model(tmp_path):
     assert re.search(r"run_dir: +\S+/runs/dpo-llama-3.2-1b-\d{8}-\d{6}\n", res.stdout), res.stdout[:500]
     named = run_launcher(f"model.path={tmp_path}/llama-3.2-1b/model", "model.name=mine", "dry_run=true", "gpus=1")
     assert re.search(r"run_dir: +\S+/runs/dpo-mine-\d{8}", named.stdout), named.stdout[:500]
+    preset = run_launcher("model=llama-3.1-8b-instruct", f"model.path={tmp_path}/llama-3.2-1b/model", "dry_run=true",
+                          "gpus=1")  # a preset chosen for its shape keeps its name
+    assert re.search(r"run_dir: +\S+/runs/dpo-llama-3.1-8b-instruct-\d{8}", preset.stdout), preset.stdout[:500]
+
+
+def test_a_model_is_named_after_the_meaningful_part_of_its_path():
+    from omegaconf import OmegaConf
+
+    from launcher.config import name_model_after_its_path
+
+    for path, name in (("/data/models/final", "data"), ("/hub/models--Qwen--Qwen2.5-7B/snapshots/" + "a" * 40,
+                                                         "Qwen2.5-7B"),
+                       ("Qwen/Qwen2.5-7B-Instruct", "Qwen2.5-7B-Instruct"), ("/a/my model:v1", "my-model-v1")):
+        cfg = OmegaConf.create({"model": {"path": path, "name": "tiny", "shape": {"hidden_size": 128}}})
+        name_model_after_its_path(cfg, [f"model.path={path}"])
+        assert (cfg.model.name, cfg.model.shape) == (name, None)  # the tiny preset's shape is not this model's
 
 
 def test_an_added_key_nothing_reads_is_refused_and_engine_settings_pass():

@@ -39,6 +39,29 @@ def test_a_multimodal_config_gives_its_language_models_dimensions():
 
 def test_what_is_missing_is_named_with_the_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mystery", "vocab_size": 100, "n_head": 4}))
-    with pytest.raises(ValueError, match=r"config.json gives no hidden_size, num_hidden_layers \(nor n_embd, d_model, "
-                                         r"n_layer, num_layers\)"):
+    with pytest.raises(ValueError, match=r"config.json of model.path=.* gives no hidden_size, num_hidden_layers "
+                                         r"\(nor n_embd, d_model, n_layer, num_layers\)"):
         model_shape({"path": str(tmp_path), "name": "mine"})
+    with pytest.raises(ValueError, match=r"gives no vocab_size$"):  # no other names to list
+        Shape.from_config({"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2})
+    with pytest.raises(ValueError, match=r"intermediate_size=\[64, 128\] is not one whole number"):
+        Shape.from_config(dict(QWEN2_1_5B, intermediate_size=[64, 128]))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not JSON"):
+        model_shape({"path": str(tmp_path), "name": "mine"})
+
+
+def test_a_hub_id_downloaded_before_is_read_from_the_hub_cache(tmp_path, monkeypatch):
+    """No network: huggingface_hub's cache layout, models--org--name/snapshots/<commit>/config.json."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    snapshot = tmp_path / "models--someorg--tiny-qwen" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps(QWEN2_1_5B))
+    (tmp_path / "models--someorg--tiny-qwen" / "refs").mkdir()
+    (tmp_path / "models--someorg--tiny-qwen" / "refs" / "main").write_text("a" * 40)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert model_shape({"path": "someorg/tiny-qwen", "shape": None}) == Shape.from_config(QWEN2_1_5B)
+    with pytest.raises(ValueError, match="no config.json here and no model.shape"):
+        model_shape({"path": "someorg/not-downloaded", "shape": None})
