@@ -40,6 +40,7 @@ def as_launched(cfg: dict, machine, world: int, procs_per_node: int) -> dict:
     launcher plan` sizes with them)."""
     keys = ("fp8", "lora_dropout_kernel")
     lora_dropout.resolved(cfg, True, machine.runs_triton)  # true where it cannot run: refused, not "nothing fits"
+    lora_dropout.one_node_resolved(cfg, True, machine.runs_triton)
     try:
         settled = size_the_job(cfg, machine, world, True, [], procs_per_node)["train"]
     except ConfigError:  # nothing fits (the table says so): auto adds no FP8 copies and no kernel

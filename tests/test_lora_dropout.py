@@ -120,6 +120,8 @@ def test_the_plan_subcommand_settles_the_kernel_as_a_launch_and_refuses_true_whe
     assert zero3["train"]["lora_dropout_kernel"] is False
     with pytest.raises(ConfigError, match="compute capability 8.0 or newer"):
         as_launched(compose_cfg("method=sft", "train.lora_dropout_kernel=true"), TURING, 1, 1)
+    with pytest.raises(ConfigError, match="train.lora_one_node=true needs CUDA GPUs of compute capability 8.0"):
+        as_launched(compose_cfg("train.lora_one_node=true"), TURING, 1, 1)
 
 
 @pytest.mark.parametrize("method", ["dpo", "sft", "kto"])
@@ -140,7 +142,6 @@ def test_lora_linears_run_as_one_node_with_or_without_dropout(method, strategy):
     (("strategy=zero3",), "strategy=zero3 gathers the adapter's weights in module hooks: PEFT's forward runs"),
     (("train.fuse_lora_sum=false",), "train.fuse_lora_sum=false: PEFT's forward runs"),
     (("train.compile=true",), "train.compile=true: the compiled layers run autograd's ops"),
-    (("train.fp8=backward",), "train.fp8=backward: FP8's base layers run their own forward"),
     (("method=sft", "train.lora_dropout_kernel=false"),
      "LoRA's dropout runs in torch (train.lora_dropout_kernel), between the base and the adapter"),
 ])
@@ -150,6 +151,15 @@ def test_no_one_node_where_the_launchers_forward_or_a_plain_base_does_not_run(ov
     assert f"train.lora_one_node=true has nothing to do: {why}" in decisions  # given, not silently dropped
     auto, decisions = plan("strategy=ddp", *overrides)
     assert auto["lora_one_node"] is False and not any("lora_one_node" in d for d in decisions)
+
+
+def test_the_one_node_runs_beside_fp8_over_the_layers_fp8_leaves_and_sft_names_the_real_reason():
+    settings, decisions = plan("strategy=ddp", "train.fp8=backward")
+    assert settings["lora_one_node"] is True
+    assert any("one autograd node (not over the base layers train.fp8 computes in FP8" in d for d in decisions)
+    _, decisions = plan("method=sft", "strategy=zero3", "train.lora_one_node=true")
+    assert ("train.lora_one_node=true has nothing to do: strategy=zero3 gathers the adapter's weights in module hooks: "
+            "PEFT's forward runs" in decisions)
 
 
 def test_one_node_auto_is_off_without_triton_and_true_is_refused_there():
