@@ -193,8 +193,28 @@ def check_paths(cfg) -> None:
         raise ConfigError("resume", f"resume={resume} is not a complete checkpoint (no {MARKER} file inside). "
                                     "Use resume=auto to take the newest complete one in run_dir.")
     data_path = cfg["data"]["path"]
-    if is_local_path(data_path) and not Path(data_path).expanduser().exists():
+    # a file's name (pairs.jsonl) is no hub id: asking the hub for it would retry for half a minute, then mislead
+    named_file = Path(data_path).suffix.lower() in (".json", ".jsonl", ".parquet", ".csv")
+    if (is_local_path(data_path) or named_file) and not Path(data_path).expanduser().exists():
         raise ConfigError("data.path", f"data.path={data_path} does not exist. Give a file, a folder or a hub id.")
+    check_context(cfg)
+
+
+def check_context(cfg) -> None:
+    """data.max_length within the positions the model was built for (config.json's max_position_embeddings, where
+    on disk and with no rope_scaling to stretch them): past them, memory grows with no model to use it."""
+    from launcher.model_shape import model_config
+
+    try:
+        config = model_config(cfg["model"]) or {}
+    except ValueError:
+        return  # the memory plan names the file
+    config = config.get("text_config", config) if "max_position_embeddings" not in config else config
+    positions, max_length = config.get("max_position_embeddings"), cfg["data"]["max_length"]
+    if isinstance(positions, int) and not config.get("rope_scaling") and max_length > positions:
+        raise ConfigError("data.max_length", f"data.max_length={max_length} is over the {positions} positions "
+                                             f"model.path={cfg['model']['path']} was built for "
+                                             f"(max_position_embeddings): give data.max_length={positions} or less.")
 
 
 def _can_make(run_dir: Path) -> None:

@@ -157,3 +157,15 @@ def test_a_run_dir_that_cannot_be_made_or_a_slurm_without_sbatch_is_refused(tmp_
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch
     with pytest.raises(ConfigError, match="cluster=slurm submits the job with sbatch, which is not on PATH here"):
         validate.check_run_dir(compose_cfg("cluster=slurm", f"run_dir={tmp_path}/job"))
+
+
+def test_a_data_file_name_is_not_asked_of_the_hub_and_max_length_stays_within_the_models_positions(tmp_path):
+    with pytest.raises(ConfigError, match="data.path=pairs.jsonl does not exist"):
+        validate.check_paths(compose_cfg("data.path=pairs.jsonl"))
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 1024}')
+    with pytest.raises(ConfigError, match=r"data.max_length=100000 is over the 1024 positions model.path=.* was built "
+                                          r"for \(max_position_embeddings\): give data.max_length=1024 or less"):
+        validate.check_paths(compose_cfg(f"model.path={tmp_path}", "data.max_length=100000"))
+    validate.check_paths(compose_cfg(f"model.path={tmp_path}", "data.max_length=1024"))
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 1024, "rope_scaling": {"factor": 4.0}}')
+    validate.check_paths(compose_cfg(f"model.path={tmp_path}", "data.max_length=4096"))  # stretched by its rope
