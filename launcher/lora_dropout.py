@@ -29,15 +29,19 @@ def resolved(cfg: dict, on_gpu: bool, triton_runs: bool) -> dict:
     """cfg with auto made true or false: true where the job runs on GPUs where triton runs (installed; compute
     capability 8.0 or newer, as triton 3 requires) and its dropout could run in the kernel (in_kernel then says
     whether it does under the strategy the job is sized for)."""
-    wanted = cfg["train"].get("lora_dropout_kernel", "auto")
-    if wanted is True and not (on_gpu and triton_runs):
-        raise ConfigError("train.lora_dropout_kernel", "train.lora_dropout_kernel=true needs CUDA GPUs of compute "
-                                                       "capability 8.0 or newer and triton (it comes with torch's "
-                                                       "CUDA builds); use auto or false.")
-    if wanted != "auto":
+    if _given(cfg, "lora_dropout_kernel", on_gpu, triton_runs) != "auto":
         return cfg
     could = on_gpu and triton_runs and why_not(cfg, UNDER[0]) is None
     return dict(cfg, train=dict(cfg["train"], lora_dropout_kernel=could))
+
+
+def _given(cfg: dict, key: str, on_gpu: bool, triton_runs: bool):
+    """train.<key> as given (true, false or auto); true refused where the kernel cannot run."""
+    wanted = cfg["train"].get(key, "auto")
+    if wanted is True and not (on_gpu and triton_runs):
+        raise ConfigError(f"train.{key}", f"train.{key}=true needs CUDA GPUs of compute capability 8.0 or newer and "
+                                          "triton (it comes with torch's CUDA builds); use auto or false.")
+    return wanted
 
 
 def why_not(cfg: dict, strategy: str) -> str | None:
@@ -95,12 +99,7 @@ def decide(cfg: dict, strategy: str) -> tuple[dict, str | None]:
 def one_node_resolved(cfg: dict, on_gpu: bool, triton_runs: bool) -> dict:
     """cfg with train.lora_one_node=auto made true where it could run on these GPUs (as `resolved`); the plan then
     settles auto to one_node_why_not's answer once the strategy and train.fp8 are known."""
-    wanted = cfg["train"].get("lora_one_node", "auto")
-    if wanted is True and not (on_gpu and triton_runs):
-        raise ConfigError("train.lora_one_node", "train.lora_one_node=true needs CUDA GPUs of compute capability 8.0 "
-                                                 "or newer and triton (it comes with torch's CUDA builds); use auto "
-                                                 "or false.")
-    if wanted != "auto":
+    if _given(cfg, "lora_one_node", on_gpu, triton_runs) != "auto":
         return cfg
     return dict(cfg, train=dict(cfg["train"], lora_one_node=on_gpu and triton_runs))
 
