@@ -38,7 +38,8 @@ class DataReport:
 
     def line(self, max_length: int) -> str:
         return (f"data: {self.rows_read} rows read ({self.fmt}), dropped {self.dropped_empty} with empty fields and "
-                f"{self.dropped_duplicate} duplicates or pairs with the same two answers, {self.truncated} longer than max_length={max_length} "
+                f"{self.dropped_duplicate} duplicates or pairs with the same two answers, {self.truncated} longer than "
+                f"max_length={max_length} "
                 f"(truncated), {self.prompt_too_long} whose prompt alone fills it (dropped); "
                 f"{self.train_rows} train / {self.eval_rows} held out{self.note}")
 

@@ -1,5 +1,6 @@
-"""A model's dimensions, as the memory plan and FP8's sizing read them: from its config.json where it is on disk,
-else from the preset's `shape`. Pure (no torch, no transformers): the planner runs without them."""
+"""A model's dimensions, as the memory plan and FP8's sizing read them: from its config.json (its folder, or the hub's
+cache for a hub id downloaded before), else from the preset's `shape`. No torch, no transformers: the planner runs
+without them."""
 from __future__ import annotations
 
 import json
@@ -41,7 +42,8 @@ class Shape:
                    if given(key) is None]
         others = [n for key in missing for n in CONFIG_NAMES[key][1:]]
         if missing:
-            raise ValueError(f"{where} gives no {', '.join(missing)}" + (f" (nor {', '.join(others)})" if others else ""))
+            nor = f" (nor {', '.join(others)})" if others else ""
+            raise ValueError(f"{where} gives no {', '.join(missing)}{nor}")
         wrong = [key for key in CONFIG_NAMES if given(key) is not None
                  and (isinstance(given(key), bool) or not isinstance(given(key), int))]
         if wrong:  # a list per layer, say: the plan's arithmetic takes one size
@@ -93,7 +95,10 @@ def model_config(model_cfg: dict) -> dict | None:
     if not path.is_file() and str(model_cfg["path"]).count("/") == 1 and not str(model_cfg["path"]).startswith("."):
         from huggingface_hub import try_to_load_from_cache  # a hub id, "org/name"
 
-        cached = try_to_load_from_cache(str(model_cfg["path"]), "config.json")
+        try:
+            cached = try_to_load_from_cache(str(model_cfg["path"]), "config.json")
+        except ValueError:  # not a name the hub takes (HFValidationError): no cached file either
+            cached = None
         path = Path(cached) if isinstance(cached, str) else path
     if not path.is_file():
         return None
