@@ -50,7 +50,9 @@ class Shape:
             raise ValueError(f"{where}: {', '.join(f'{k}={given(k)!r}' for k in wrong)} is not one whole number")
         hidden, heads = given("hidden_size"), given("num_attention_heads")
         return cls(hidden, given("intermediate_size") or 4 * hidden,  # GPT-2's n_inner null: 4 x hidden
-                   given("num_hidden_layers"), heads, given("num_key_value_heads") or heads, given("vocab_size"),
+                   given("num_hidden_layers"), heads,
+                   given("num_key_value_heads") or (1 if c.get("multi_query") else heads),  # Falcon-7B: one
+                   given("vocab_size"),
                    bool(c.get("tie_word_embeddings", False)), c.get("head_dim"))
 
     @property

@@ -23,6 +23,13 @@ def test_gpt2_names_and_its_4x_mlp():
     assert (shape.hidden, shape.intermediate, shape.layers, shape.heads, shape.kv_heads) == (768, 3072, 12, 12, 12)
 
 
+def test_falcon_style_names_and_multi_query_attention():
+    falcon = {"model_type": "falcon", "hidden_size": 4544, "num_hidden_layers": 32, "num_attention_heads": 71,
+              "multi_query": True, "vocab_size": 65024}
+    shape = Shape.from_config(falcon)
+    assert (shape.kv_heads, shape.kv_dim, shape.intermediate) == (1, 64, 4 * 4544)
+
+
 def test_a_head_width_of_its_own_sizes_the_attention_projections():
     gemma2_2b = {"model_type": "gemma2", "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
                  "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 256000,
