@@ -84,14 +84,15 @@ def memory_plan_text(cfg: dict, machine) -> str:
 @hydra.main(config_path=str(shipped("conf")), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
-        check_added_keys(list(HydraConfig.get().overrides.task))
-        name_model_after_its_path(cfg, list(HydraConfig.get().overrides.task))
+        overrides = list(HydraConfig.get().overrides.task)
+        check_added_keys(overrides)
+        name_model_after_its_path(cfg, overrides)
         plain = to_plain(cfg)
         machine = detect_machine(ports=[plain["master_port"]])
         if plain["memory_plan"]:
             print(memory_plan_text(plain, machine))
             return
-        plan = build_plan(plain, machine, overrides=list(HydraConfig.get().overrides.task))
+        plan = build_plan(plain, machine, overrides=overrides)
         if plain["dry_run"]:
             print(plan.describe())
             return

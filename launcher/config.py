@@ -7,6 +7,7 @@ import re
 from omegaconf import DictConfig, OmegaConf
 
 from launcher import ROOT
+from launcher.errors import ConfigError
 
 
 def register_resolvers() -> None:
@@ -54,8 +55,6 @@ ADDED_KEYS_READ_UNDER = ("strategy.deepspeed.", "strategy.fsdp.", "method.", "hy
 def check_added_keys(overrides: list[str]) -> None:
     """`+group.key=value` adds a key the shipped config lacks: outside ADDED_KEYS_READ_UNDER nothing reads it, so a
     misspelt `+train.lr_sheduler=...` would change nothing, silently."""
-    from launcher.errors import ConfigError
-
     for override in overrides:
         if not override.startswith("+") or override.startswith("++"):
             continue

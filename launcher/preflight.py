@@ -201,23 +201,14 @@ def main(config_path: str) -> int:
     except data.DataError as err:
         print(f"launcher: error: data error: {err}", file=sys.stderr)
         return 2
-    if why := token_budget_error(cfg, report):
-        print(f"launcher: error: {why}", file=sys.stderr)
-        return 2
-    for why in (lora_targets_error(cfg), scheduler_error(cfg)):
-        if why:
+    checks = (lambda: token_budget_error(cfg, report), lambda: lora_targets_error(cfg), lambda: scheduler_error(cfg),
+              lambda: optimizer_error(cfg), lambda: (why := deepspeed_settings_error(cfg)) and (
+                  f"{why}. DeepSpeed's names: https://www.deepspeed.ai/docs/config-json/"),
+              lambda: stale_build_lock_error(cfg))
+    for check in checks:  # in this order, the first that fails is said
+        if why := check():
             print(f"launcher: error: {why}", file=sys.stderr)
             return 2
-    if why := optimizer_error(cfg):
-        print(f"launcher: error: {why}", file=sys.stderr)
-        return 2
-    if why := deepspeed_settings_error(cfg):
-        print(f"launcher: error: {why}. DeepSpeed's names: https://www.deepspeed.ai/docs/config-json/",
-              file=sys.stderr)
-        return 2
-    if why := stale_build_lock_error(cfg):
-        print(f"launcher: error: {why}", file=sys.stderr)
-        return 2
     resume = cfg["resume"]
     ckpt = checkpoints.find_resume(cfg["run_dir"], resume) if resume else None
     if ckpt and (why := checkpoint_mismatch(cfg, Path(ckpt))):

@@ -193,7 +193,7 @@ def main(config_path: str) -> int:
         modeling.feed_adapters_the_activations_as_they_are(trainer.model)
     if plan["fuse_lora_sum"]:
         modeling.add_adapter_outputs_inside_the_matmul(trainer.model, plan["lora_dropout_kernel"],
-                                                       plan.get("lora_one_node", False))
+                                                       plan["lora_one_node"])
     if plan["fp8"]:
         fp8_linear.compute_frozen_linears_in_fp8(trainer.model, plan["fp8_min_features"], plan["fp8_cache_weights"],
                                                  forward=plan["fp8_forward"])
