@@ -14,6 +14,8 @@ from pathlib import Path
 import yaml
 
 from launcher.checkpoints import MARKER, is_complete
+from launcher.data import FILE_TYPES
+from launcher.model_shape import model_config
 from launcher.errors import ConfigError
 from launcher import methods
 from launcher.machine import Machine
@@ -194,7 +196,7 @@ def check_paths(cfg) -> None:
                                     "Use resume=auto to take the newest complete one in run_dir.")
     data_path = cfg["data"]["path"]
     # a file's name (pairs.jsonl) is no hub id: asking the hub for it would retry for half a minute, then mislead
-    named_file = Path(data_path).suffix.lower() in (".json", ".jsonl", ".parquet", ".csv")
+    named_file = Path(data_path).suffix.lower() in FILE_TYPES
     if (is_local_path(data_path) or named_file) and not Path(data_path).expanduser().exists():
         raise ConfigError("data.path", f"data.path={data_path} does not exist. Give a file, a folder or a hub id.")
     check_context(cfg)
@@ -203,8 +205,6 @@ def check_paths(cfg) -> None:
 def check_context(cfg) -> None:
     """data.max_length within the positions the model was built for (config.json's max_position_embeddings, where
     on disk and with no rope_scaling to stretch them): past them, memory grows with no model to use it."""
-    from launcher.model_shape import model_config
-
     try:
         config = model_config(cfg["model"]) or {}
     except ValueError:
