@@ -74,11 +74,19 @@ def padding_free(cfg, on_gpu: bool) -> tuple[bool, str]:
     return True, f"train.padding_free=auto on GPUs under {strategy}"
 
 
+def runs_eager(model_cfg: dict) -> bool:
+    """Eager attention, whose scores take memory quadratic in the row's length (launcher/memory.py): asked for, or
+    a model that caps its attention logits, which SDPA and the flash kernels leave out."""
+    asked = model_cfg["attn_implementation"]
+    return asked == "eager" or (asked == "sdpa" and attention_softcap(model_cfg) is not None)
+
+
 def attention(cfg, on_gpu: bool, unpadded: bool) -> tuple[str, str | None]:
     """Padding-free attention must stay within each sequence: torch's flash kernel reads the boundaries (GPUs);
     SDPA and flex attention get a block-diagonal mask from transformers (the CPU; flex if asked for)."""
     asked = cfg["model"]["attn_implementation"]
-    if (cap := attention_softcap(cfg["model"])) and asked == "sdpa":
+    if asked == "sdpa" and runs_eager(cfg["model"]):
+        cap = attention_softcap(cfg["model"])
         return "eager", (f"attention eager: the model caps its attention logits (attn_logit_softcapping={cap}, Gemma "
                          "2), which SDPA and the flash kernels leave out without a word (transformers advises eager "
                          "for Gemma 2's training)")

@@ -33,10 +33,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from launcher import host_memory, lora_dropout
+from launcher.batching import runs_eager
 from launcher.fp8 import CACHED_UNDER
 from launcher.fp8 import weight_copies as fp8_weight_copies
 from launcher.host_memory import Host
 from launcher.methods import METHODS
+from launcher.model_shape import attention_softcap
 from launcher.model_shape import Shape, model_shape  # noqa: F401 (the plan's callers read them here too)
 from launcher.strategies import STRATEGIES as RULES  # what each strategy shards, and where DeepSpeed runs
 
@@ -57,6 +59,11 @@ ACT_KBIT_DDP = 1.46  # ddp 4-bit 77.4 against ddp bf16 54.8
 # peaked at 64.53 GiB against DPO's 47.65, SFT without dropout or with its kernel (first version) at 46.9 (2026-12-02;
 # the kernel's bit per element, 1.4 GB at 22.5k tokens, is left to the plan's margin)
 ACT_SFT = 1.38
+# Eager attention (Gemma 2's logit cap, or model.attn_implementation=eager) keeps each head's [row, row] scores for
+# the backward, where SDPA and the flash kernels keep none: bytes per score (one head, one query, one key) per layer,
+# measured on an H200 (scripts/eager_attention_memory.py, docs/memory.md): 8 with the cap (tanh's output, softmax's
+# float32 one and its bf16 copy), 6 without. Under checkpointing only the layer being recomputed holds them.
+EAGER_SCORE_BYTES = {True: 8.0, False: 6.0}  # by: the logits capped
 BYTES_4BIT = 0.53
 LINEAR_BYTES = {None: 2.0, 4: BYTES_4BIT, 8: 1.0}  # per linear-layer weight, by quant bits
 DEEPSPEED_BUFFERS_GIB = {"zero2": 0.0, "zero3": 0.8, "zero3_offload": 0.8}
@@ -98,11 +105,13 @@ def tokens_per_micro_batch(micro_batch: int, method: str, seq_len: int) -> int:
 def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | None, lora_targets, world: int,
              micro_batch: int, seq_len: int, method: str, gradient_checkpointing: bool,
              liger: bool = False, tokens: int | None = None, fp8: tuple[int, int] | None = None,
-             precomputed_ref: bool = False, dropout_copies: bool | None = None) -> Estimate:
+             precomputed_ref: bool = False, dropout_copies: bool | None = None,
+             score_bytes: float = 0.0) -> Estimate:
     """Predicted peak GiB per GPU, split by what holds the memory. `tokens`: a micro-batch's tokens where they
-    are given as a budget (padding-free batches) rather than micro_batch rows of seq_len. `fp8`: (width, copies), FP8
-    on for linears this wide (launcher/fp8.py): where the strategy keeps weights whole, each such weight is also held
-    in FP8, a byte per parameter per copy (W.T; and W where the forward is FP8)."""
+    are given as a budget (padding-free batches: one packed row) rather than micro_batch rows of seq_len. `fp8`:
+    (width, copies), FP8 on for linears this wide (launcher/fp8.py): where the strategy keeps weights whole, each such
+    weight is also held in FP8, a byte per parameter per copy (W.T; and W where the forward is FP8). `score_bytes`:
+    eager attention's bytes per attention score and layer (EAGER_SCORE_BYTES), 0 for fused attention."""
     quant_linear = LINEAR_BYTES[bits]
     other_bytes = 4.0 if bits and strategy == "ddp" else 2.0  # kbit preparation upcasts them (see above)
     base = shape.linear_params() * quant_linear + shape.other_params() * other_bytes
@@ -141,6 +150,7 @@ def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | Non
     gradients = trainable * grad_bytes / (world if (deepspeed or sharded_weights) else 1)
     if strategy == "zero3_offload":
         gradients = trainable * 2 / world
+    row = tokens or seq_len  # the longest a row gets: a packed micro-batch is one row
     tokens = tokens or tokens_per_micro_batch(micro_batch, method, seq_len)
     h_layers = shape.hidden * shape.layers
     in_layer = ACT_PER_HIDDEN_LAYER * shape.hidden + ACT_PER_INTERMEDIATE_LAYER * shape.intermediate  # one layer
@@ -151,6 +161,7 @@ def estimate(shape: Shape, *, strategy: str, bits: int | None, lora_r: int | Non
     if dropout_copies is None:  # not given: as torch's dropout keeps them in SFT with LoRA
         dropout_copies = method == "sft" and lora
     activations = tokens * per_token * (ACT_SFT if dropout_copies else 1.0)
+    activations += tokens * row * shape.heads * score_bytes * (1 if gradient_checkpointing else shape.layers)
     reference = 0.0
     if METHODS[method].reference and not lora and not precomputed_ref:  # a frozen copy, sharded like the policy
         reference = base / world if sharded_weights else base
@@ -195,7 +206,9 @@ def job_estimate(cfg: dict, shape: Shape, strategy: str, world: int, micro_batch
                 gradient_checkpointing=cfg["train"]["gradient_checkpointing"] is not False,  # auto: at least on
                 liger=cfg["train"].get("liger") is True,  # auto counts as off until the planner resolves it
                 fp8=fp8_weight_copies(cfg), precomputed_ref=frozen_reference_precomputed(cfg),
-                dropout_copies=lora_dropout.keeps_dropout_copies(cfg, strategy))
+                dropout_copies=lora_dropout.keeps_dropout_copies(cfg, strategy),
+                score_bytes=EAGER_SCORE_BYTES[attention_softcap(cfg["model"]) is not None]
+                if runs_eager(cfg["model"]) else 0.0)
     args.update(changes)
     return estimate(shape, strategy=strategy, **args)
 

@@ -3,6 +3,8 @@ cache for a hub id downloaded before), else from the preset's `shape`. No torch,
 without them."""
 from __future__ import annotations
 
+import copy
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,8 +106,15 @@ def model_config(model_cfg: dict) -> dict | None:
         path = Path(cached) if isinstance(cached, str) else path
     if not path.is_file():
         return None
+    stat = path.stat()
+    return copy.deepcopy(_read_json(str(path), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=32)
+def _read_json(path: str, mtime_ns: int, size: int) -> dict:
+    """A config.json read once per version of the file: the memory plan asks for it at every micro-batch it tries."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not JSON ({err})") from None
 

@@ -191,3 +191,75 @@ def test_a_full_finetune_with_precomputed_log_probs_plans_no_frozen_reference_co
     on_host = [memory.host_estimate(compose_cfg("model=qwen2.5-1.5b-instruct", "lora=none", *o), shape,
                                     "zero3_offload", 2, 2) for o in (["method.precompute_ref_log_probs=true"], [])]
     assert on_host[0].offloaded < on_host[1].offloaded  # ZeRO-3-offload keeps the frozen copy's partition on the host
+
+
+GEMMA2_9B = {"model_type": "gemma2", "hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42,
+             "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 256000,
+             "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "sliding_window": 4096,
+             "max_position_embeddings": 8192, "tie_word_embeddings": True}
+
+
+def test_eager_attention_counts_each_heads_scores_quadratic_in_the_rows_length(tmp_path):
+    """Gemma 2 runs eager attention (its logit cap), which keeps [row, row] scores per head for the backward: 8 bytes
+    each in every layer (measured, scripts/eager_attention_memory.py), 6 without the cap; SDPA keeps none."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(GEMMA2_9B))
+    cfg = compose_cfg(f"model.path={tmp_path}", "gpus=1", "data.max_length=2048")
+    shape = memory.model_shape(cfg["model"])
+    sdpa = dict(cfg, model=dict(cfg["model"], attn_implementation="flash_attention_2"))
+    pairs, length, scores = 2, 2048, 2 * 2 * 2048 * 2048 * 16  # rows x length^2 x heads
+    for gc, layers in ((False, 42), (True, 1)):
+        eager = memory.job_estimate(cfg, shape, "ddp", 1, pairs, gradient_checkpointing=gc)
+        fused = memory.job_estimate(sdpa, shape, "ddp", 1, pairs, gradient_checkpointing=gc)
+        assert (eager.activations - fused.activations) * GIB == pytest.approx(scores * 8 * layers)
+    uncapped = dict(GEMMA2_9B, model_type="llama", attn_logit_softcapping=None)
+    (tmp_path / "config.json").write_text(json.dumps(uncapped))
+    asked = dict(cfg, model=dict(cfg["model"], attn_implementation="eager"))
+    fused = memory.job_estimate(sdpa, shape, "ddp", 1, pairs, gradient_checkpointing=False).activations
+    assert memory.job_estimate(cfg, shape, "ddp", 1, pairs, gradient_checkpointing=False).activations == fused
+    eager_asked = memory.job_estimate(asked, shape, "ddp", 1, pairs, gradient_checkpointing=False)
+    assert (eager_asked.activations - fused) * GIB == pytest.approx(scores * 6 * 42)
+    # a packed micro-batch is one row of all its tokens
+    packed = memory.job_estimate(asked, shape, "ddp", 1, pairs, gradient_checkpointing=True, tokens=8192)
+    packed_fused = memory.job_estimate(sdpa, shape, "ddp", 1, pairs, gradient_checkpointing=True, tokens=8192)
+    assert (packed.activations - packed_fused.activations) * GIB == pytest.approx(8192 * 8192 * 16 * 6)
+
+
+def test_a_gemma2_plan_checkpoints_where_its_scores_would_not_fit(tmp_path):
+    """Counted, Gemma-2-9B's scores (42 layers x 16 heads x 2048^2 x 8 bytes, 21 GiB a sequence) do not fit an H200
+    without checkpointing at 2 pairs, where the plan sized 2 pairs without it before it counted them: it now turns
+    checkpointing on and sizes the micro-batch under it."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(GEMMA2_9B))
+    cfg = compose_cfg(f"model.path={tmp_path}", "gpus=1", "data.max_length=2048", "gpu_mem_gib=141")
+    plan = build_plan(cfg, GPU_NODE)
+    assert plan.settings["gradient_checkpointing"] is True
+    assert plan.settings["attn_implementation"] == "eager"
+    mb = yaml_micro_batch(plan)
+    shape = memory.model_shape(cfg["model"])
+    assert memory.fits(memory.job_estimate(cfg, shape, plan.strategy, 1, mb, gradient_checkpointing=True), 141)
+    without = dict(gradient_checkpointing=False)
+    assert not memory.fits(memory.job_estimate(cfg, shape, plan.strategy, 1, 2, **without), 141)
+    assert memory.fits(memory.job_estimate(cfg, shape, plan.strategy, 1, 2, **without, score_bytes=0), 141)
+
+
+def yaml_micro_batch(plan) -> int:
+    import yaml
+
+    return yaml.safe_load(plan.files["config.yaml"])["micro_batch"]
+
+
+GEMMA2_2B = memory.Shape(2304, 9216, 26, 8, 4, 256000, True, head_dim=256)
+
+
+@pytest.mark.parametrize("method,mb,measured", [("dpo", 4, 99.8), ("sft", 8, 99.0)])
+def test_gemma2_within_20_percent_of_its_measured_peaks(method, mb, measured):
+    """Gemma-2-2B's shape on one H200, the realistic mix at data.max_length=2048, eager attention, Liger, no
+    checkpointing, LoRA's dropout kernel in SFT (docs/benchmarks.md, 2026-12-03 afternoon)."""
+    e = est(shape=GEMMA2_2B, world=1, micro_batch=mb, seq_len=2048, method=method, gradient_checkpointing=False,
+            liger=True, dropout_copies=False, score_bytes=memory.EAGER_SCORE_BYTES[True])
+    assert 0.8 <= e.total / measured <= 1.2
+    assert e.activations > 2 * est(shape=GEMMA2_2B, world=1, micro_batch=mb, seq_len=2048, method=method,
+                                   gradient_checkpointing=False, liger=True, dropout_copies=False).activations
