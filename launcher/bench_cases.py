@@ -186,3 +186,8 @@ CASES["8b-sft-compile"] = Case("launcher", "sft", overrides=("train.fp8=false", 
 CASES["precompute"] = Case("launcher", overrides=("method.precompute_ref_log_probs=true",))
 CASES["precompute-zero2"] = Case("launcher", overrides=("method.precompute_ref_log_probs=true", "strategy=zero2"))
 DEFAULT_CASES = ("peer-ddp-bs32", "defaults", "ddp", "zero2", "zero3", "ddp-4bit", "fsdp_qlora-4bit", "zero3_offload")
+# Another family: Gemma 2 (logit caps, eager attention over padded rows, a 256k vocabulary, tied embeddings), its
+# memory plan against the measured peak where the scores take memory quadratic in the row's length
+GEMMA2 = "gemma-2-2b-it"
+CASES["real-gemma2-defaults"] = Case("launcher", preset=GEMMA2, mix="realistic")
+CASES["real-gemma2-sft-defaults"] = Case("launcher", "sft", preset=GEMMA2, mix="realistic")

@@ -10,8 +10,8 @@ sizes the job with its smaller activations.
 Also whether each LoRA linear runs as one autograd node with its frozen base (train.lora_one_node,
 launcher/lora_layer.py): the kernel's backward adds the adapter's input gradient into the base's, with its dropout
 mask or, where nothing drops (DPO and the other methods TRL turns dropout off for), without one. Measured in DPO on
-one H200 at 1.5B (docs/benchmarks.md, 2026-12-03): 2.7% faster on uniform rows, 1% on the realistic mix; so auto runs
-it wherever it can. The memory plan is the same either way: the node keeps what the separate ops keep."""
+one H200 at 1.5B (docs/benchmarks.md, 2026-12-03), each against the separate ops in the same call: 2.7% faster on
+uniform rows, 0.4% on the realistic mix (within the noise there); slower nowhere, so auto runs it wherever it can. The memory plan is the same either way: the node keeps what the separate ops keep."""
 from __future__ import annotations
 
 from launcher.errors import ConfigError
@@ -130,5 +130,5 @@ def decide_one_node(cfg: dict, strategy: str) -> tuple[dict, str | None]:
     return {"lora_one_node": True}, (
         f"each LoRA linear and its frozen base layer run as one autograd node{fp8} (launcher/lora_layer.py): the "
         "kernel's backward adds the adapter's input gradient into the base's, where autograd would add two [tokens, features] "
-        "tensors; in DPO on one H200 at 1.5B, 2.7% faster on uniform rows, 1% on the realistic mix "
+        "tensors; in DPO on one H200 at 1.5B, 2.7% faster on uniform rows, 0.4% on the realistic mix "
         "(train.lora_one_node=false: separate ops)")
