@@ -48,18 +48,43 @@ def name_model_after_its_path(cfg: DictConfig, overrides: list[str]) -> None:
 
 
 # Where a key the shipped config lacks is still read: engine settings passed through as they are, each method's own
-# TRL settings, Hydra's
-ADDED_KEYS_READ_UNDER = ("strategy.deepspeed.", "strategy.fsdp.", "method.", "hydra.")
+# TRL settings, Hydra's, a model's dimensions (config.json's names)
+ADDED_KEYS_READ_UNDER = ("strategy.deepspeed.", "strategy.fsdp.", "method.", "hydra.", "model.shape.")
+
+
+def shipped_keys() -> set[str]:
+    """Every key of the shipped config, dotted: conf/config.yaml's and each group option's (`train.lr`, `model.path`)."""
+    from launcher.resources import shipped
+
+    conf, keys = shipped("conf"), set()
+
+    def walk(node, prefix: str) -> None:
+        for key, value in node.items():
+            keys.add(prefix + str(key))
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+
+    walk(OmegaConf.to_container(OmegaConf.load(conf / "config.yaml")), "")
+    for group in (p for p in conf.iterdir() if p.is_dir()):
+        for option in group.glob("*.yaml"):
+            walk(OmegaConf.to_container(OmegaConf.load(option)) or {}, f"{group.name}.")
+    return keys
 
 
 def check_added_keys(overrides: list[str]) -> None:
-    """`+group.key=value` adds a key the shipped config lacks: outside ADDED_KEYS_READ_UNDER nothing reads it, so a
-    misspelt `+train.lr_sheduler=...` would change nothing, silently."""
+    """`+group.key=value` adds a key the shipped config lacks (`++` adds it or sets it): outside ADDED_KEYS_READ_UNDER
+    nothing reads an added key, so a misspelt `+train.lr_sheduler=...` would change nothing, silently."""
+    known = None
     for override in overrides:
-        if not override.startswith("+") or override.startswith("++"):
+        if not override.startswith("+"):
             continue
-        key = override[1:].split("=", 1)[0]
-        if not key.startswith(ADDED_KEYS_READ_UNDER):
-            raise ConfigError(key, f"{override}: the launcher reads no key {key}, so it would change nothing. Check "
-                                   "its spelling (python -m launcher --help lists the keys), and drop the '+' for a "
-                                   "key that exists.")
+        key = override.lstrip("+").split("=", 1)[0]
+        if key.startswith(ADDED_KEYS_READ_UNDER):
+            continue
+        if override.startswith("++"):  # adds the key, or sets it where it exists
+            known = known or shipped_keys()
+            if key in known:
+                continue
+        raise ConfigError(key, f"{override}: the launcher reads no key {key}, so it would change nothing. Check "
+                               "its spelling (python -m launcher --help lists the keys), and drop the '+' for a "
+                               "key that exists.")

@@ -2,9 +2,11 @@
 import json
 import re
 
+import pytest
 from conftest import run_launcher
 
 from launcher import ROOT
+from launcher.errors import ConfigError
 from launcher.usage import key_comments, usage
 
 
@@ -48,6 +50,18 @@ def test_an_added_key_nothing_reads_is_refused_and_engine_settings_pass():
     assert res.returncode == 2 and "+train.foo=1: the launcher reads no key train.foo" in res.stderr, res.stderr
     passed = run_launcher("strategy=zero2", "+strategy.deepspeed.steps_per_print=7", "dry_run=true", "gpus=1")
     assert passed.returncode == 0 and '"steps_per_print": 7' in passed.stdout, passed.stderr[-500:]
+
+
+def test_a_forced_key_is_refused_where_nothing_reads_it_and_sets_one_that_exists():
+    """`++key=value` adds the key where the config lacks it (then nothing reads it) and sets it where it is."""
+    from launcher.config import check_added_keys
+
+    with pytest.raises(ConfigError, match=r"\+\+train.lr_sheduler=cosine: the launcher reads no key train.lr_sheduler"):
+        check_added_keys(["++train.lr_sheduler=cosine"])
+    check_added_keys(["++train.lr=1e-4", "++model.attn_implementation=eager", "++micro_batch=8",
+                      "++strategy.deepspeed.steps_per_print=7", "++model.shape.head_dim=64"])  # each read somewhere
+    res = run_launcher("++train.lr_sheduler=cosine", "dry_run=true", "gpus=1")
+    assert res.returncode == 2 and "the launcher reads no key train.lr_sheduler" in res.stderr, res.stderr[-500:]
 
 
 def test_unknown_group_option_is_hydras_message():
