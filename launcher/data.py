@@ -64,7 +64,7 @@ def read_dataset(path: str, split: str, test_split: str):
     except Exception as exc:  # the libraries' own errors say little about which file is at fault
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"data.path={path}: cannot be read as {p.suffix or 'a dataset'} ({first}). "
-                        f"{_bad_json_line(p)}Check the file's format.") from None
+                        f"{_bad_json_line(p) or _folder_hint(p)}Check the file's format.") from None
     if split not in loaded:
         raise DataError(f"data.path={path}: no split {split!r} (it has {', '.join(loaded)}); set data.split")
     return loaded[split], loaded[test_split] if test_split in loaded else None
@@ -91,6 +91,41 @@ def _bad_json_line(p: Path) -> str:
                         return (f"Line {number}: column {column!r} holds {_kind(value)} {value!r}, where line {first} "
                                 f"holds {kind}. ")
     return ""
+
+
+def _folder_hint(p: Path) -> str:
+    """For a folder, read as one dataset: the first file whose columns differ from the first file's, or the first
+    JSON Lines file with a bad line."""
+    if not p.is_dir():
+        return ""
+    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in FILE_TYPES)
+    seen: tuple[Path, list[str]] | None = None
+    for f in files:
+        if bad := _bad_json_line(f):
+            return f"{f.relative_to(p)}: {bad}"
+        if (columns := _first_columns(f)) is None:
+            continue
+        if seen is None:
+            seen = f, columns
+        elif set(columns) != set(seen[1]):
+            return (f"Its files are read as one dataset, and their columns differ: {f.relative_to(p)} has "
+                    f"{', '.join(columns)}; {seen[0].relative_to(p)} has {', '.join(seen[1])}. Give data.path one file, "
+                    "or a folder of files with the same columns. ")
+    return ""
+
+
+def _first_columns(f: Path) -> list[str] | None:
+    """The columns of a JSON Lines or CSV file's first row (None for other kinds, or an empty file)."""
+    with open(f, encoding="utf-8", errors="replace") as lines:
+        first = next((line for line in lines if line.strip()), None)
+    if first is None:
+        return None
+    if f.suffix.lower() == ".csv":
+        return [c.strip() for c in first.strip().split(",")]
+    if f.suffix.lower() == ".jsonl":
+        row = json.loads(first)
+        return list(row) if isinstance(row, dict) else None
+    return None
 
 
 def _kind(value) -> str:

@@ -77,6 +77,19 @@ def test_corrupt_json_line_is_named(tmp_path, tiny_tokenizer):
         prepare(data_cfg(path), "sft", tiny_tokenizer, 0)
 
 
+def test_a_folder_whose_files_differ_names_both_files_and_their_columns(tmp_path, tiny_tokenizer):
+    """A folder is read as one dataset: files of other columns, or a bad line in one of them, are named."""
+    (tmp_path / "d").mkdir()
+    write_jsonl(tmp_path / "d" / "a_pairs.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 3)
+    write_jsonl(tmp_path / "d" / "b_sft.jsonl", [{"prompt": "q", "completion": "a"}] * 3)
+    with pytest.raises(DataError, match=r"columns differ: b_sft.jsonl has prompt, completion; a_pairs.jsonl has "
+                                        r"prompt, chosen, rejected\. Give data.path one file"):
+        prepare(data_cfg(tmp_path / "d"), "dpo", tiny_tokenizer, 0)
+    (tmp_path / "d" / "b_sft.jsonl").write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": \n')
+    with pytest.raises(DataError, match=r"b_sft.jsonl: Line 2 is not valid JSON"):
+        prepare(data_cfg(tmp_path / "d"), "dpo", tiny_tokenizer, 0)
+
+
 def test_file_that_is_not_what_its_name_says(tmp_path, tiny_tokenizer):
     path = tmp_path / "data.parquet"
     path.write_text("this is not parquet")
