@@ -191,3 +191,6 @@ DEFAULT_CASES = ("peer-ddp-bs32", "defaults", "ddp", "zero2", "zero3", "ddp-4bit
 GEMMA2 = "gemma-2-2b-it"
 CASES["real-gemma2-defaults"] = Case("launcher", preset=GEMMA2, mix="realistic")
 CASES["real-gemma2-sft-defaults"] = Case("launcher", "sft", preset=GEMMA2, mix="realistic")
+# ... and under flex attention, which keeps the cap (a score_mod) without the [row, row] scores
+CASES["real-gemma2-flex"] = Case("launcher", preset=GEMMA2, mix="realistic",
+                                 overrides=("model.attn_implementation=flex_attention",))

@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from conftest import CPU_NODE, GPU_NODE, compose_cfg
+from launcher import memory
 from launcher.errors import ConfigError
 from launcher.plan import build_plan
 
@@ -118,5 +119,17 @@ def test_a_model_that_caps_its_attention_logits_runs_eager_attention_over_padded
                     in plan.decisions)
     for given in ("train.padding_free=true", "method.packing=true"):
         with pytest.raises(ConfigError, match=r"caps its attention logits \(attn_logit_softcapping=50.0, Gemma 2\), "
-                                              "and only eager attention keeps the cap"):
+                                              "and only eager and flex attention keep the cap"):
             build_plan(compose_cfg(f"model.path={tmp_path}", "gpus=2", "method=sft", given), H200X2)
+    # flex attention keeps the cap (a score_mod) without eager's [row, row] scores: asked for, it runs, and the
+    # memory plan counts no scores
+    flex_cfg = compose_cfg(f"model.path={tmp_path}", "gpus=1", "model.attn_implementation=flex_attention")
+    flex, eager = build_plan(flex_cfg, H200X2), build_plan(compose_cfg(f"model.path={tmp_path}", "gpus=1"), H200X2)
+    assert flex.settings["attn_implementation"] == "flex_attention" and not flex.settings["padding_free"]
+    assert not any(d.startswith("attention eager") for d in flex.decisions)
+    assert any("model.attn_implementation=flex_attention keeps the cap too" in d for d in eager.decisions)
+    shape = memory.model_shape(flex_cfg["model"])
+    eager_cfg = dict(flex_cfg, model=dict(flex_cfg["model"], attn_implementation="sdpa"))  # sdpa asked: eager runs
+    flex_activations, eager_activations = (memory.job_estimate(c, shape, "ddp", 1, 4).activations
+                                           for c in (flex_cfg, eager_cfg))
+    assert eager_activations > flex_activations
