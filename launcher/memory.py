@@ -38,8 +38,8 @@ from launcher.fp8 import CACHED_UNDER
 from launcher.fp8 import weight_copies as fp8_weight_copies
 from launcher.host_memory import Host
 from launcher.methods import METHODS
-from launcher.model_shape import attention_softcap
-from launcher.model_shape import Shape, model_shape  # noqa: F401 (the plan's callers read them here too)
+from launcher.model_shape import Shape, attention_softcap, model_shape  # noqa: F401 (the plan's callers read Shape
+# and model_shape here too)
 from launcher.strategies import STRATEGIES as RULES  # what each strategy shards, and where DeepSpeed runs
 
 GIB = 2**30
