@@ -5,3 +5,7 @@ class ConfigError(Exception):
         super().__init__(f"{key}: {message}")
         self.key = key
         self.message = message
+
+
+class TrainingStopped(Exception):
+    """A rank stops the run for a reason it names (a NaN loss): logged as the rank's failure, without a traceback."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import socket
@@ -160,3 +161,31 @@ class CompileReport(TrainerCallback):
 
     def on_evaluate(self, args, state, control, **kwargs):
         self.frames, self.graphs = self._counts()
+
+
+class NonFiniteLoss(TrainerCallback):
+    """Stops the run at the first log whose loss or gradient norm is NaN or infinite: past it every update is
+    poisoned, and the Trainer would go on to save checkpoints, a final adapter and a merged model of NaN weights, and
+    exit 0. The logged values are the ranks' mean, so every rank stops at the same step; that step is not saved."""
+
+    def __init__(self):
+        self.bad: tuple[int, str, float] | None = None  # (step, what, value)
+        self.last_good_step = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                self.bad = self.bad or (state.global_step, key, value)
+        if self.bad:
+            control.should_training_stop, control.should_save = True, False
+        elif logs and "loss" in logs:
+            self.last_good_step = state.global_step
+
+    def message(self, cfg: dict) -> str:
+        step, what, value = self.bad
+        return (f"training stopped at step {step}: the {what} is {value} (the last log with a finite loss and "
+                f"gradient norm was at step {self.last_good_step}). Nothing from step {step} on is saved. The usual cause is a learning rate "
+                f"too high for this model (train.lr={cfg['train']['lr']}); lower it, or look for a bad row or a "
+                "bad checkpoint. Checkpoints saved between those two logs may hold non-finite weights: resume from "
+                f"one at or before step {self.last_good_step}.")

@@ -87,7 +87,7 @@ def explain_failure(run_dir: str) -> str:
     for at_time, path, lines, at in failed:
         error = next((line for line in reversed(lines) if line and not line.startswith(" ")), "")
         parts.append(f"{path.stem} failed{_on_host(lines)}{' at ' + at_time if at_time else ''}: {error.strip()} "
-                     f"(traceback from line {at + 1} of {path})")
+                     f"(line {at + 1} of {path} on)")
     first = [p.stem for p, *_ in killed] or [f[1].stem for f in failed[:1]]
     for path, line in stopped:
         how = f"{line.split(STOPPED, 1)[1].strip() or 'a signal'} at {_time(line) or 'an unlogged time'}"

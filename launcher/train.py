@@ -25,6 +25,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from launcher import (checkpoints, compiling, console, data, fp8_linear, gate, host_work, logs, methods,
                       modeling, padding_free, postmortem, profiling, samplers, samples, step_metrics)
+from launcher.errors import TrainingStopped
 
 log = logging.getLogger("launcher")
 
@@ -165,8 +166,8 @@ def main(config_path: str) -> int:
         modeling.fetch_whole_layers_under_zero3(model)  # before the Trainer hands the model to DeepSpeed
     banner = StartupBanner(cfg, report)
     stop = checkpoints.stop_request_callback(run_dir)
-    metrics = logs.MetricsCallback(run_dir, plan["world_size"])
-    callbacks = [metrics, console.Progress(), checkpoints.complete_marker_callback(), banner, stop]
+    metrics, non_finite = logs.MetricsCallback(run_dir, plan["world_size"]), logs.NonFiniteLoss()
+    callbacks = [non_finite, metrics, console.Progress(), checkpoints.complete_marker_callback(), banner, stop]
     if cfg["train"]["step_clock"]:
         callbacks.append(logs.StepClock(run_dir))
     if plan["compile"]:
@@ -220,6 +221,8 @@ def main(config_path: str) -> int:
         log.info("stopped on request at step %d; `resume=auto` continues from there", trainer.state.global_step)
         log.debug("%s", postmortem.FINISHED)
         return 0
+    if non_finite.bad:  # no final adapter, merged model or summary of poisoned weights
+        raise TrainingStopped(non_finite.message(cfg))
     metrics = trainer.evaluate()
 
     final = Path(run_dir, "final")
@@ -266,6 +269,9 @@ if __name__ == "__main__":
         sys.exit("usage: python -m launcher.train <run_dir>/config.yaml")
     try:
         code = main(argv[0])
+    except TrainingStopped as err:  # its reason on a line of its own, which the launcher's post-mortem shows
+        log.error("%s:\n%s", postmortem.FAILED, err)
+        code = 1
     except Exception:
         log.exception(postmortem.FAILED)  # into this rank's log file too, not only stderr
         raise

@@ -1,5 +1,6 @@
 """Faults: a rank killed mid-step, signals with a checkpoint first, ports in use, and resuming after each."""
 import json
+import math
 import os
 import re
 import signal
@@ -10,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import run_launcher
+from conftest import read_metrics, run_launcher
 from launcher import ROOT
 
 pytestmark = pytest.mark.slow
@@ -141,3 +142,23 @@ def test_the_post_mortem_names_the_rank_that_went_first_and_the_ones_stopped_bec
                                     f"{day}08,000 rank1 launcher ERROR {postmortem.FAILED}\nValueError: bad row\n")
     first = postmortem.explain_failure(str(tmp_path)).splitlines()[0]
     assert first.startswith("first: rank1 failed at 14:22:08.000: ValueError: bad row")  # before rank2's
+
+
+def test_a_loss_gone_nan_stops_the_run_saves_nothing_after_it_and_exits_nonzero(tmp_path, tiny_dir):
+    """A learning rate far too high: the Trainer alone would save checkpoints, a final adapter and a merged model of
+    NaN weights and exit 0. The run stops at the first non-finite log instead, and says why and from where to go on."""
+    run = tmp_path / "run"
+    res = run_launcher(f"run_dir={run}", "train.max_steps=8", "train.lr=1e6", "train.logging_steps=1",
+                       "save_steps=1", "merge=true", timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out[-4000:]
+    stopped = re.search(r"first: rank\d failed on \S+ at [\d:.]+: training stopped at step (\d+): the "
+                        r"(loss|grad_norm) is (nan|inf)", out)
+    assert stopped, out[-3000:]
+    assert "train.lr=1000000.0); lower it" in out
+    step = int(stopped[1])
+    complete = sorted(int(p.parent.name.split("-")[1]) for p in (run / "checkpoints").glob("*/COMPLETE"))
+    assert all(s < step for s in complete), complete
+    assert not (run / "final").exists() and not (run / "merged").exists() and not (run / "summary.json").exists()
+    losses = [row["loss"] for row in read_metrics(run) if "loss" in row]
+    assert losses and not all(map(math.isfinite, [row.get("grad_norm", 0) for row in read_metrics(run)] + losses))
