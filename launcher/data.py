@@ -10,11 +10,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher import data_files
 from launcher.methods import METHODS
 
 log = logging.getLogger("launcher")
 
-FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+FILE_TYPES = data_files.FILE_TYPES
 PREFERENCE = ("prompt", "chosen", "rejected")
 
 
@@ -64,73 +65,10 @@ def read_dataset(path: str, split: str, test_split: str):
     except Exception as exc:  # the libraries' own errors say little about which file is at fault
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"data.path={path}: cannot be read as {p.suffix or 'a dataset'} ({first}). "
-                        f"{_bad_json_line(p) or _folder_hint(p)}Check the file's format.") from None
+                        f"{data_files.bad_json_line(p) or data_files.folder_hint(p)}Check the file's format.") from None
     if split not in loaded:
         raise DataError(f"data.path={path}: no split {split!r} (it has {', '.join(loaded)}); set data.split")
     return loaded[split], loaded[test_split] if test_split in loaded else None
-
-
-def _bad_json_line(p: Path) -> str:
-    """For a JSON Lines file, the first line that does not parse, or whose column holds another kind of value than
-    the lines before (a label "yes" among true and false): users fix files line by line."""
-    if not (p.is_file() and p.suffix.lower() == ".jsonl"):
-        return ""
-    kinds: dict[str, tuple[str, int]] = {}
-    with open(p, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    return f"Line {number} is not valid JSON ({exc.msg}). "
-                for column, value in (row.items() if isinstance(row, dict) else ()):
-                    if value is None:
-                        continue
-                    kind, first = kinds.setdefault(column, (_kind(value), number))
-                    if _kind(value) != kind:
-                        return (f"Line {number}: column {column!r} holds {_kind(value)} {value!r}, where line {first} "
-                                f"holds {kind}. ")
-    return ""
-
-
-def _folder_hint(p: Path) -> str:
-    """For a folder, read as one dataset: the first file whose columns differ from the first file's, or the first
-    JSON Lines file with a bad line."""
-    if not p.is_dir():
-        return ""
-    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in FILE_TYPES)
-    seen: tuple[Path, list[str]] | None = None
-    for f in files:
-        if bad := _bad_json_line(f):
-            return f"{f.relative_to(p)}: {bad}"
-        if (columns := _first_columns(f)) is None:
-            continue
-        if seen is None:
-            seen = f, columns
-        elif set(columns) != set(seen[1]):
-            return (f"Its files are read as one dataset, and their columns differ: {f.relative_to(p)} has "
-                    f"{', '.join(columns)}; {seen[0].relative_to(p)} has {', '.join(seen[1])}. Give data.path one file, "
-                    "or a folder of files with the same columns. ")
-    return ""
-
-
-def _first_columns(f: Path) -> list[str] | None:
-    """The columns of a JSON Lines or CSV file's first row (None for other kinds, or an empty file)."""
-    with open(f, encoding="utf-8", errors="replace") as lines:
-        first = next((line for line in lines if line.strip()), None)
-    if first is None:
-        return None
-    if f.suffix.lower() == ".csv":
-        return [c.strip() for c in first.strip().split(",")]
-    if f.suffix.lower() == ".jsonl":
-        row = json.loads(first)
-        return list(row) if isinstance(row, dict) else None
-    return None
-
-
-def _kind(value) -> str:
-    return {bool: "a boolean", str: "a string", list: "a list", dict: "an object"}.get(
-        type(value), "a number")
 
 
 def detect_format(columns: list[str], method: str, path: str) -> str:
@@ -326,10 +264,15 @@ def prepare(data_cfg: dict, method: str, tokenizer, seed: int):
     import datasets
 
     read = len(train) + (len(test) if test is not None else 0)
-    train_rows, train_sources, empty, dup = clean(train, "train")
+    try:
+        train_rows, train_sources, empty, dup = clean(train, "train")
+        if test is not None:
+            eval_rows, _, e2, d2 = clean(test, data_cfg["test_split"])
+            empty, dup = empty + e2, dup + d2
+    except UnicodeDecodeError as err:  # datasets reads the bytes as they are; a row's text is decoded only here
+        raise DataError(f"data.path={path}: {data_files.not_utf8(Path(path).expanduser()) or err}. Save it as UTF-8 (e.g. "
+                        "iconv -f latin1 -t utf-8 in > out).") from None
     if test is not None:
-        eval_rows, _, e2, d2 = clean(test, data_cfg["test_split"])
-        empty, dup = empty + e2, dup + d2
         train_ds, eval_ds = datasets.Dataset.from_list(train_rows), datasets.Dataset.from_list(eval_rows)
         sources = train_sources
     else:

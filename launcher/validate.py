@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from launcher.checkpoints import MARKER, is_complete
-from launcher.data import FILE_TYPES
+from launcher.data_files import FILE_TYPES
 from launcher.model_shape import model_config
 from launcher.errors import ConfigError
 from launcher import methods

@@ -90,6 +90,15 @@ def test_a_folder_whose_files_differ_names_both_files_and_their_columns(tmp_path
         prepare(data_cfg(tmp_path / "d"), "dpo", tiny_tokenizer, 0)
 
 
+def test_a_line_that_is_not_utf8_is_named_with_its_byte(tmp_path, tiny_tokenizer):
+    path = tmp_path / "latin1.jsonl"
+    good = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}).encode() + b"\n"
+    path.write_bytes(good * 4 + b'{"prompt": "caf\xe9?", "chosen": "a", "rejected": "b"}\n' + good)
+    with pytest.raises(DataError, match=r"latin1.jsonl: line 5 of latin1.jsonl is not UTF-8 \(byte 0xe9 at byte 16 "
+                                        r"of the line\)\. Save it as UTF-8"):
+        prepare(data_cfg(path), "dpo", tiny_tokenizer, 0)
+
+
 def test_file_that_is_not_what_its_name_says(tmp_path, tiny_tokenizer):
     path = tmp_path / "data.parquet"
     path.write_text("this is not parquet")
