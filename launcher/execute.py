@@ -24,7 +24,7 @@ from launcher.gate import Gate, stat_fields
 from launcher.plan import LaunchPlan
 from launcher.postmortem import explain_failure
 
-PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36  # linux/prctl.h
 
 GRACE_SECONDS = 20  # after a forwarded signal, before SIGKILL
 SAVE_SECONDS = 300  # checkpoint_on_signal: how long the ranks get to save before the signal goes through
@@ -100,7 +100,7 @@ def run_child(argv: list[str], env: dict[str, str], stop_file: Path | None = Non
     _subreaper(True)
     spare = frozenset(_alive(None)) | frozenset(_zombie_children())  # what was below us before the job
     proc = subprocess.Popen([resolve_executable(argv[0]), *argv[1:]], env={**os.environ, **env},
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_ended_with_the_launcher(os.getpid()))
     received: list[int] = []
     deadline = [float("inf")]
     saving = [stop_file is not None and checks is None]  # (no STOP file before the run directory is written)
@@ -119,7 +119,11 @@ def run_child(argv: list[str], env: dict[str, str], stop_file: Path | None = Non
         except ProcessLookupError:
             pass
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    # SIGHUP too (the terminal or ssh session gone), unless it was ignored from the start (nohup): the job must not
+    # train on with nobody watching and no launcher to stop it
+    ours = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN
+                                              else [])
+    old = {s: signal.signal(s, forward) for s in ours}
     try:
         if checks is not None:
             while checks.poll() is None and proc.poll() is None and not received:
@@ -159,8 +163,21 @@ def run_child(argv: list[str], env: dict[str, str], stop_file: Path | None = Non
     code = shell_code(code)
     if received and not (stop_file is not None and stop_file.with_name(STOPPED_FILE).exists()):
         print(f"launcher: stopped by {signal.Signals(received[0]).name}", file=sys.stderr, flush=True)
-        return code or 128 + received[0]
+        return 128 + received[0]  # as a shell says it, whatever the job's command made of the signal
     return code
+
+
+def _ended_with_the_launcher(launcher_pid: int) -> Callable[[], None]:
+    """For the job's command, between fork and exec: SIGTERM to it when the launcher dies, of SIGKILL too (nothing of
+    ours runs then), and torchrun's agent ends its ranks on SIGTERM. Linux's PR_SET_PDEATHSIG; elsewhere nothing."""
+    def in_the_child() -> None:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != launcher_pid:  # the launcher died before the line above
+            os._exit(1)
+    return in_the_child
 
 
 def _subreaper(on: bool) -> None:

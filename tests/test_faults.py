@@ -162,3 +162,24 @@ def test_a_loss_gone_nan_stops_the_run_saves_nothing_after_it_and_exits_nonzero(
     assert not (run / "final").exists() and not (run / "merged").exists() and not (run / "summary.json").exists()
     losses = [row["loss"] for row in read_metrics(run) if "loss" in row]
     assert losses and not all(map(math.isfinite, [row.get("grad_norm", 0) for row in read_metrics(run)] + losses))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGKILL])
+def test_the_job_ends_with_the_launcher_hung_up_on_or_killed(tmp_path, tiny_dir, sig):
+    """An ssh session dropped (SIGHUP) or the launcher SIGKILLed: torchrun and its ranks, in a session of their own,
+    went on training with nobody to watch or stop them. SIGHUP is forwarded as SIGTERM is; the job's command gets
+    SIGTERM when the launcher dies, whatever killed it (PR_SET_PDEATHSIG)."""
+    run = tmp_path / "run"
+    proc = start(f"run_dir={run}", "train.max_steps=5000", "save_steps=10000", "data.max_length=64")
+    wait_for(lambda: (run / "metrics.jsonl").exists() and len(rank_pids(run)) == 2, proc)
+    pids = rank_pids(run)
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == (129 if sig == signal.SIGHUP else -9), out[-2000:]
+    deadline = time.time() + 40
+    while any(alive(p) for p in pids.values()) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in pids.values()), "a rank trained on without its launcher"
+    while subprocess.run(["pgrep", "-f", str(run)], capture_output=True).stdout and time.time() < deadline:
+        time.sleep(0.2)
+    assert subprocess.run(["pgrep", "-f", str(run)], capture_output=True).stdout == b""
