@@ -7,6 +7,8 @@ ranks a grace period to save, then kill the whole group.
 from __future__ import annotations
 
 import ctypes
+import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -280,7 +282,43 @@ def announce(plan: LaunchPlan) -> None:
     print("launcher: " + " ".join(plan.argv), flush=True)
 
 
+@contextmanager
+def run_dir_lock(plan: LaunchPlan) -> Iterator[str | None]:
+    """Held from the checks to the job's end, per run directory and node on this host: a second launch into the same
+    run directory would pass the same checks and write the same checkpoints and logs. Yields the pid of the launcher
+    that holds it, or None where this one now does. (The lock goes with the process, SIGKILL too; the nodes of a
+    multi-node job share the run directory from other hosts, or take their own node's lock.)"""
+    key = hashlib.sha256(f"{Path(plan.run_dir).resolve()}\0{plan.node_rank}".encode()).hexdigest()[:24]
+    path = Path(tempfile.gettempdir(), f"launcher-run-{key}.lock")
+    with open(path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            yield lock.read().strip() or "?"
+            return
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        try:
+            yield None
+        finally:
+            path.unlink(missing_ok=True)
+
+
 def execute(plan: LaunchPlan, state: str) -> int:
+    if not plan.settings:  # cluster=slurm: sbatch submits, and the nodes take their locks
+        return launch(plan, state)
+    with run_dir_lock(plan) as holder:
+        if holder:
+            print(f"launcher: error: run_dir: another launcher on this host (pid {holder}) is running in "
+                  f"{plan.run_dir}{f' as node_rank={plan.node_rank}' if plan.nodes > 1 else ''}; wait for it to end, "
+                  "or give another run_dir", file=sys.stderr, flush=True)
+            return 2
+        return launch(plan, state)
+
+
+def launch(plan: LaunchPlan, state: str) -> int:
     stop_file = Path(plan.run_dir, STOP_FILE) if plan.settings.get("checkpoint_on_signal") else None
     env = dict(plan.env)
     if plan.backend in ("torchrun", "accelerate") and plan.procs_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:

@@ -6,6 +6,7 @@ import sys
 import textwrap
 import time
 
+from conftest import run_launcher
 from launcher import execute
 
 WORKER = textwrap.dedent("""
@@ -135,3 +136,21 @@ def test_a_signal_during_the_checks_stops_checks_and_job_before_the_launch(tmp_p
     code, out, went = checked(tmp_path, SLEEP, SLEEP, signal_after=3)
     assert (code, went) == (143, False) and "stopped by SIGTERM before the launch" in out
     assert "checks -15" in out and time.time() - t0 < 30
+
+
+def test_a_second_launch_into_a_run_dir_in_use_is_refused_before_it_writes(tmp_path):
+    """Two launches into one new run directory both passed the checks and wrote the same checkpoints and logs."""
+    from types import SimpleNamespace
+
+    from launcher.execute import run_dir_lock
+
+    run = tmp_path / "run"
+    with run_dir_lock(SimpleNamespace(run_dir=str(run), node_rank=0)) as holder:
+        assert holder is None  # this process holds it now
+        res = run_launcher(f"run_dir={run}", "train.max_steps=2")
+        assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+        assert f"run_dir: another launcher on this host (pid {os.getpid()}) is running in {run}" in res.stderr
+        assert not run.exists()
+        other_node = run_dir_lock(SimpleNamespace(run_dir=str(run), node_rank=1))
+        assert other_node.__enter__() is None  # node 1 of a multi-node job on the same host takes its own
+        other_node.__exit__(None, None, None)
