@@ -16,6 +16,7 @@ MARKER = "COMPLETE"
 STOP_FILE = "STOP"  # <run_dir>/STOP asks a running job to checkpoint and exit (Slurm's warning signal writes it)
 STOPPED_FILE = "STOPPED"  # written by rank 0 once that checkpoint is complete
 EXIT_STOPPED = 75  # the launcher's exit code then: "stopped at a checkpoint, resume me" (EX_TEMPFAIL)
+EXIT_NOTHING_LEFT = 3  # the preflight's: the checkpoint to resume is at train.max_steps already (the launch exits 0)
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -106,6 +107,16 @@ def stop_request_callback(run_dir: str):
                     log.info("%s found: saving a checkpoint at step %d and stopping", stop_file, state.global_step)
 
     return StopRequest()
+
+
+def nothing_left(ckpt: str, max_steps: int) -> str | None:
+    """Why resuming `ckpt` would train nothing: it is at train.max_steps or past it (the Trainer would run one step
+    more, past the schedule's end, and save it). None where steps are left, or the run counts epochs."""
+    step = int(m.group(1)) if (m := CHECKPOINT.match(Path(ckpt).name)) else None
+    if step is None or max_steps is None or max_steps <= 0 or step < max_steps:
+        return None
+    return (f"{ckpt} is at step {step} and train.max_steps={max_steps}: nothing is left to train, and the run "
+            f"directory stays as it is (give train.max_steps above {step} to train on from there)")
 
 
 def find_resume(run_dir: str, resume) -> str | None:

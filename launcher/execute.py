@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from launcher.checkpoints import EXIT_STOPPED, STOP_FILE, STOPPED_FILE
+from launcher.checkpoints import EXIT_NOTHING_LEFT, EXIT_STOPPED, STOP_FILE, STOPPED_FILE
 from launcher.gate import Gate, stat_fields
 from launcher.plan import LaunchPlan
 from launcher.postmortem import explain_failure
@@ -342,10 +342,10 @@ def launch(plan: LaunchPlan, state: str) -> int:
         finally:
             gate.remove()
         if not written:  # the checks failed, a signal came, or the job ended first: the run directory is as it was
-            return code
+            return 0 if code == EXIT_NOTHING_LEFT else code
     else:
         if plan.settings and (code := preflight(plan)):
-            return code
+            return 0 if code == EXIT_NOTHING_LEFT else code
         prepare_run_dir(plan, state)
         announce(plan)
         code = run_child(plan.argv, env, stop_file)

@@ -215,6 +215,9 @@ def main(config_path: str) -> int:
         print(f"launcher: error: resume: checkpoint {ckpt} does not fit this config: {why}. Use a matching "
               "config, another run_dir, or resume=null to start over.", file=sys.stderr)
         return 2
+    if ckpt and (why := checkpoints.nothing_left(ckpt, cfg["train"]["max_steps"])):
+        print(f"launcher: resume: {why}", flush=True)
+        return checkpoints.EXIT_NOTHING_LEFT
     print(f"launcher: {report.line(cfg['data']['max_length'])}", flush=True)
     return 0
 

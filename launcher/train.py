@@ -166,8 +166,8 @@ def main(config_path: str) -> int:
         modeling.fetch_whole_layers_under_zero3(model)  # before the Trainer hands the model to DeepSpeed
     banner = StartupBanner(cfg, report)
     stop = checkpoints.stop_request_callback(run_dir)
-    metrics, non_finite = logs.MetricsCallback(run_dir, plan["world_size"]), logs.NonFiniteLoss()
-    callbacks = [non_finite, metrics, console.Progress(), checkpoints.complete_marker_callback(), banner, stop]
+    records, non_finite = logs.MetricsCallback(run_dir, plan["world_size"]), logs.NonFiniteLoss()
+    callbacks = [non_finite, records, console.Progress(), checkpoints.complete_marker_callback(), banner, stop]
     if cfg["train"]["step_clock"]:
         callbacks.append(logs.StepClock(run_dir))
     if plan["compile"]:
@@ -188,7 +188,7 @@ def main(config_path: str) -> int:
     elif plan["padding_free"]:  # SFT: TRL's packing is padding-free already
         padding_free.packed_rows_attend_by_boundaries(trainer)
     samplers.use_planned_sampler(trainer, plan, cfg["method"]["max_length"], cfg["seed"])
-    metrics.count_computed_tokens(trainer.model)
+    records.count_computed_tokens(trainer.model)
     modeling.cast_trainable(trainer.model, plan["trainable_dtype"])
     if not plan["adapter_input_cast"]:
         modeling.feed_adapters_the_activations_as_they_are(trainer.model)
@@ -239,7 +239,8 @@ def main(config_path: str) -> int:
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         summary = {"run_dir": run_dir, "global_step": trainer.state.global_step,
-                   "train_loss": result.training_loss, "seconds": round(time.time() - started, 1), **loading,
+                   "train_loss": records.this_launch_loss(result.training_loss, trainer.state.global_step),
+                   "seconds": round(time.time() - started, 1), **loading,
                    "host_private_gib": modeling.private_memory_gib(),  # rank 0's, at the end
                    **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
         Path(run_dir, "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -45,3 +45,12 @@ def test_a_checkpoint_whose_adapter_came_out_empty_stops_the_run_unmarked(tmp_pa
     save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(8, 4)}, str(ckpt / "adapter_model.safetensors"))
     marker.on_save(args, state, None, model=model)
     assert checkpoints.is_complete(ckpt)
+
+
+def test_nothing_is_left_to_train_from_a_checkpoint_at_max_steps_or_past_it():
+    from launcher.checkpoints import nothing_left
+
+    assert "is at step 30 and train.max_steps=30: nothing is left" in nothing_left("/r/checkpoints/checkpoint-30", 30)
+    assert "give train.max_steps above 40" in nothing_left("/r/checkpoints/checkpoint-40", 30)
+    assert nothing_left("/r/checkpoints/checkpoint-20", 30) is None
+    assert nothing_left("/r/checkpoints/checkpoint-20", -1) is None  # a run counted in epochs: the Trainer decides

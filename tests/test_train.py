@@ -97,6 +97,17 @@ def test_interrupted_run_resumes_from_the_newest_complete_checkpoint(tmp_path, t
     assert json.loads((run / "summary.json").read_text())["global_step"] == 30
     steps = [m["step"] for m in read_metrics(run) if "loss" in m]
     assert steps[-1] == 30 and steps.count(done[-1] + 5) >= 1  # went on after the checkpoint
+    # the summary's train loss is this launch's mean (the Trainer divides it by every step, the earlier ones too)
+    losses = [m["loss"] for m in read_metrics(run) if "loss" in m and m["step"] > done[-1]]
+    summary = json.loads((run / "summary.json").read_text())
+    assert min(losses) * 0.8 <= summary["train_loss"] <= max(losses) * 1.2, (summary, losses)
+
+    # again, at its last step: nothing is left to train; the Trainer would run a step 31 of 30 and save it
+    before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file())
+    again = run_launcher(*args, "resume=auto", timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "checkpoint-30 is at step 30 and train.max_steps=30: nothing is left to train" in again.stdout
+    assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()) == before
 
 
 def test_data_error_stops_before_training_with_a_clear_message(tmp_path, tiny_dir):
