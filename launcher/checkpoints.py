@@ -28,6 +28,31 @@ def is_complete(path: Path) -> bool:
     return (path / MARKER).is_file()
 
 
+def unreadable(ckpt: Path) -> str | None:
+    """Why a complete checkpoint cannot be loaded (a file cut short or lost since it was saved: a full disk, a copy
+    broken off), or None. Reads what each file's loader reads first: a JSON file whole, a safetensors header (which
+    covers the whole file), a torch file's zip directory (at its end); the tensors are not read."""
+    import json
+    import zipfile
+
+    if not [f for f in ckpt.rglob("*") if f.is_file() and f.name not in (MARKER, "adapter_config.json", "README.md")]:
+        return f"it holds nothing but its {MARKER} marker (its files are gone)"
+    for f in sorted(ckpt.rglob("*")):
+        try:
+            if f.suffix == ".json" and f.is_file():
+                json.loads(f.read_text())
+            elif f.suffix == ".safetensors" and f.is_file():
+                from safetensors import safe_open
+
+                with safe_open(str(f), "np"):
+                    pass
+            elif f.suffix in (".pt", ".pth", ".bin") and f.is_file():
+                zipfile.ZipFile(f).close()
+        except Exception as err:  # each library's own error: what matters is which file
+            return f"{f.relative_to(ckpt)} cannot be read ({type(err).__name__}: {str(err)[:150]}; cut short?)"
+    return None
+
+
 def describe_adapter(ckpt: Path, model) -> None:
     """Write the LoRA adapter's adapter_config.json into a checkpoint that lacks it.
 
@@ -131,9 +156,12 @@ def find_resume(run_dir: str, resume) -> str | None:
         reverse=True,
     )
     for step, path in found:
-        if is_complete(path):
+        if is_complete(path) and (why := unreadable(path)):
+            log.warning("resume=auto: skipping %s: %s", path, why)
+        elif is_complete(path):
             log.info("resume=auto: continuing from %s (step %d)", path, step)
             return str(path)
-        log.warning("resume=auto: skipping %s: incomplete (no %s marker; cut short while saving)", path, MARKER)
+        else:
+            log.warning("resume=auto: skipping %s: incomplete (no %s marker; cut short while saving)", path, MARKER)
     log.info("resume=auto: no complete checkpoint in %s, starting from step 0", checkpoints_dir(run_dir))
     return None

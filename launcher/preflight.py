@@ -211,6 +211,10 @@ def main(config_path: str) -> int:
             return 2
     resume = cfg["resume"]
     ckpt = checkpoints.find_resume(cfg["run_dir"], resume) if resume else None
+    if ckpt and resume != "auto" and (why := checkpoints.unreadable(Path(ckpt))):  # (auto skips such a one)
+        print(f"launcher: error: resume: checkpoint {ckpt}: {why}. Give resume= an earlier checkpoint, or "
+              "resume=auto to take the newest readable one.", file=sys.stderr)
+        return 2
     if ckpt and (why := checkpoint_mismatch(cfg, Path(ckpt))):
         print(f"launcher: error: resume: checkpoint {ckpt} does not fit this config: {why}. Use a matching "
               "config, another run_dir, or resume=null to start over.", file=sys.stderr)

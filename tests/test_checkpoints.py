@@ -12,6 +12,7 @@ def test_a_checkpoint_without_adapter_config_gets_one_beside_its_marker(tmp_path
     # as under FSDP with sharded checkpoints: the Trainer wrote only shards, no adapter_config.json
     ckpt = tmp_path / "checkpoints" / "checkpoint-3"
     (ckpt / "pytorch_model_fsdp_0").mkdir(parents=True)
+    (ckpt / "pytorch_model_fsdp_0" / "__0_0.distcp").write_bytes(b"shard")  # (a checkpoint of nothing is skipped)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir / "model"),
                            LoraConfig(r=8, target_modules="all-linear"))
     checkpoints.complete_marker_callback().on_save(
@@ -54,3 +55,30 @@ def test_nothing_is_left_to_train_from_a_checkpoint_at_max_steps_or_past_it():
     assert "give train.max_steps above 40" in nothing_left("/r/checkpoints/checkpoint-40", 30)
     assert nothing_left("/r/checkpoints/checkpoint-20", 30) is None
     assert nothing_left("/r/checkpoints/checkpoint-20", -1) is None  # a run counted in epochs: the Trainer decides
+
+
+@pytest.mark.parametrize("broken", ["adapter_model.safetensors", "optimizer.pt", "trainer_state.json", "all"])
+def test_resume_auto_passes_over_a_complete_checkpoint_whose_files_are_cut_short(tmp_path, broken):
+    """A full disk or a broken-off copy leaves a checkpoint marked complete whose files cannot be loaded: the ranks
+    failed in the libraries' loaders without naming the file. The newest readable one is taken instead."""
+    from launcher.checkpoints import MARKER, find_resume, unreadable
+
+    for step in (2, 4):
+        ckpt = tmp_path / "checkpoints" / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        save_file({"lora_A": torch.ones(4, 4)}, ckpt / "adapter_model.safetensors")
+        torch.save({"state": {0: torch.zeros(64)}}, ckpt / "optimizer.pt")
+        TrainerState(global_step=step).save_to_json(str(ckpt / "trainer_state.json"))
+        (ckpt / MARKER).write_text("")
+    newest = tmp_path / "checkpoints" / "checkpoint-4"
+    assert unreadable(newest) is None and find_resume(str(tmp_path), "auto") == str(newest)
+    if broken == "all":  # only the marker left
+        for f in newest.iterdir():
+            if f.name != MARKER:
+                f.unlink()
+    else:
+        data = (newest / broken).read_bytes()
+        (newest / broken).write_bytes(data[: len(data) // 2])
+    why = unreadable(newest)
+    assert why and (broken in why if broken != "all" else "holds nothing but its COMPLETE marker" in why), why
+    assert find_resume(str(tmp_path), "auto") == str(tmp_path / "checkpoints" / "checkpoint-2")
