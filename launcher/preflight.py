@@ -146,6 +146,15 @@ def chat_template_error(tokenizer, cfg: dict) -> str | None:
     return None
 
 
+def model_files_error(cfg: dict) -> str | None:
+    """A local model folder's files that cannot be read (a download or copy broken off): else the ranks start, load
+    for a while and fail in the loader without naming the file."""
+    path = Path(str(cfg["plan"]["model_path"])).expanduser()
+    if not path.is_dir() or not (why := checkpoints.unreadable(path)):
+        return None
+    return f"model.path={cfg['model']['path']}: {why}. Copy the model again from where it came from."
+
+
 def lora_targets_error(cfg: dict) -> str | None:
     """Each name in lora.target_modules names layers of the model: PEFT adapts the names that match and says nothing
     of the others (a Llama list on Phi-3's fused qkv_proj would train o_proj alone). The model is built on the meta
@@ -187,7 +196,7 @@ def main(config_path: str) -> int:
     cfg = yaml.safe_load(Path(config_path).read_text())
     try:
         tokenizer = modeling.load_tokenizer(cfg)
-    except OSError as err:  # a hub id neither cached nor reachable, or a folder without a tokenizer
+    except Exception as err:  # a hub id neither cached nor reachable, a folder without a tokenizer, a file cut short
         where = cfg["plan"]["tokenizer_path"]
         print(f"launcher: error: model.tokenizer: no tokenizer could be loaded from {where} "
               f"({str(err).strip().splitlines()[0][:200]}). Give a local model directory (model.path, or "
@@ -201,7 +210,7 @@ def main(config_path: str) -> int:
     except data.DataError as err:
         print(f"launcher: error: data error: {err}", file=sys.stderr)
         return 2
-    checks = (lambda: token_budget_error(cfg, report), lambda: lora_targets_error(cfg), lambda: scheduler_error(cfg),
+    checks = (lambda: token_budget_error(cfg, report), lambda: model_files_error(cfg), lambda: lora_targets_error(cfg), lambda: scheduler_error(cfg),
               lambda: optimizer_error(cfg), lambda: (why := deepspeed_settings_error(cfg)) and (
                   f"{why}. DeepSpeed's names: https://www.deepspeed.ai/docs/config-json/"),
               lambda: stale_build_lock_error(cfg))

@@ -288,7 +288,11 @@ def prequantized(model_path: str) -> dict | None:
     path = Path(str(model_path)).expanduser() / "config.json"
     if not path.is_file():
         return None
-    quant = json.loads(path.read_text()).get("quantization_config")
+    try:
+        quant = json.loads(path.read_text()).get("quantization_config")
+    except json.JSONDecodeError as err:
+        raise ConfigError("model.path", f"{path} is not JSON ({err}; cut short?): copy the model's config.json again "
+                                        "from where the model came from.") from None
     return quant if quant and quant.get("quant_method") == "bitsandbytes" else None
 
 

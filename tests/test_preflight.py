@@ -133,3 +133,22 @@ def test_a_chat_template_jinja_cannot_parse_is_named_with_its_line():
     why = preflight.chat_template_error(Tokenizer(), run_config("model.chat_template=x"))
     assert why.startswith("model.chat_template: line 2 of the template:")
     assert preflight.chat_template_error(Tokenizer(), run_config()) is None  # the tokenizer's own: not ours to judge
+
+
+def test_a_model_folder_whose_files_were_cut_short_is_named_before_the_ranks_load_it(tmp_path):
+    """A download or copy broken off: the ranks loaded for a while and failed in the loader, naming no file."""
+    import pytest
+
+    from launcher import validate
+    from launcher.errors import ConfigError
+
+    save_file({"w": torch.ones(64, 64)}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    cfg = {"model": {"path": str(tmp_path)}, "plan": {"model_path": str(tmp_path)}}
+    assert preflight.model_files_error(cfg) is None
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:1000])
+    assert preflight.model_files_error(cfg).startswith(f"model.path={tmp_path}: model.safetensors cannot be read (")
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "hidd')
+    with pytest.raises(ConfigError, match=r"config.json is not JSON \(.*cut short\?\): copy the model's config.json"):
+        validate.prequantized(str(tmp_path))
