@@ -100,6 +100,9 @@ def main(cfg: DictConfig) -> None:
 
         validate.check_paths(plain)
         state = validate.check_run_dir(plain)
+        if state == "resume" and (changed := validate.changed_since_last_launch(plain)):
+            print(f"launcher: resume: changed since the run's last launch: {'; '.join(changed)} (the new values "
+                  "apply from here; the last launch's config is kept as config.previous.yaml)", flush=True)
     except ConfigError as err:
         print(f"launcher: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -37,13 +37,21 @@ def prepare_run_dir(plan: LaunchPlan, state: str) -> None:
     if state == "overwrite":
         shutil.rmtree(run_dir)  # validate.check_run_dir allows this only for a launcher run dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    if state == "resume" and plan.node_rank == 0 and (run_dir / "config.yaml").is_file():  # its last launch's
+        shutil.copyfile(run_dir / "config.yaml", run_dir / "config.previous.yaml")
     # a stop request was for the launch before this one; its results are not this launch's (a report would call a
     # resumed run that fails "finished")
     for name in (STOP_FILE, STOPPED_FILE, "summary.json", "samples.json"):
         (run_dir / name).unlink(missing_ok=True)
     for name, content in plan.files.items():
         tmp = run_dir / f".{name}.tmp-{os.getpid()}"
-        tmp.write_text(content)
+        try:
+            tmp.write_text(content)
+        except OSError as err:  # a full disk, a quota: said, the half-written file gone; nothing has started
+            tmp.unlink(missing_ok=True)
+            print(f"launcher: error: run_dir: cannot write {name} into {run_dir} ({err.strerror or err}): free some "
+                  "space there, or give another run_dir", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
         if name.endswith((".sh", ".sbatch")):
             tmp.chmod(0o755)
         os.replace(tmp, run_dir / name)  # nodes sharing the run directory never read half a file

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -231,7 +232,30 @@ def _can_make(run_dir: Path) -> None:
 
 
 # What makes two runs "the same run": resuming with a different model or adapter shape cannot work.
-IDENTITY_KEYS = (("model", "path"), ("method", "name"), ("lora", "r"), ("lora", "target_modules"), ("quant", "bits"))
+IDENTITY_KEYS = (("model", "path"), ("method", "name"), ("lora", "r"), ("lora", "alpha"), ("lora", "target_modules"),
+                 ("quant", "bits"))  # (alpha: the saved adapter's output scale; another would change what it computes)
+# What a resume may change, and is told it did: what is learned from, and how
+LEARNING_KEYS = (("data", "path"), ("data", "max_length"), ("train", "lr"), ("train", "lr_scheduler"),
+                 ("method", "beta"), ("lora", "dropout"), ("seed",))
+
+
+def changed_since_last_launch(cfg) -> list[str]:
+    """For a resume: the LEARNING_KEYS whose values differ from the run's config.yaml (its last launch's)."""
+    try:
+        old = yaml.safe_load(Path(cfg["run_dir"], "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+
+    def value(config, keys):
+        for key in keys:
+            config = config.get(key) if isinstance(config, dict) else None
+        return config
+
+    return [f"{'.'.join(keys)} {value(old, keys)!r} -> {value(cfg, keys)!r}" for keys in LEARNING_KEYS
+            if value(old, keys) != value(cfg, keys)]
+
+
+PARTIAL_WRITE = re.compile(r"^\..+\.tmp-\d+$")  # execute.prepare_run_dir's file before its rename
 
 
 def check_run_dir(cfg) -> str:
@@ -246,7 +270,7 @@ def check_run_dir(cfg) -> str:
         return "new"
     if not run_dir.is_dir():
         raise ConfigError("run_dir", f"run_dir={run_dir} is a file. Choose another run_dir.")
-    if not any(run_dir.iterdir()):
+    if not [p for p in run_dir.iterdir() if not PARTIAL_WRITE.match(p.name)]:  # (a launch that could not write)
         return "new"
     saved = run_dir / "config.yaml"
     if not saved.is_file() and not (run_dir / "job.sbatch").is_file():  # never deleted, even with overwrite=true

@@ -7,7 +7,7 @@ import textwrap
 import time
 
 from conftest import run_launcher
-from launcher import execute
+from launcher import ROOT, execute
 
 WORKER = textwrap.dedent("""
     import os, sys, time
@@ -154,3 +154,24 @@ def test_a_second_launch_into_a_run_dir_in_use_is_refused_before_it_writes(tmp_p
         other_node = run_dir_lock(SimpleNamespace(run_dir=str(run), node_rank=1))
         assert other_node.__enter__() is None  # node 1 of a multi-node job on the same host takes its own
         other_node.__exit__(None, None, None)
+
+
+def test_a_resume_keeps_the_last_launchs_config_and_a_full_disk_leaves_no_half_file(tmp_path):
+    from types import SimpleNamespace
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("train: {lr: 5.0e-05}\n")
+    plan = SimpleNamespace(run_dir=str(run), node_rank=0, files={"config.yaml": "train: {lr: 0.0001}\n"})
+    execute.prepare_run_dir(plan, "resume")
+    assert (run / "config.previous.yaml").read_text() == "train: {lr: 5.0e-05}\n"
+    assert (run / "config.yaml").read_text() == "train: {lr: 0.0001}\n"
+    # a file the disk has no room for (ulimit -f: the write fails with EFBIG, as with ENOSPC)
+    script = (f"import resource, signal, types; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              f"resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100)); from launcher import execute; "
+              f"execute.prepare_run_dir(types.SimpleNamespace(run_dir={str(tmp_path / 'full')!r}, node_rank=0, "
+              f"files={{'config.yaml': 'x' * 1000}}), 'new')")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert f"launcher: error: run_dir: cannot write config.yaml into {tmp_path / 'full'} (File too large)" in res.stderr
+    assert list((tmp_path / "full").iterdir()) == []

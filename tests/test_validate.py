@@ -130,6 +130,27 @@ def test_run_dir_states(tmp_path):
         validate.check_run_dir(compose_cfg(f"run_dir={run}", "resume=auto", "method=sft"))
 
 
+def test_a_resume_is_told_what_changed_and_refused_another_adapter_scale(tmp_path):
+    """lora.alpha scales what the saved adapter adds: another value changes what it computes, so it is refused as
+    another r is. What is learned from, and how, may change, and the resume says what did."""
+    run = _saved_run(tmp_path)
+    with pytest.raises(ConfigError, match=r"different run \(lora.alpha: 32 there, 64 now"):
+        validate.check_run_dir(compose_cfg(f"run_dir={run}", "resume=auto", "lora.alpha=64"))
+    changed = validate.changed_since_last_launch(compose_cfg(f"run_dir={run}", "resume=auto", "train.lr=1e-4",
+                                                             "data.path=/data/other.jsonl"))
+    assert changed[0].startswith("data.path ") and changed[0].endswith("-> '/data/other.jsonl'")
+    assert changed[1:] == ["train.lr 5e-05 -> 0.0001"]
+    assert validate.changed_since_last_launch(compose_cfg(f"run_dir={run}", "resume=auto")) == []
+
+
+def test_a_run_dir_left_with_only_a_half_written_file_is_new(tmp_path):
+    """A launch that could not write its first file (a full disk) left it there: the run dir was then refused for
+    good, even with overwrite=true, as holding no launcher run."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".config.yaml.tmp-4242").write_text("plan: {")
+    assert validate.check_run_dir(compose_cfg(f"run_dir={tmp_path}/run")) == "new"
+
+
 def test_run_dir_that_is_not_a_run_is_never_replaced(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="holds no launcher run"):
