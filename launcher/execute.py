@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 from launcher.checkpoints import EXIT_NOTHING_LEFT, EXIT_STOPPED, STOP_FILE, STOPPED_FILE
 from launcher.gate import Gate, stat_fields
 from launcher.plan import LaunchPlan
-from launcher.postmortem import explain_failure
+from launcher.postmortem import StallWatch, explain_failure
 
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36  # linux/prctl.h
 
@@ -99,14 +99,16 @@ def resolve_executable(name: str) -> str:
 
 
 def run_child(argv: list[str], env: dict[str, str], stop_file: Path | None = None,
-              checks: subprocess.Popen | None = None, go: Callable[[], None] | None = None) -> int:
+              checks: subprocess.Popen | None = None, go: Callable[[], None] | None = None,
+              watch: Callable[[], str | None] | None = None) -> int:
     """Run the launch command, forwarding Ctrl-C / SIGTERM to its whole process group; its exit code.
 
     With a stop_file, the first signal asks the ranks to checkpoint and stop (launcher.checkpoints) and
     only a second signal, or SAVE_SECONDS without an exit, goes through to them.
     With `checks` (the preflight, running while the ranks wait at a gate, launcher/gate.py): `go` (which writes the
     run directory and opens the gate) is called once they pass. Their failure, a signal, or the job ending first
-    ends the job instead, and nothing is written."""
+    ends the job instead, and nothing is written. `watch`, asked now and then while the job runs: a warning to print.
+    """
     _subreaper(True)
     spare = frozenset(_alive(None)) | frozenset(_zombie_children())  # what was below us before the job
     proc = subprocess.Popen([resolve_executable(argv[0]), *argv[1:]], env={**os.environ, **env},
@@ -155,11 +157,16 @@ def run_child(argv: list[str], env: dict[str, str], stop_file: Path | None = Non
                 return code
             go()
             saving[0] = stop_file is not None
+        watched = time.monotonic()
         while True:
             try:
                 code = proc.wait(timeout=0.5)
                 break
             except subprocess.TimeoutExpired:
+                if watch and time.monotonic() - watched > 10:
+                    watched = time.monotonic()
+                    if warning := watch():
+                        print(f"launcher: warning: {warning}", file=sys.stderr, flush=True)
                 if time.monotonic() > deadline[0]:
                     if saving[0] and len(received) == 1:  # the save took too long: stop now
                         forward(received[0], None)
@@ -346,7 +353,7 @@ def launch(plan: LaunchPlan, state: str) -> int:
         try:
             with preflight_process(plan) as checks:
                 code = run_child(gate.stage(plan.argv, plan.files, plan.run_dir), {**env, **gate.env}, stop_file,
-                                 checks=checks, go=go)
+                                 checks=checks, go=go, watch=StallWatch(plan.run_dir).check)
         finally:
             gate.remove()
         if not written:  # the checks failed, a signal came, or the job ended first: the run directory is as it was
@@ -356,12 +363,15 @@ def launch(plan: LaunchPlan, state: str) -> int:
             return 0 if code == EXIT_NOTHING_LEFT else code
         prepare_run_dir(plan, state)
         announce(plan)
-        code = run_child(plan.argv, env, stop_file)
+        code = run_child(plan.argv, env, stop_file, watch=StallWatch(plan.run_dir).check)
     if (Path(plan.run_dir) / STOPPED_FILE).exists():
         print(f"launcher: stopped on request at a complete checkpoint; exit {EXIT_STOPPED} (resume=auto continues)",
               file=sys.stderr, flush=True)
         code = EXIT_STOPPED
     elif code and Path(plan.run_dir, "logs").is_dir():
-        print(f"launcher: the run failed (exit {code}):\n{explain_failure(plan.run_dir)}", file=sys.stderr, flush=True)
+        by = signal.Signals(code - 128).name if code in (128 + signal.SIGINT, 128 + signal.SIGTERM,
+                                                        128 + signal.SIGHUP) else None
+        print(f"launcher: the run {'was stopped by ' + by if by else 'failed'} (exit {code}):\n"
+              f"{explain_failure(plan.run_dir, by)}", file=sys.stderr, flush=True)
     write_report(plan, code)
     return code

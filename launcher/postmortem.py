@@ -64,7 +64,9 @@ def _on_host(lines: list[str]) -> str:
     return f" on {start.rsplit('host ', 1)[1].strip()}" if ", host " in start else ""
 
 
-def explain_failure(run_dir: str) -> str:
+def explain_failure(run_dir: str, signal_name: str | None = None) -> str:
+    """Which rank went first and why. `signal_name`: the user's signal that stopped the launch; a rank that then
+    ended without a word was ended by the launcher, and went first only in that it did not stop when told."""
     logs = sorted(Path(run_dir, "logs").glob("rank*.log"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
     if not logs:
         return "no rank wrote a log: the processes did not start (see the output above)"
@@ -82,8 +84,11 @@ def explain_failure(run_dir: str) -> str:
     failed.sort(key=lambda f: f[0])
     parts = []
     for path, lines in killed:
-        parts.append(f"{path.stem} stopped without a word{_on_host(lines)} (killed: SIGKILL, the OOM killer, or a "
-                     f"lost node); its last lines ({path}):\n" + "\n".join("    " + line for line in lines[-TAIL:]))
+        why = (f"did not stop within the grace period after {signal_name} and was killed (hung, or busy outside "
+               "Python)" if signal_name else "stopped without a word")
+        how = "" if signal_name else " (killed: SIGKILL, the OOM killer, or a lost node)"
+        parts.append(f"{path.stem} {why}{_on_host(lines)}{how}; its last lines ({path}):\n"
+                     + "\n".join("    " + line for line in lines[-TAIL:]))
     for at_time, path, lines, at in failed:
         error = next((line for line in reversed(lines) if line and not line.startswith(" ")), "")
         parts.append(f"{path.stem} failed{_on_host(lines)}{' at ' + at_time if at_time else ''}: {error.strip()} "
@@ -93,6 +98,28 @@ def explain_failure(run_dir: str) -> str:
         how = f"{line.split(STOPPED, 1)[1].strip() or 'a signal'} at {_time(line) or 'an unlogged time'}"
         parts.append(f"{path.stem} was stopped because {' and '.join(first)} had gone ({how}: the launch stops every "
                      "rank once one fails)" if first else f"{path.stem} was stopped ({how})")
-    if parts and first:
+    if parts and first and not signal_name:
         parts[0] = "first: " + parts[0]
     return "\n".join(parts) or "every rank finished; the launcher itself failed (see the output above)"
+
+
+class StallWatch:
+    """While the job runs: once no rank has written to its log for `quiet_s` (a rank hung in a collective waits out
+    the process group's timeout, 30 minutes, without a word), say so, naming the rank that logged last the longest
+    ago; again after each `quiet_s` more."""
+
+    def __init__(self, run_dir: str, quiet_s: float = 600.0):
+        self.logs, self.quiet_s, self.warned_at = Path(run_dir, "logs"), quiet_s, 0.0
+
+    def check(self, now: float | None = None) -> str | None:
+        import time
+
+        now = time.time() if now is None else now
+        times = {p.stem: p.stat().st_mtime for p in self.logs.glob("rank*.log")}
+        if not times or now - max(times.values()) < self.quiet_s or now - self.warned_at < self.quiet_s:
+            return None
+        self.warned_at = now
+        quiet = min(times, key=times.get)
+        return (f"no rank has logged for {(now - max(times.values())) / 60:.0f} min ({quiet} last, "
+                f"{(now - times[quiet]) / 60:.0f} min ago): a rank may hang (`py-spy dump --pid <pid>` shows where; "
+                "its pid is in its log's first line); Ctrl-C stops the job")

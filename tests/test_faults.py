@@ -144,6 +144,31 @@ def test_the_post_mortem_names_the_rank_that_went_first_and_the_ones_stopped_bec
     assert first.startswith("first: rank1 failed at 14:22:08.000: ValueError: bad row")  # before rank2's
 
 
+def test_a_rank_that_does_not_stop_after_ctrl_c_is_not_blamed_on_the_oom_killer_and_a_stall_is_said(tmp_path):
+    """A hung rank (SIGSTOPped, or stuck in a collective) said nothing for the 30 minutes of the process group's
+    timeout; after Ctrl-C, killed at the grace period's end, every rank read as killed by SIGKILL or the OOM killer."""
+    from launcher import postmortem
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for rank in (0, 1):
+        (logs / f"rank{rank}.log").write_text(f"2026-11-30 14:22:01,000 rank{rank} launcher DEBUG "
+                                              f"{postmortem.STARTED}: rank {rank}, pid 1{rank}\n")
+    lines = postmortem.explain_failure(str(tmp_path), "SIGINT").splitlines()
+    assert lines[0].startswith("rank0 did not stop within the grace period after SIGINT and was killed (hung")
+    assert not any("OOM" in line or line.startswith("first:") for line in lines)
+
+    watch = postmortem.StallWatch(str(tmp_path), quiet_s=600)
+    now = time.time()
+    os.utime(logs / "rank0.log", (now - 700, now - 700))
+    os.utime(logs / "rank1.log", (now - 900, now - 900))
+    warning = watch.check(now)
+    assert warning.startswith("no rank has logged for 12 min (rank1 last, 15 min ago): a rank may hang"), warning
+    assert watch.check(now + 60) is None  # said once per quiet period
+    os.utime(logs / "rank0.log", (now, now))
+    assert watch.check(now + 300) is None  # rank0 logged again: the job moves
+
+
 def test_a_loss_gone_nan_stops_the_run_saves_nothing_after_it_and_exits_nonzero(tmp_path, tiny_dir):
     """A learning rate far too high: the Trainer alone would save checkpoints, a final adapter and a merged model of
     NaN weights and exit 0. The run stops at the first non-finite log instead, and says why and from where to go on."""
