@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import threading
 from pathlib import Path
 
+FULL_DISK_BYTES = 64 * 2**20
 STARTED = "rank started"  # each launch appends to the same log: only what follows the last start counts
 FINISHED = "rank finished"
 FAILED = "launcher.train failed"
@@ -100,6 +102,10 @@ def explain_failure(run_dir: str, signal_name: str | None = None) -> str:
                      "rank once one fails)" if first else f"{path.stem} was stopped ({how})")
     if parts and first and not signal_name:
         parts[0] = "first: " + parts[0]
+    if (free := shutil.disk_usage(run_dir).free) < FULL_DISK_BYTES:  # a rank that cannot write cannot log either
+        parts.insert(0, f"the run dir's filesystem has {free / 2**20:.0f} MiB free: a full disk stops a rank at its "
+                        "next write (a checkpoint, a log line) and leaves its log without the error; free some space, "
+                        "then resume=auto")
     return "\n".join(parts) or "every rank finished; the launcher itself failed (see the output above)"
 
 

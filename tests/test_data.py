@@ -1,5 +1,6 @@
 """Data: every supported format, the counts reported, and errors that name the file and the column."""
 import json
+import os
 
 import pytest
 
@@ -152,3 +153,18 @@ def test_conversations_without_an_assistant_turn_are_refused(tmp_path, tiny_toke
             for i in range(10)]
     with pytest.raises(DataError, match=r"line 1: no message has role 'assistant' \(roles \['bot', 'human'\]\)"):
         prepare(data_cfg(write_jsonl(tmp_path / "m.jsonl", rows)), "sft", tiny_tokenizer, 0)
+
+
+def test_a_datasets_cache_that_cannot_be_used_is_not_blamed_on_the_data(tmp_path):
+    """HF_HOME or HF_DATASETS_CACHE under a file (or unwritable): the message said to check the data file's format."""
+    import subprocess
+    import sys
+
+    (tmp_path / "afile").write_text("x")
+    script = ("from launcher.data import read_dataset, DataError\n"
+              "try:\n    read_dataset('launcher/assets/demo_pref.jsonl', 'train', 'test')\n"
+              "except DataError as err:\n    print(err)\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "afile" / "datasets")})
+    assert "the datasets cache cannot be used (Not a directory: " in res.stdout, res.stdout + res.stderr[-2000:]
+    assert "point HF_DATASETS_CACHE (or HF_HOME) at a folder this user can write" in res.stdout

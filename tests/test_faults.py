@@ -144,11 +144,15 @@ def test_the_post_mortem_names_the_rank_that_went_first_and_the_ones_stopped_bec
     assert first.startswith("first: rank1 failed at 14:22:08.000: ValueError: bad row")  # before rank2's
 
 
-def test_a_rank_that_does_not_stop_after_ctrl_c_is_not_blamed_on_the_oom_killer_and_a_stall_is_said(tmp_path):
+def test_a_rank_that_does_not_stop_after_ctrl_c_is_not_blamed_on_the_oom_killer_and_a_stall_is_said(tmp_path,
+                                                                                                    monkeypatch):
     """A hung rank (SIGSTOPped, or stuck in a collective) said nothing for the 30 minutes of the process group's
     timeout; after Ctrl-C, killed at the grace period's end, every rank read as killed by SIGKILL or the OOM killer."""
+    from collections import namedtuple
+
     from launcher import postmortem
 
+    shutil_usage = namedtuple("usage", "total used free")
     logs = tmp_path / "logs"
     logs.mkdir()
     for rank in (0, 1):
@@ -157,6 +161,9 @@ def test_a_rank_that_does_not_stop_after_ctrl_c_is_not_blamed_on_the_oom_killer_
     lines = postmortem.explain_failure(str(tmp_path), "SIGINT").splitlines()
     assert lines[0].startswith("rank0 did not stop within the grace period after SIGINT and was killed (hung")
     assert not any("OOM" in line or line.startswith("first:") for line in lines)
+    # a full disk: the rank could not write its error either
+    monkeypatch.setattr(postmortem.shutil, "disk_usage", lambda _: shutil_usage(total=10 * 2**30, used=10 * 2**30, free=0))
+    assert postmortem.explain_failure(str(tmp_path)).startswith("the run dir's filesystem has 0 MiB free: a full disk")
 
     watch = postmortem.StallWatch(str(tmp_path), quiet_s=600)
     now = time.time()
