@@ -176,12 +176,15 @@ class NonFiniteLoss(TrainerCallback):
     poisoned, and the Trainer would go on to save checkpoints, a final adapter and a merged model of NaN weights, and
     exit 0. The logged values are the ranks' mean, so every rank stops at the same step; that step is not saved."""
 
-    def __init__(self):
+    def __init__(self, float16: bool = False):
         self.bad: tuple[int, str, float] | None = None  # (step, what, value)
         self.last_good_step = 0
+        # in float16 the loss scaler skips a step whose gradients overflow (an infinite norm), then scales down:
+        # a healthy run's early steps do that, so only the loss counts there
+        self.watched = ("loss",) if float16 else ("loss", "grad_norm")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        for key in ("loss", "grad_norm"):
+        for key in self.watched:
             value = (logs or {}).get(key)
             if isinstance(value, (int, float)) and not math.isfinite(value):
                 self.bad = self.bad or (state.global_step, key, value)

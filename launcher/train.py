@@ -166,7 +166,8 @@ def main(config_path: str) -> int:
         modeling.fetch_whole_layers_under_zero3(model)  # before the Trainer hands the model to DeepSpeed
     banner = StartupBanner(cfg, report)
     stop = checkpoints.stop_request_callback(run_dir)
-    records, non_finite = logs.MetricsCallback(run_dir, plan["world_size"]), logs.NonFiniteLoss()
+    records = logs.MetricsCallback(run_dir, plan["world_size"])
+    non_finite = logs.NonFiniteLoss(float16=plan["dtype"] == "float16")
     callbacks = [non_finite, records, console.Progress(), checkpoints.complete_marker_callback(), banner, stop]
     if cfg["train"]["step_clock"]:
         callbacks.append(logs.StepClock(run_dir))
