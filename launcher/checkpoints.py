@@ -28,30 +28,44 @@ def is_complete(path: Path) -> bool:
     return (path / MARKER).is_file()
 
 
-def unreadable(ckpt: Path) -> str | None:
-    """Why a complete checkpoint cannot be loaded (a file cut short or lost since it was saved: a full disk, a copy
-    broken off), or None. Reads what each file's loader reads first: a JSON file whole, a safetensors header (which
-    covers the whole file), a torch file's zip directory (at its end); the tensors are not read."""
+def unreadable(folder: Path, model: bool = False) -> str | None:
+    """Why a complete checkpoint (or, `model`, a model folder) cannot be loaded: a file cut short or lost since it
+    was saved (a full disk, a download or copy broken off), or None. Reads what each file's loader reads first: a JSON
+    file whole, a safetensors header (which covers the whole file), a torch file's zip directory (at its end); the
+    tensors are not read. In a model folder only the files transformers loads are looked at (others, an OpenVINO or
+    GGUF export beside them, are none of ours)."""
     import json
     import zipfile
 
-    if not [f for f in ckpt.rglob("*") if f.is_file() and f.name not in (MARKER, "adapter_config.json", "README.md")]:
+    files = sorted(f for f in folder.rglob("*") if f.is_file())
+    if not model and not [f for f in files if f.name not in (MARKER, "adapter_config.json", "README.md")]:
         return f"it holds nothing but its {MARKER} marker (its files are gone)"
-    for f in sorted(ckpt.rglob("*")):
+    for f in files:
+        if model and not (f.name in MODEL_JSON or f.name.endswith((".safetensors", ".safetensors.index.json"))
+                          or (f.name.startswith("pytorch_model") and f.suffix == ".bin")):
+            continue
         try:
-            if f.suffix == ".json" and f.is_file():
+            if f.suffix == ".json":
                 json.loads(f.read_text())
-            elif f.suffix == ".safetensors" and f.is_file():
+            elif f.suffix == ".safetensors":
                 from safetensors import safe_open
 
                 with safe_open(str(f), "np"):
                     pass
-            elif f.suffix in (".pt", ".pth", ".bin") and f.is_file():
+            elif f.suffix in (".pt", ".pth", ".bin") and not _pickled(f):  # torch.save's legacy format: not checked
                 zipfile.ZipFile(f).close()
         except Exception as err:  # each library's own error: what matters is which file
-            return f"{f.relative_to(ckpt)} cannot be read ({type(err).__name__}: {str(err)[:150]}; cut short?)"
+            return f"{f.relative_to(folder)} cannot be read ({type(err).__name__}: {str(err)[:150]}; cut short?)"
     return None
 
+
+MODEL_JSON = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json")
+
+
+def _pickled(f: Path) -> bool:
+    with open(f, "rb") as head:
+        return head.read(1) == b"\x80"  # a pickle's protocol opcode
 
 def describe_adapter(ckpt: Path, model) -> None:
     """Write the LoRA adapter's adapter_config.json into a checkpoint that lacks it.

@@ -63,7 +63,9 @@ def read_dataset(path: str, split: str, test_split: str):
     except DataError:
         raise
     except Exception as exc:  # the libraries' own errors say little about which file is at fault
-        if isinstance(exc, OSError) and exc.filename and not str(exc.filename).startswith(str(p)):
+        cache = Path(datasets.config.HF_DATASETS_CACHE).expanduser().resolve()
+        if isinstance(exc, OSError) and exc.filename and cache in [Path(exc.filename).resolve(),
+                                                                    *Path(exc.filename).resolve().parents]:
             raise DataError(f"data.path={path}: the datasets cache cannot be used ({exc.strerror}: {exc.filename}), "
                             "not the data: point HF_DATASETS_CACHE (or HF_HOME) at a folder this user can write") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

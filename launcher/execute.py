@@ -37,24 +37,32 @@ def prepare_run_dir(plan: LaunchPlan, state: str) -> None:
     if state == "overwrite":
         shutil.rmtree(run_dir)  # validate.check_run_dir allows this only for a launcher run dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    if state == "resume" and plan.node_rank == 0 and (run_dir / "config.yaml").is_file():  # its last launch's
-        shutil.copyfile(run_dir / "config.yaml", run_dir / "config.previous.yaml")
+    saved = run_dir / "config.yaml"
+    # the last launch's settings, kept by whichever node still finds them (the nodes share the run directory)
+    if state == "resume" and saved.is_file() and (old := saved.read_text()) != plan.files.get("config.yaml"):
+        _write(run_dir, "config.previous.yaml", old)
     # a stop request was for the launch before this one; its results are not this launch's (a report would call a
     # resumed run that fails "finished")
     for name in (STOP_FILE, STOPPED_FILE, "summary.json", "samples.json"):
         (run_dir / name).unlink(missing_ok=True)
     for name, content in plan.files.items():
-        tmp = run_dir / f".{name}.tmp-{os.getpid()}"
-        try:
-            tmp.write_text(content)
-        except OSError as err:  # a full disk, a quota: said, the half-written file gone; nothing has started
-            tmp.unlink(missing_ok=True)
-            print(f"launcher: error: run_dir: cannot write {name} into {run_dir} ({err.strerror or err}): free some "
-                  "space there, or give another run_dir", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
-        if name.endswith((".sh", ".sbatch")):
-            tmp.chmod(0o755)
-        os.replace(tmp, run_dir / name)  # nodes sharing the run directory never read half a file
+        _write(run_dir, name, content)
+
+
+def _write(run_dir: Path, name: str, content: str) -> None:
+    """Written whole and renamed into place: nodes sharing the run directory never read half a file. A full disk (a
+    quota) is said, and its half-written file removed; nothing has started yet."""
+    tmp = run_dir / f".{name}.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(content)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        _say(f"launcher: error: run_dir: cannot write {name} into {run_dir} ({err.strerror or err}): free some "
+             "space there, or give another run_dir")
+        raise SystemExit(2) from None
+    if name.endswith((".sh", ".sbatch")):
+        tmp.chmod(0o755)
+    os.replace(tmp, run_dir / name)
 
 
 def ensure_builtin_model(settings: dict) -> None:
@@ -120,9 +128,8 @@ def run_child(argv: list[str], env: dict[str, str], stop_file: Path | None = Non
     def forward(signum, _frame):
         received.append(signum)
         if saving[0] and len(received) == 1:
-            print(f"launcher: {signal.Signals(signum).name}: saving a checkpoint first "
-                  "(signal again to stop at once)", file=sys.stderr, flush=True)
             stop_file.touch()
+            _say(f"launcher: {signal.Signals(signum).name}: saving a checkpoint first (signal again to stop at once)")
             deadline[0] = time.monotonic() + SAVE_SECONDS
             return
         deadline[0] = min(deadline[0], time.monotonic() + GRACE_SECONDS)
@@ -145,8 +152,7 @@ def run_child(argv: list[str], env: dict[str, str], stop_file: Path | None = Non
                 checks.terminate()
                 checks.wait()
             if received:
-                print(f"launcher: stopped by {signal.Signals(received[0]).name} before the launch", file=sys.stderr,
-                      flush=True)
+                _say(f"launcher: stopped by {signal.Signals(received[0]).name} before the launch")
                 return 128 + received[0]
             if not cut_short and checks.returncode:
                 return shell_code(checks.returncode)
@@ -166,7 +172,7 @@ def run_child(argv: list[str], env: dict[str, str], stop_file: Path | None = Non
                 if watch and time.monotonic() - watched > 10:
                     watched = time.monotonic()
                     if warning := watch():
-                        print(f"launcher: warning: {warning}", file=sys.stderr, flush=True)
+                        _say(f"launcher: warning: {warning}")
                 if time.monotonic() > deadline[0]:
                     if saving[0] and len(received) == 1:  # the save took too long: stop now
                         forward(received[0], None)
@@ -179,9 +185,17 @@ def run_child(argv: list[str], env: dict[str, str], stop_file: Path | None = Non
         _subreaper(False)  # what a caller starts later is none of ours
     code = shell_code(code)
     if received and not (stop_file is not None and stop_file.with_name(STOPPED_FILE).exists()):
-        print(f"launcher: stopped by {signal.Signals(received[0]).name}", file=sys.stderr, flush=True)
+        _say(f"launcher: stopped by {signal.Signals(received[0]).name}")
         return 128 + received[0]  # as a shell says it, whatever the job's command made of the signal
     return code
+
+
+def _say(line: str) -> None:
+    """To stderr, where a terminal hung up (SIGHUP) fails every write: the job must still be stopped as asked."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 def _ended_with_the_launcher(launcher_pid: int) -> Callable[[], None]:
@@ -288,8 +302,8 @@ def write_report(plan: LaunchPlan, exit_code: int) -> None:
 
         print(f"launcher: report: {write(plan.run_dir, exit_code)}", flush=True)
     except Exception as err:
-        print(f"launcher: warning: no report written ({type(err).__name__}: {err}); "
-              f"`python -m launcher report {plan.run_dir}` tries again", file=sys.stderr, flush=True)
+        _say(f"launcher: warning: no report written ({type(err).__name__}: {err}); "
+             f"`python -m launcher report {plan.run_dir}` tries again")
 
 
 def announce(plan: LaunchPlan) -> None:
@@ -365,13 +379,12 @@ def launch(plan: LaunchPlan, state: str) -> int:
         announce(plan)
         code = run_child(plan.argv, env, stop_file, watch=StallWatch(plan.run_dir).check)
     if (Path(plan.run_dir) / STOPPED_FILE).exists():
-        print(f"launcher: stopped on request at a complete checkpoint; exit {EXIT_STOPPED} (resume=auto continues)",
-              file=sys.stderr, flush=True)
+        _say(f"launcher: stopped on request at a complete checkpoint; exit {EXIT_STOPPED} (resume=auto continues)")
         code = EXIT_STOPPED
     elif code and Path(plan.run_dir, "logs").is_dir():
         by = signal.Signals(code - 128).name if code in (128 + signal.SIGINT, 128 + signal.SIGTERM,
                                                         128 + signal.SIGHUP) else None
-        print(f"launcher: the run {'was stopped by ' + by if by else 'failed'} (exit {code}):\n"
-              f"{explain_failure(plan.run_dir, by)}", file=sys.stderr, flush=True)
+        _say(f"launcher: the run {'was stopped by ' + by if by else 'failed'} (exit {code}):\n"
+             f"{explain_failure(plan.run_dir, by)}")
     write_report(plan, code)
     return code

@@ -196,7 +196,30 @@ class NonFiniteLoss(TrainerCallback):
     def message(self, cfg: dict) -> str:
         step, what, value = self.bad
         return (f"training stopped at step {step}: the {what} is {value} (the last log with a finite loss and "
-                f"gradient norm was at step {self.last_good_step}). Nothing from step {step} on is saved. The usual cause is a learning rate "
-                f"too high for this model (train.lr={cfg['train']['lr']}); lower it, or look for a bad row or a "
-                "bad checkpoint. Checkpoints saved between those two logs may hold non-finite weights: resume from "
-                f"one at or before step {self.last_good_step}.")
+                f"gradient norm was at step {self.last_good_step}). Nothing from step {step} on is saved. The usual "
+                f"cause is a learning rate too high for this model (train.lr={cfg['train']['lr']}); lower it, or look "
+                "for a bad row or a bad checkpoint. Checkpoints saved between those two logs may hold non-finite "
+                f"weights: resume from one at or before step {self.last_good_step}.")
+
+
+class Heartbeat(TrainerCallback):
+    """Touches this rank's log at each step's end, evaluation and save: the launcher's stall warning
+    (launcher/postmortem.StallWatch) reads the logs' times, and a healthy rank logs little while it trains."""
+
+    def __init__(self, run_dir: str, rank: int):
+        self.path = Path(run_dir, "logs", f"rank{rank}.log")
+
+    def _beat(self) -> None:
+        try:
+            os.utime(self.path)
+        except OSError:
+            pass
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._beat()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._beat()
+
+    def on_save(self, args, state, control, **kwargs):
+        self._beat()

@@ -11,7 +11,8 @@ Also whether each LoRA linear runs as one autograd node with its frozen base (tr
 launcher/lora_layer.py): the kernel's backward adds the adapter's input gradient into the base's, with its dropout
 mask or, where nothing drops (DPO and the other methods TRL turns dropout off for), without one. Measured in DPO on
 one H200 at 1.5B (docs/benchmarks.md, 2026-12-03), each against the separate ops in the same call: 2.7% faster on
-uniform rows, 0.4% on the realistic mix (within the noise there); slower nowhere, so auto runs it wherever it can. The memory plan is the same either way: the node keeps what the separate ops keep."""
+uniform rows, 0.4% on the realistic mix (within the noise there); slower nowhere, so auto runs it wherever it can.
+The memory plan is the same either way: the node keeps what the separate ops keep."""
 from __future__ import annotations
 
 from launcher.errors import ConfigError

@@ -110,11 +110,12 @@ def explain_failure(run_dir: str, signal_name: str | None = None) -> str:
 
 
 class StallWatch:
-    """While the job runs: once no rank has written to its log for `quiet_s` (a rank hung in a collective waits out
-    the process group's timeout, 30 minutes, without a word), say so, naming the rank that logged last the longest
-    ago; again after each `quiet_s` more."""
+    """While the job runs: once no rank's log has been touched for `quiet_s` (each rank touches it at every step,
+    evaluation and save: launcher.logs.Heartbeat; a rank hung in a collective waits out the process group's timeout,
+    30 minutes, without a word), say so, naming the rank quiet the longest; again after each `quiet_s` more. A
+    load, merge or single step longer than that is warned about too."""
 
-    def __init__(self, run_dir: str, quiet_s: float = 600.0):
+    def __init__(self, run_dir: str, quiet_s: float = 900.0):
         self.logs, self.quiet_s, self.warned_at = Path(run_dir, "logs"), quiet_s, 0.0
 
     def check(self, now: float | None = None) -> str | None:
@@ -128,4 +129,4 @@ class StallWatch:
         quiet = min(times, key=times.get)
         return (f"no rank has logged for {(now - max(times.values())) / 60:.0f} min ({quiet} last, "
                 f"{(now - times[quiet]) / 60:.0f} min ago): a rank may hang (`py-spy dump --pid <pid>` shows where; "
-                "its pid is in its log's first line); Ctrl-C stops the job")
+                "its pid is in its log's 'rank started' line); Ctrl-C stops the job")

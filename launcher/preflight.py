@@ -150,7 +150,7 @@ def model_files_error(cfg: dict) -> str | None:
     """A local model folder's files that cannot be read (a download or copy broken off): else the ranks start, load
     for a while and fail in the loader without naming the file."""
     path = Path(str(cfg["plan"]["model_path"])).expanduser()
-    if not path.is_dir() or not (why := checkpoints.unreadable(path)):
+    if not path.is_dir() or not (why := checkpoints.unreadable(path, model=True)):
         return None
     return f"model.path={cfg['model']['path']}: {why}. Copy the model again from where it came from."
 
@@ -210,8 +210,9 @@ def main(config_path: str) -> int:
     except data.DataError as err:
         print(f"launcher: error: data error: {err}", file=sys.stderr)
         return 2
-    checks = (lambda: token_budget_error(cfg, report), lambda: model_files_error(cfg), lambda: lora_targets_error(cfg), lambda: scheduler_error(cfg),
-              lambda: optimizer_error(cfg), lambda: (why := deepspeed_settings_error(cfg)) and (
+    checks = (lambda: token_budget_error(cfg, report), lambda: model_files_error(cfg), lambda: lora_targets_error(cfg),
+              lambda: scheduler_error(cfg), lambda: optimizer_error(cfg),
+              lambda: (why := deepspeed_settings_error(cfg)) and (
                   f"{why}. DeepSpeed's names: https://www.deepspeed.ai/docs/config-json/"),
               lambda: stale_build_lock_error(cfg))
     for check in checks:  # in this order, the first that fails is said
@@ -228,7 +229,8 @@ def main(config_path: str) -> int:
         print(f"launcher: error: resume: checkpoint {ckpt} does not fit this config: {why}. Use a matching "
               "config, another run_dir, or resume=null to start over.", file=sys.stderr)
         return 2
-    if ckpt and (why := checkpoints.nothing_left(ckpt, cfg["train"]["max_steps"])):
+    finished = Path(cfg["run_dir"], "summary.json").is_file()  # (else its final adapter may not be written yet)
+    if ckpt and finished and (why := checkpoints.nothing_left(ckpt, cfg["train"]["max_steps"])):
         print(f"launcher: resume: {why}", flush=True)
         return checkpoints.EXIT_NOTHING_LEFT
     print(f"launcher: {report.line(cfg['data']['max_length'])}", flush=True)

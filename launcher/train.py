@@ -168,7 +168,8 @@ def main(config_path: str) -> int:
     stop = checkpoints.stop_request_callback(run_dir)
     records = logs.MetricsCallback(run_dir, plan["world_size"])
     non_finite = logs.NonFiniteLoss(float16=plan["dtype"] == "float16")
-    callbacks = [non_finite, records, console.Progress(), checkpoints.complete_marker_callback(), banner, stop]
+    callbacks = [non_finite, records, console.Progress(), checkpoints.complete_marker_callback(), banner, stop,
+                 logs.Heartbeat(run_dir, rank)]
     if cfg["train"]["step_clock"]:
         callbacks.append(logs.StepClock(run_dir))
     if plan["compile"]:

@@ -33,6 +33,7 @@ def existing_run(tmp_path_factory):
     (run / "config.yaml").write_text(yaml.safe_dump(compose_cfg(f"run_dir={run}")))
     (run / "metrics.jsonl").write_text('{"step": 10, "loss": 0.5}\n')
     (run / "checkpoints" / "checkpoint-10" / "COMPLETE").write_text("10\n")
+    (run / "checkpoints" / "checkpoint-10" / "trainer_state.json").write_text('{"global_step": 10}')  # as saved
     (run / "checkpoints" / "checkpoint-10" / "adapter_config.json").write_text(
         json.dumps({"r": 8, "base_model_name_or_path": "somewhere/else/model"}))
     return run

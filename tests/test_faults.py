@@ -162,7 +162,7 @@ def test_a_rank_that_does_not_stop_after_ctrl_c_is_not_blamed_on_the_oom_killer_
     assert lines[0].startswith("rank0 did not stop within the grace period after SIGINT and was killed (hung")
     assert not any("OOM" in line or line.startswith("first:") for line in lines)
     # a full disk: the rank could not write its error either
-    monkeypatch.setattr(postmortem.shutil, "disk_usage", lambda _: shutil_usage(total=10 * 2**30, used=10 * 2**30, free=0))
+    monkeypatch.setattr(postmortem.shutil, "disk_usage", lambda _: shutil_usage(total=2**30, used=2**30, free=0))
     assert postmortem.explain_failure(str(tmp_path)).startswith("the run dir's filesystem has 0 MiB free: a full disk")
 
     watch = postmortem.StallWatch(str(tmp_path), quiet_s=600)

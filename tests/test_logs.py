@@ -26,3 +26,16 @@ def test_in_float16_an_overflowing_gradient_norm_is_the_loss_scalers_business():
     guard = NonFiniteLoss(float16=True)
     assert not log(guard, 5, loss=0.69, grad_norm=float("inf")).should_training_stop and guard.bad is None
     assert log(guard, 10, loss=float("inf"), grad_norm=1.0).should_training_stop
+
+
+def test_each_step_touches_the_ranks_log_for_the_launchers_stall_warning(tmp_path):
+    import os
+
+    from launcher.logs import Heartbeat
+
+    (tmp_path / "logs").mkdir()
+    log_file = tmp_path / "logs" / "rank1.log"
+    log_file.write_text("rank started\n")
+    os.utime(log_file, (1000, 1000))
+    Heartbeat(str(tmp_path), 1).on_step_end(None, None, None)
+    assert log_file.stat().st_mtime > 1000 and log_file.read_text() == "rank started\n"

@@ -145,6 +145,9 @@ def test_a_model_folder_whose_files_were_cut_short_is_named_before_the_ranks_loa
     save_file({"w": torch.ones(64, 64)}, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     cfg = {"model": {"path": str(tmp_path)}, "plan": {"model_path": str(tmp_path)}}
+    # files transformers does not load (an OpenVINO export) and torch.save's legacy pickles are not refused
+    (tmp_path / "openvino_model.bin").write_bytes(b"\x00OpenVINO weights")
+    torch.save({"w": torch.ones(2)}, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
     assert preflight.model_files_error(cfg) is None
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[:1000])
