@@ -202,7 +202,11 @@ def test_the_job_ends_with_the_launcher_hung_up_on_or_killed(tmp_path, tiny_dir,
     went on training with nobody to watch or stop them. SIGHUP is forwarded as SIGTERM is; the job's command gets
     SIGTERM when the launcher dies, whatever killed it (PR_SET_PDEATHSIG)."""
     run = tmp_path / "run"
-    proc = start(f"run_dir={run}", "train.max_steps=5000", "save_steps=10000", "data.max_length=64")
+    # as from a terminal: SIGHUP not ignored (under nohup, as this suite may run, the launcher leaves it ignored)
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", f"run_dir={run}", "train.max_steps=5000",
+                             "save_steps=10000", "data.max_length=64"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     wait_for(lambda: (run / "metrics.jsonl").exists() and len(rank_pids(run)) == 2, proc)
     pids = rank_pids(run)
     proc.send_signal(sig)
