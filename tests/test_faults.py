@@ -1,12 +1,15 @@
 """Faults: a rank killed mid-step, signals with a checkpoint first, ports in use, and resuming after each."""
+import glob
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -202,6 +205,8 @@ def test_the_job_ends_with_the_launcher_hung_up_on_or_killed(tmp_path, tiny_dir,
     went on training with nobody to watch or stop them. SIGHUP is forwarded as SIGTERM is; the job's command gets
     SIGTERM when the launcher dies, whatever killed it (PR_SET_PDEATHSIG)."""
     run = tmp_path / "run"
+    litter = lambda: set(glob.glob(os.path.join(tempfile.gettempdir(), "launcher-*")))  # noqa: E731
+    before = litter()  # a SIGKILLed launcher leaves its gate folder and run-dir lock file: removed below
     # as from a terminal: SIGHUP not ignored (under nohup, as this suite may run, the launcher leaves it ignored)
     proc = subprocess.Popen([sys.executable, "-m", "launcher", f"run_dir={run}", "train.max_steps=5000",
                              "save_steps=10000", "data.max_length=64"], cwd=ROOT, stdout=subprocess.PIPE,
@@ -219,3 +224,5 @@ def test_the_job_ends_with_the_launcher_hung_up_on_or_killed(tmp_path, tiny_dir,
     while subprocess.run(["pgrep", "-f", str(run)], capture_output=True).stdout and time.time() < deadline:
         time.sleep(0.2)
     assert subprocess.run(["pgrep", "-f", str(run)], capture_output=True).stdout == b""
+    for left in litter() - before:
+        shutil.rmtree(left) if os.path.isdir(left) else os.unlink(left)
