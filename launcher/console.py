@@ -58,10 +58,13 @@ class AboveTheBar(logging.StreamHandler):
             self.handleError(record)
 
 
+def rank_log(run_dir: str, rank: int) -> Path:
+    return Path(run_dir, "logs", f"rank{rank}.log")
+
+
 def setup(run_dir: str, rank: int) -> None:
-    logs = Path(run_dir, "logs")
-    logs.mkdir(parents=True, exist_ok=True)
-    log_path = logs / f"rank{rank}.log"
+    log_path = rank_log(run_dir, rank)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     file_handler = logging.FileHandler(log_path)
     file_handler.setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s"))
     file_handler.setLevel(logging.DEBUG)

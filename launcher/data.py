@@ -15,7 +15,6 @@ from launcher.methods import METHODS
 
 log = logging.getLogger("launcher")
 
-FILE_TYPES = data_files.FILE_TYPES
 PREFERENCE = ("prompt", "chosen", "rejected")
 
 
@@ -52,7 +51,7 @@ def read_dataset(path: str, split: str, test_split: str):
     p = Path(path).expanduser()
     try:
         if p.is_file():
-            kind = FILE_TYPES.get(p.suffix.lower())
+            kind = data_files.FILE_TYPES.get(p.suffix.lower())
             if kind is None:
                 raise DataError(f"data.path={path}: unknown file type {p.suffix!r}; use .jsonl, .json, .parquet or .csv")
             loaded = datasets.load_dataset(kind, data_files=str(p))

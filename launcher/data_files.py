@@ -55,7 +55,7 @@ def folder_hint(p: Path) -> str:
 def not_utf8(p: Path) -> str:
     """The first line (of the file, or of the folder's files) that is not UTF-8, with the byte at fault."""
     for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
-        if not f.is_file() or (p.is_dir() and f.suffix.lower() not in (".json", ".jsonl", ".csv")):
+        if not f.is_file() or (p.is_dir() and FILE_TYPES.get(f.suffix.lower()) in (None, "parquet")):
             continue
         with open(f, "rb") as lines:
             for number, line in enumerate(lines, 1):

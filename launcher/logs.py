@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import os
 import socket
 import time
@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+
+from launcher.console import rank_log
 
 log = logging.getLogger("launcher")
 
@@ -207,7 +209,7 @@ class Heartbeat(TrainerCallback):
     (launcher/postmortem.StallWatch) reads the logs' times, and a healthy rank logs little while it trains."""
 
     def __init__(self, run_dir: str, rank: int):
-        self.path = Path(run_dir, "logs", f"rank{rank}.log")
+        self.path = rank_log(run_dir, rank)
 
     def _beat(self) -> None:
         try:

@@ -239,20 +239,21 @@ LEARNING_KEYS = (("data", "path"), ("data", "max_length"), ("train", "lr"), ("tr
                  ("method", "beta"), ("lora", "dropout"), ("seed",))
 
 
+def _setting(config: dict, keys: tuple[str, ...]):
+    """config["a"]["b"] for keys ("a", "b"); None where a level is missing (a config of an older version)."""
+    for key in keys:
+        config = config.get(key) if isinstance(config, dict) else None
+    return config
+
+
 def changed_since_last_launch(cfg) -> list[str]:
     """For a resume: the LEARNING_KEYS whose values differ from the run's config.yaml (its last launch's)."""
     try:
         old = yaml.safe_load(Path(cfg["run_dir"], "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
         return []
-
-    def value(config, keys):
-        for key in keys:
-            config = config.get(key) if isinstance(config, dict) else None
-        return config
-
-    return [f"{'.'.join(keys)} {value(old, keys)!r} -> {value(cfg, keys)!r}" for keys in LEARNING_KEYS
-            if value(old, keys) != value(cfg, keys)]
+    return [f"{'.'.join(keys)} {_setting(old, keys)!r} -> {_setting(cfg, keys)!r}" for keys in LEARNING_KEYS
+            if _setting(old, keys) != _setting(cfg, keys)]
 
 
 PARTIAL_WRITE = re.compile(r"^\..+\.tmp-\d+$")  # execute.prepare_run_dir's file before its rename
@@ -293,11 +294,8 @@ def check_run_dir(cfg) -> str:
         old = yaml.safe_load(saved.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError("run_dir", f"{saved} cannot be read ({exc}); overwrite=true replaces the run.") from None
-    differ = [
-        f"{group}.{key}: {old.get(group, {}).get(key)!r} there, {cfg[group][key]!r} now"
-        for group, key in IDENTITY_KEYS
-        if old.get(group, {}).get(key) != cfg[group][key]
-    ]
+    differ = [f"{'.'.join(keys)}: {_setting(old, keys)!r} there, {_setting(cfg, keys)!r} now" for keys in IDENTITY_KEYS
+              if _setting(old, keys) != _setting(cfg, keys)]
     if differ:
         raise ConfigError(
             "run_dir",
